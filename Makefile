@@ -1,0 +1,34 @@
+# Two commands do everything on a fresh machine: `make book` and `make test`. Both create .venv first.
+PYTHON_BASE ?= python3
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+SRC_HASH := _build/.src-hash
+NBVAL := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
+
+.PHONY: book test lab clean
+
+$(INSTALLED): pyproject.toml
+	$(PYTHON_BASE) -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet torch==2.13.0
+	$(PYTHON) -m pip install --quiet -e ".[test,book]"
+	touch $(INSTALLED)
+
+# jupyter-cache keys a notebook on its code cells only, so an edit to revlib would not re-run the chapters:
+# the cache is dropped whenever the library's source changes.
+book: $(INSTALLED)
+	@mkdir -p _build
+	@new=$$(find src -name '*.py' | sort | xargs cat | sha256sum | cut -c1-16); \
+	if [ "$$new" != "$$(cat $(SRC_HASH) 2>/dev/null)" ]; then rm -rf _build/.jupyter_cache; echo "$$new" > $(SRC_HASH); fi
+	$(VENV)/bin/jupyter-book build . -W -n --keep-going
+	@echo "The book is in _build/html/index.html"
+
+test: $(INSTALLED)
+	$(PYTHON) -m pytest tests chapters $(NBVAL) -n 2 --dist loadscope -p no:cacheprovider
+
+lab: $(INSTALLED)
+	$(PYTHON) -m pip install --quiet jupyterlab
+	$(VENV)/bin/jupyter lab chapters
+
+clean:
+	rm -rf _build

@@ -1,0 +1,49 @@
+"""revlib: training deep networks without drowning in memory.
+
+The companion library of the book. One module per chapter, plus shared infrastructure:
+
+* :mod:`revlib.runtime` — devices, seeding, the chapters' scale;
+* :mod:`revlib.data` — data sets that need no network;
+* :mod:`revlib.training` — the training loop and its history;
+* :mod:`revlib.measure` — bytes saved for backward, peak memory, timing;
+* :mod:`revlib.plotting` — the book's figure style (imported on first use, as it loads matplotlib).
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from revlib.data import Dataset, load_digits, make_spirals
+from revlib.measure import Timing, forward_backward, peak_memory, saved_tensor_bytes, time_call
+from revlib.runtime import book_scale, default_device, resolve_device, seed_everything
+from revlib.training import History, evaluate, fit
+
+__version__ = "0.1.0"
+
+_LAZY_SUBMODULES = {"plotting"}
+
+__all__ = [
+    "Dataset",
+    "History",
+    "Timing",
+    "book_scale",
+    "default_device",
+    "evaluate",
+    "fit",
+    "forward_backward",
+    "load_digits",
+    "make_spirals",
+    "peak_memory",
+    "resolve_device",
+    "saved_tensor_bytes",
+    "seed_everything",
+    "time_call",
+]
+
+
+def __getattr__(name: str) -> ModuleType:
+    """Import heavy submodules (``revlib.plotting``) only when first used."""
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f"revlib.{name}")
+    raise AttributeError(f"module 'revlib' has no attribute {name!r}")

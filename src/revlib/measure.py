@@ -1,0 +1,272 @@
+"""Measuring what training costs: bytes saved for backward, peak memory, time.
+
+Three instruments, from the most to the least abstract:
+
+* :func:`saved_tensor_bytes` counts the bytes autograd keeps for the backward pass during one forward
+  pass. It sees every tensor handed to autograd (``ctx.save_for_backward`` included) through
+  ``torch.autograd.graph.saved_tensors_hooks`` and counts each underlying storage once, so a weight saved
+  twice, or a view of an input, costs nothing extra. It does not see tensors a custom function keeps as
+  plain attributes of ``ctx``. It is exact and identical on every machine.
+* :func:`peak_memory` measures the real extra memory of a step (e.g. forward + backward). On CUDA it
+  reads the caching allocator's peak statistics. On the CPU it runs the step in a fresh Python process and
+  reads the peak resident set size of that process (Linux's ``VmHWM``, reset just before the step).
+* :func:`time_call` times a call with warm-up, repeats and the median, synchronising CUDA.
+"""
+
+from __future__ import annotations
+
+import gc
+import io
+import json
+import os
+import pickle
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from revlib.runtime import resolve_device
+
+BYTES_PER_KIB = 1024  # /proc/self/status reports kibibytes
+
+
+def _storage_key(tensor: Tensor) -> tuple[str, int]:
+    """Identify the memory a tensor lives in, so that views and repeats are counted once."""
+    return str(tensor.device), tensor.untyped_storage().data_ptr()
+
+
+def saved_tensor_bytes(fn: Callable[..., Any], *args: Any, exclude: Iterable[Tensor] = (), **kwargs: Any) -> int:
+    """Bytes of the distinct storages autograd saves for backward while ``fn(*args, **kwargs)`` runs.
+
+    Each storage counts once, at its full size, however many tensors view it. Storages of the tensors in
+    ``exclude`` are not counted: pass ``model.parameters()`` to count activations only (a linear layer
+    saves its weight to compute the input's gradient, but the weight is resident anyway).
+
+    Under ``torch.no_grad()``, or when no input or parameter requires grad, nothing is saved and the
+    result is 0: that is the memory bill of prediction.
+
+    Args:
+        fn: the forward computation, e.g. ``model``.
+        *args: positional arguments of ``fn``, e.g. the input batch.
+        exclude: tensors whose storages are not counted.
+        **kwargs: keyword arguments of ``fn``.
+
+    Returns:
+        The number of bytes.
+    """
+    excluded = {_storage_key(tensor) for tensor in exclude}
+    sizes: dict[tuple[str, int], int] = {}
+
+    def pack(tensor: Tensor) -> Tensor:
+        key = _storage_key(tensor)
+        if key not in excluded:
+            sizes[key] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn(*args, **kwargs)
+    return sum(sizes.values())
+
+
+def forward_backward(model: nn.Module, inputs: Tensor) -> None:
+    """One training step without an optimiser: ``model(inputs).sum().backward()``.
+
+    The step whose memory :func:`peak_memory` measures in the chapters; the sum's gradient is a tensor of
+    ones, so the backward pass does the same work as for any loss.
+    """
+    model(inputs).sum().backward()
+
+
+def _device_of(args: tuple[Any, ...]) -> torch.device:
+    for value in args:
+        if isinstance(value, Tensor):
+            return value.device
+        if isinstance(value, nn.Module):
+            for parameter in value.parameters():
+                return parameter.device
+    return torch.device("cpu")
+
+
+def peak_memory(fn: Callable[..., Any], *args: Any, device: torch.device | str | None = None) -> int:
+    """Peak memory, in bytes, that one call of ``fn(*args)`` adds to what is already allocated.
+
+    ``fn`` is called twice; the second call is measured. The first (warm-up) pays one-off costs: lazy
+    initialisation of kernels and thread pools, and allocation of the parameters' ``.grad`` tensors, which
+    the second call accumulates into. What is reported is therefore the memory of the step itself —
+    activations kept for backward plus temporaries — on top of the model, its inputs and its gradients.
+
+    * **CUDA**: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus the memory
+      allocated before the call. Exact for tensors; excludes the caching allocator's reserve and the CUDA
+      context.
+    * **CPU**: ``fn`` and ``args`` are pickled into a fresh Python process (with
+      ``MALLOC_MMAP_THRESHOLD_=65536``, so that glibc returns freed large blocks to the system) which, after
+      the warm-up, resets its peak resident set size (``/proc/self/clear_refs``) and reports
+      ``VmHWM − VmRSS`` around the measured call. Limits: resolution is one page (4 KiB); resident memory
+      also counts the interpreter's and libraries' own pages touched during the call (typically well under
+      a megabyte after warm-up), and small allocations served from glibc's heap may stay resident after
+      being freed; pages allocated but never written are not counted. On systems without
+      ``/proc/self/clear_refs`` the peak of the whole process since the warm-up's start is used, which
+      can only overstate. ``fn`` must be picklable: a module-level function (e.g. :func:`forward_backward`)
+      whose arguments are built from importable classes, not classes defined in a notebook.
+
+    Args:
+        fn: the step, e.g. :func:`forward_backward`.
+        *args: its arguments, e.g. ``(model, inputs)``.
+        device: ``"cuda"`` or ``"cpu"``; ``None`` takes the device of the first tensor or module in ``args``.
+
+    Raises:
+        TypeError: on the CPU, ``fn`` or ``args`` cannot be pickled.
+        RuntimeError: the measuring process failed (its error output is included).
+    """
+    device = _device_of(args) if device is None else resolve_device(device)
+    if device.type == "cuda":
+        return _peak_cuda(fn, args, device)
+    return _peak_cpu_subprocess(fn, args)
+
+
+def _peak_cuda(fn: Callable[..., Any], args: tuple[Any, ...], device: torch.device) -> int:
+    fn(*args)
+    torch.cuda.synchronize(device)
+    gc.collect()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn(*args)
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def _peak_cpu_subprocess(fn: Callable[..., Any], args: tuple[Any, ...]) -> int:
+    payload = io.BytesIO()
+    try:
+        torch.save({"fn": fn, "args": args, "threads": torch.get_num_threads()}, payload)
+    except (pickle.PicklingError, AttributeError, TypeError) as error:
+        raise TypeError(
+            "peak_memory on the CPU runs fn(*args) in a fresh process, so fn and args must be picklable "
+            f"(module-level functions and importable classes): {error}"
+        ) from error
+    environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    child = subprocess.run(
+        [sys.executable, "-c", "from revlib.measure import _peak_rss_child; _peak_rss_child()"],
+        input=payload.getvalue(),
+        capture_output=True,
+        env=environment,
+        check=False,
+    )
+    if child.returncode != 0:
+        raise RuntimeError(
+            "the peak-memory process failed; if fn or an argument's class is defined in a notebook or "
+            "__main__, move it into a module. Its error output ends with:\n"
+            + child.stderr.decode(errors="replace")[-2000:]
+        )
+    return int(json.loads(child.stdout.decode().strip().splitlines()[-1])["bytes"])
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        match = re.search(rf"^{field}:\s+(\d+) kB", status.read(), re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"/proc/self/status has no {field}")
+    return int(match.group(1))
+
+
+def _reset_peak_rss() -> bool:
+    """Reset Linux's high-water mark of resident memory; False where that is impossible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_child() -> None:
+    """Entry point of the measuring process started by :func:`peak_memory` (reads its payload on stdin)."""
+    payload = torch.load(io.BytesIO(sys.stdin.buffer.read()), weights_only=False)
+    torch.set_num_threads(payload["threads"])
+    fn, args = payload["fn"], payload["args"]
+    fn(*args)
+    gc.collect()
+    if _reset_peak_rss():
+        before = _status_kib("VmRSS")
+        fn(*args)
+        peak_bytes = (_status_kib("VmHWM") - before) * BYTES_PER_KIB
+    else:  # macOS and others: ru_maxrss is the whole process's peak (bytes on macOS, KiB on Linux)
+        unit = 1 if sys.platform == "darwin" else 1024
+        fn(*args)
+        peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit
+    print(json.dumps({"bytes": max(peak_bytes, 0)}))
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Wall-clock times of repeated calls, in seconds."""
+
+    times: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        """The median time, robust to the odd slow repeat."""
+        return statistics.median(self.times)
+
+    @property
+    def spread(self) -> float:
+        """The interquartile range divided by the median, a measure of how noisy the timing was."""
+        if len(self.times) < 4:
+            return 0.0
+        quartiles = statistics.quantiles(self.times, n=4)
+        return (quartiles[2] - quartiles[0]) / self.median
+
+    def __repr__(self) -> str:
+        return f"Timing(median {self.median * 1e3:.3f} ms over {len(self.times)} repeats, spread {self.spread:.0%})"
+
+
+def time_call(
+    fn: Callable[..., Any],
+    *args: Any,
+    warmup: int = 2,
+    repeats: int = 7,
+    device: torch.device | str | None = None,
+) -> Timing:
+    """Time ``fn(*args)``: ``warmup`` untimed calls, then ``repeats`` timed ones.
+
+    On CUDA each timed call is bracketed by ``torch.cuda.synchronize`` so that the time covers the
+    kernels, not just their launch.
+
+    Args:
+        fn: the call to time.
+        *args: its arguments.
+        warmup: untimed calls first (caches, lazy initialisation, allocator growth).
+        repeats: timed calls (at least 1).
+        device: the device to synchronise (``None``: taken from ``args`` as in :func:`peak_memory`).
+
+    Raises:
+        ValueError: ``warmup`` is negative or ``repeats`` is not positive.
+    """
+    if warmup < 0:
+        raise ValueError(f"warmup must be non-negative, got {warmup}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be positive, got {repeats}")
+    device = _device_of(args) if device is None else resolve_device(device)
+
+    def synchronise() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        fn(*args)
+    times = []
+    for _ in range(repeats):
+        synchronise()
+        start = time.perf_counter()
+        fn(*args)
+        synchronise()
+        times.append(time.perf_counter() - start)
+    return Timing(tuple(times))

@@ -1,0 +1,96 @@
+"""Where computations run and how they are made repeatable.
+
+Every model, experiment and measurement in revlib takes a ``device`` argument. When it is ``None`` the
+library falls back to :func:`default_device`: CUDA when PyTorch sees a GPU, else the CPU, unless the
+environment variable ``REVLIB_DEVICE`` names another device (``REVLIB_DEVICE=cpu`` on a GPU machine
+reproduces the book's CPU figures).
+
+Chapters run at a small default scale (minutes on two CPU cores). ``REVLIB_SCALE=large`` asks them for a
+larger one, meant for a GPU; :func:`book_scale` reads it.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Literal
+
+import numpy as np
+import torch
+
+DEVICE_VARIABLE = "REVLIB_DEVICE"
+SCALE_VARIABLE = "REVLIB_SCALE"
+
+Scale = Literal["small", "large"]
+
+
+def default_device() -> torch.device:
+    """The device revlib uses when none is given.
+
+    Returns:
+        ``torch.device(os.environ["REVLIB_DEVICE"])`` when that variable is set, else ``cuda`` when a GPU is
+        available, else ``cpu``.
+
+    Raises:
+        ValueError: ``REVLIB_DEVICE`` does not name a device PyTorch knows, or names CUDA on a machine
+            without one.
+    """
+    requested = os.environ.get(DEVICE_VARIABLE)
+    if requested:
+        return resolve_device(requested, argument=DEVICE_VARIABLE)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_device(device: torch.device | str | None, argument: str = "device") -> torch.device:
+    """Turn a device argument (``None``, a string or a ``torch.device``) into a usable ``torch.device``.
+
+    Args:
+        device: ``None`` for :func:`default_device`, or anything ``torch.device`` accepts.
+        argument: the argument's name, used in error messages.
+
+    Raises:
+        TypeError: ``device`` is neither ``None``, a string nor a ``torch.device``.
+        ValueError: the string is not a device, or it names CUDA while CUDA is unavailable.
+    """
+    if device is None:
+        return default_device()
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"{argument} must be None, a string or a torch.device, got {type(device).__name__}")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"{argument}={device!r} is not a device PyTorch knows (e.g. 'cpu', 'cuda:0')") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{argument}={device!r} asks for CUDA, but PyTorch sees no CUDA device here")
+    return resolved
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and PyTorch's (CPU and every CUDA device's) random number generators.
+
+    Args:
+        seed: a non-negative integer.
+
+    Raises:
+        TypeError: ``seed`` is not an integer.
+        ValueError: ``seed`` is negative.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
+    if seed < 0:
+        raise ValueError(f"seed must be non-negative, got {seed}")
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def book_scale() -> Scale:
+    """The scale the chapters run at: ``"small"`` (default, CPU-friendly) or ``"large"`` (``REVLIB_SCALE``).
+
+    Raises:
+        ValueError: ``REVLIB_SCALE`` is set to anything else.
+    """
+    scale = os.environ.get(SCALE_VARIABLE, "small")
+    if scale not in ("small", "large"):
+        raise ValueError(f"{SCALE_VARIABLE} must be 'small' or 'large', got {scale!r}")
+    return scale  # type: ignore[return-value]

@@ -1,0 +1,160 @@
+"""A small, explicit training loop.
+
+:func:`fit` is the loop every chapter uses: mini-batch gradient descent with any optimiser, a ``tqdm``
+progress bar that can be switched off, and a :class:`History` with one row per epoch that
+:mod:`revlib.plotting` knows how to draw. Shuffling uses its own seeded generator, so a run is repeatable
+without touching the global random state.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from revlib.data import Dataset
+from revlib.runtime import resolve_device
+
+LossFunction = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass
+class History:
+    """Per-epoch record of a training run.
+
+    ``train_loss`` and ``train_accuracy`` average the mini-batches of each epoch (measured while the
+    weights change); ``test_loss`` and ``test_accuracy`` evaluate the whole test set after the epoch.
+    Accuracies are fractions in [0, 1]; they are ``nan`` when the targets are not class labels.
+    """
+
+    train_loss: list[float] = field(default_factory=list)
+    train_accuracy: list[float] = field(default_factory=list)
+    test_loss: list[float] = field(default_factory=list)
+    test_accuracy: list[float] = field(default_factory=list)
+
+    @property
+    def epochs(self) -> int:
+        """The number of epochs recorded."""
+        return len(self.train_loss)
+
+    def __repr__(self) -> str:
+        if not self.epochs:
+            return "History(no epochs)"
+        return (
+            f"History({self.epochs} epochs: train loss {self.train_loss[-1]:.4f}, "
+            f"test loss {self.test_loss[-1]:.4f}, test accuracy {self.test_accuracy[-1]:.4f})"
+        )
+
+
+def _correct(outputs: Tensor, targets: Tensor) -> int:
+    """Number of correct class predictions, or 0 when the targets are not class labels."""
+    if targets.dtype != torch.long or outputs.dim() != 2:
+        return 0
+    return int((outputs.argmax(dim=1) == targets).sum())
+
+
+def evaluate(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    loss_fn: LossFunction = F.cross_entropy,
+    batch_size: int = 512,
+) -> tuple[float, float]:
+    """Mean loss and accuracy of ``model`` on a data set, without gradients and in eval mode.
+
+    The model's training/eval mode is restored afterwards.
+
+    Returns:
+        ``(loss, accuracy)``; the accuracy is ``nan`` when ``targets`` are not class labels.
+    """
+    was_training = model.training
+    model.eval()
+    total_loss, correct = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(inputs), batch_size):
+            x, y = inputs[start : start + batch_size], targets[start : start + batch_size]
+            outputs = model(x)
+            total_loss += float(loss_fn(outputs, y)) * len(x)
+            correct += _correct(outputs, y)
+    model.train(was_training)
+    accuracy = correct / len(inputs) if targets.dtype == torch.long else math.nan
+    return total_loss / len(inputs), accuracy
+
+
+def fit(
+    model: nn.Module,
+    data: Dataset,
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    *,
+    batch_size: int = 64,
+    loss_fn: LossFunction = F.cross_entropy,
+    seed: int = 0,
+    progress: bool = True,
+    device: torch.device | str | None = None,
+) -> History:
+    """Train ``model`` on ``data.x_train`` with mini-batches and record a :class:`History`.
+
+    Each epoch visits the training set once in an order drawn from a generator seeded with
+    ``seed + epoch``; every mini-batch makes one step: ``loss_fn(model(x), y).backward()``, then
+    ``optimizer.step()``.
+
+    Args:
+        model: the network; moved to ``device``.
+        data: the data set; moved to ``device`` if it lives elsewhere.
+        optimizer: an optimiser over ``model``'s parameters.
+        epochs: number of passes over the training set.
+        batch_size: mini-batch size (the last batch of an epoch may be smaller).
+        loss_fn: ``loss_fn(outputs, targets)`` returning a scalar mean loss.
+        seed: seed of the shuffling order.
+        progress: show a ``tqdm`` progress bar (on standard error) with the running loss.
+        device: where to train (``None``: the data's device).
+
+    Raises:
+        ValueError: ``epochs`` or ``batch_size`` is not positive, or the training set is empty.
+    """
+    if epochs < 1:
+        raise ValueError(f"epochs must be a positive integer, got {epochs}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    if len(data.x_train) == 0:
+        raise ValueError("data has an empty training set")
+    from tqdm import tqdm
+
+    device = data.x_train.device if device is None else resolve_device(device)
+    model.to(device)
+    if data.x_train.device != device:
+        data = data.to(device)
+    history = History()
+    samples = len(data.x_train)
+    bar = tqdm(total=epochs * math.ceil(samples / batch_size), disable=not progress, file=sys.stderr, unit="step")
+    model.train()
+    for epoch in range(epochs):
+        order = torch.randperm(samples, generator=torch.Generator().manual_seed(seed + epoch)).to(device)
+        total_loss, correct = 0.0, 0
+        for start in range(0, samples, batch_size):
+            batch = order[start : start + batch_size]
+            x, y = data.x_train[batch], data.y_train[batch]
+            optimizer.zero_grad(set_to_none=True)
+            outputs = model(x)
+            loss = loss_fn(outputs, y)
+            loss.backward()
+            optimizer.step()
+            batch_loss = loss.item()
+            total_loss += batch_loss * len(batch)
+            correct += _correct(outputs.detach(), y)
+            bar.update()
+            bar.set_postfix(epoch=epoch + 1, loss=f"{batch_loss:.3f}", refresh=False)
+        history.train_loss.append(total_loss / samples)
+        history.train_accuracy.append(correct / samples if data.y_train.dtype == torch.long else math.nan)
+        test_loss, test_accuracy = evaluate(model, data.x_test, data.y_test, loss_fn=loss_fn)
+        history.test_loss.append(test_loss)
+        history.test_accuracy.append(test_accuracy)
+    bar.close()
+    return history

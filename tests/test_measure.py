@@ -1,0 +1,106 @@
+import pytest
+import torch
+from torch import nn
+
+from revlib.measure import Timing, forward_backward, peak_memory, saved_tensor_bytes, time_call
+
+FLOAT32 = 4
+
+
+def linear_chain(depth: int, width: int) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Linear(width, width, bias=False) for _ in range(depth)])
+
+
+@pytest.mark.parametrize("depth", [1, 3, 6])
+def test_saved_bytes_of_a_linear_chain_match_hand_count(depth: int) -> None:
+    batch, width = 5, 12
+    model = linear_chain(depth, width)
+    x = torch.randn(batch, width)
+    # Each layer y = x Wᵀ saves its input x (for dW); layers after the first also save W (for dx),
+    # the first does not since the data x needs no gradient.
+    activations = depth * batch * width * FLOAT32
+    weights = (depth - 1) * width * width * FLOAT32
+    assert saved_tensor_bytes(model, x) == activations + weights
+    assert saved_tensor_bytes(model, x, exclude=model.parameters()) == activations
+
+
+def test_prediction_saves_nothing() -> None:
+    model = linear_chain(4, 8)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        assert saved_tensor_bytes(model, x) == 0
+    model.requires_grad_(False)
+    assert saved_tensor_bytes(model, x) == 0
+
+
+def test_each_storage_counts_once_at_full_size() -> None:
+    x = torch.randn(10, 10, requires_grad=True)
+    assert saved_tensor_bytes(lambda t: t * t, x) == 100 * FLOAT32  # x saved twice, counted once
+    base = torch.randn(1000, requires_grad=True)
+    assert saved_tensor_bytes(lambda t: t[:10] * t[:10], base) == 1000 * FLOAT32  # a view keeps its storage
+
+
+def test_custom_function_save_for_backward_is_seen() -> None:
+    class Square(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor) -> torch.Tensor:
+            ctx.save_for_backward(x)
+            return x * x
+
+        @staticmethod
+        def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+            (x,) = ctx.saved_tensors
+            return 2 * x * grad
+
+    x = torch.randn(7, requires_grad=True)
+    assert saved_tensor_bytes(Square.apply, x) == 7 * FLOAT32
+
+
+def test_peak_memory_on_cpu_grows_with_the_activations() -> None:
+    batch, width = 4096, 256  # one activation: 4 MiB
+    activation = batch * width * FLOAT32
+    x = torch.randn(batch, width)
+    shallow = peak_memory(forward_backward, linear_chain(2, width), x)
+    deep = peak_memory(forward_backward, linear_chain(10, width), x)
+    # Eight more layers keep eight more activations alive until the backward pass.
+    assert 6 * activation < deep - shallow < 10 * activation
+    assert shallow > activation
+
+
+def test_peak_memory_of_a_step_that_allocates_nothing_is_small() -> None:
+    assert peak_memory(torch.Tensor.zero_, torch.zeros(10)) < 2**20
+
+
+def test_peak_memory_explains_unpicklable_steps() -> None:
+    with pytest.raises(TypeError, match="picklable"):
+        peak_memory(lambda x: x, torch.zeros(3))
+
+
+def test_peak_memory_reports_failures_of_the_measuring_process() -> None:
+    with pytest.raises(RuntimeError, match="peak-memory process failed"):
+        peak_memory(torch.Tensor.view, torch.zeros(6), 4)
+
+
+@pytest.mark.cuda
+def test_peak_memory_on_cuda_counts_the_activations() -> None:
+    batch, width = 4096, 256
+    x = torch.randn(batch, width, device="cuda")
+    shallow = peak_memory(forward_backward, linear_chain(2, width).cuda(), x)
+    deep = peak_memory(forward_backward, linear_chain(10, width).cuda(), x)
+    assert 7 * batch * width * FLOAT32 <= deep - shallow <= 9 * batch * width * FLOAT32
+
+
+def test_time_call_counts_calls_and_summarises() -> None:
+    calls = []
+    timing = time_call(calls.append, 1, warmup=2, repeats=5)
+    assert len(calls) == 7 and len(timing.times) == 5
+    assert timing.median >= 0 and timing.spread >= 0
+    assert "median" in repr(timing)
+    assert Timing((1.0, 2.0, 3.0)).median == 2.0
+
+
+@pytest.mark.parametrize("kwargs, match", [({"warmup": -1}, "warmup"), ({"repeats": 0}, "repeats")])
+def test_time_call_rejects_bad_arguments(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        time_call(print, **kwargs)

@@ -1,0 +1,66 @@
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from revlib.runtime import book_scale, default_device, resolve_device, seed_everything
+
+
+def test_default_device_follows_cuda_availability(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("REVLIB_DEVICE", raising=False)
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert default_device().type == expected
+
+
+def test_environment_variable_overrides_default_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REVLIB_DEVICE", "cpu")
+    assert default_device() == torch.device("cpu")
+    assert resolve_device(None) == torch.device("cpu")
+
+
+def test_bad_environment_device_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REVLIB_DEVICE", "gpu-please")
+    with pytest.raises(ValueError, match="REVLIB_DEVICE"):
+        default_device()
+
+
+def test_resolve_device_rejects_bad_arguments() -> None:
+    with pytest.raises(TypeError, match="device must be"):
+        resolve_device(3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="not a device"):
+        resolve_device("toaster")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="only meaningful without a GPU")
+def test_resolve_device_refuses_cuda_without_gpu() -> None:
+    with pytest.raises(ValueError, match="no CUDA device"):
+        resolve_device("cuda")
+
+
+def test_seed_everything_makes_all_generators_repeat() -> None:
+    def draw() -> tuple[float, float, list[float]]:
+        return random.random(), float(np.random.rand()), torch.rand(3).tolist()
+
+    seed_everything(123)
+    first = draw()
+    seed_everything(123)
+    assert draw() == first
+    seed_everything(124)
+    assert draw() != first
+
+
+@pytest.mark.parametrize("seed, error", [(-1, ValueError), (1.5, TypeError), (True, TypeError)])
+def test_seed_everything_validates(seed: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match="seed"):
+        seed_everything(seed)  # type: ignore[arg-type]
+
+
+def test_book_scale(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("REVLIB_SCALE", raising=False)
+    assert book_scale() == "small"
+    monkeypatch.setenv("REVLIB_SCALE", "large")
+    assert book_scale() == "large"
+    monkeypatch.setenv("REVLIB_SCALE", "huge")
+    with pytest.raises(ValueError, match="REVLIB_SCALE"):
+        book_scale()
