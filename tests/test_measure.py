@@ -104,3 +104,18 @@ def test_time_call_counts_calls_and_summarises() -> None:
 def test_time_call_rejects_bad_arguments(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         time_call(print, **kwargs)
+
+
+def test_fit_line_recovers_lines_and_power_laws() -> None:
+    from revlib.measure import fit_line
+
+    line = fit_line([1, 2, 3, 4], [5, 7, 9, 11])
+    assert line.slope == pytest.approx(2) and line.intercept == pytest.approx(3) and line.r_squared == pytest.approx(1)
+    power = fit_line([4, 8, 16, 32], [1 / 4**2, 1 / 8**2, 1 / 16**2, 1 / 32**2], loglog=True)
+    assert power.slope == pytest.approx(-2)
+    noisy = fit_line([1, 2, 3, 4], [1, 3, 2, 4])
+    assert 0 < noisy.r_squared < 1
+    with pytest.raises(ValueError, match="at least 2"):
+        fit_line([1], [2])
+    with pytest.raises(ValueError, match="positive"):
+        fit_line([1, 2], [0, 1], loglog=True)

@@ -15,7 +15,7 @@ import importlib
 from types import ModuleType
 
 from revlib.data import Dataset, load_digits, make_spirals
-from revlib.measure import Timing, forward_backward, peak_memory, saved_tensor_bytes, time_call
+from revlib.measure import LineFit, Timing, fit_line, forward_backward, peak_memory, saved_tensor_bytes, time_call
 from revlib.runtime import book_scale, default_device, resolve_device, seed_everything
 from revlib.training import History, evaluate, fit
 
@@ -26,11 +26,13 @@ _LAZY_SUBMODULES = {"plotting"}
 __all__ = [
     "Dataset",
     "History",
+    "LineFit",
     "Timing",
     "book_scale",
     "default_device",
     "evaluate",
     "fit",
+    "fit_line",
     "forward_backward",
     "load_digits",
     "make_spirals",

@@ -125,3 +125,47 @@ def plot_points(inputs: Tensor, labels: Tensor, *, ax: plt.Axes | None = None, t
     ax.set(aspect="equal", title=title or "")
     ax.legend(title="class", markerscale=2)
     return ax.figure
+
+
+def draw_graph(
+    positions: Mapping[str, tuple[float, float]],
+    edges: Sequence[tuple[str, str]],
+    *,
+    operators: Sequence[str] = (),
+    labels: Mapping[str, str] | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Draw a computational graph: variables as boxes, operators as circles, data flow as arrows.
+
+    Args:
+        positions: each node's ``(x, y)`` position.
+        edges: ``(source, target)`` pairs, both keys of ``positions``.
+        operators: the nodes drawn as operators (circles); all others are variables (boxes).
+        labels: text shown for a node (matplotlib mathtext allowed); defaults to the node's key.
+        title: an optional title.
+
+    Raises:
+        ValueError: an edge or operator names a node without a position.
+    """
+    unknown = {name for edge in edges for name in edge} | set(operators)
+    unknown -= set(positions)
+    if unknown:
+        raise ValueError(f"nodes without a position: {sorted(unknown)}")
+    labels = labels or {}
+    xs = [x for x, _ in positions.values()]
+    ys = [y for _, y in positions.values()]
+    figure, axis = plt.subplots(figsize=(1.0 * (max(xs) - min(xs) + 2), 1.0 * (max(ys) - min(ys) + 1.6)))
+    for source, target in edges:
+        axis.annotate(
+            "", xy=positions[target], xytext=positions[source],
+            arrowprops={"arrowstyle": "-|>", "color": "0.35", "shrinkA": 16, "shrinkB": 16, "lw": 1.3},
+        )
+    for name, (x, y) in positions.items():
+        is_operator = name in operators
+        box = {"boxstyle": "circle,pad=0.3" if is_operator else "round,pad=0.4",
+               "facecolor": "white" if is_operator else "#DCEBF7", "edgecolor": PALETTE[1] if is_operator else PALETTE[0]}
+        axis.text(x, y, labels.get(name, name), ha="center", va="center", fontsize=12, bbox=box)
+    axis.set(xlim=(min(xs) - 0.7, max(xs) + 0.7), ylim=(min(ys) - 0.7, max(ys) + 0.7), title=title or "")
+    axis.set_aspect("equal")
+    axis.axis("off")
+    return figure

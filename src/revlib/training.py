@@ -87,6 +87,70 @@ def evaluate(
     return total_loss / len(inputs), accuracy
 
 
+Step = Callable[[Tensor, Tensor], tuple[float, Tensor]]
+"""One update on a mini-batch ``(x, y)``: returns the batch's mean loss and the outputs it computed."""
+
+Assess = Callable[[Tensor, Tensor], tuple[float, float]]
+"""Loss and accuracy of the current model on a whole data set ``(x, y)``, without updating it."""
+
+
+def _check_loop_arguments(epochs: int, batch_size: int, data: Dataset) -> None:
+    if epochs < 1:
+        raise ValueError(f"epochs must be a positive integer, got {epochs}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    if len(data.x_train) == 0:
+        raise ValueError("data has an empty training set")
+
+
+def train_epochs(
+    step: Step,
+    assess: Assess,
+    data: Dataset,
+    epochs: int,
+    *,
+    batch_size: int = 64,
+    seed: int = 0,
+    progress: bool = True,
+) -> History:
+    """The mini-batch loop behind :func:`fit`, for models that update themselves.
+
+    Each epoch visits the training set once in an order drawn from a generator seeded with
+    ``seed + epoch`` (the global random state is untouched), calls ``step(x, y)`` on every mini-batch,
+    then ``assess(data.x_test, data.y_test)``. :func:`fit` uses it with an autograd step;
+    :meth:`revlib.backprop.MLP.train_sgd` with the hand-written backward pass, so that both see the same
+    batches in the same order.
+
+    Raises:
+        ValueError: ``epochs`` or ``batch_size`` is not positive, or the training set is empty.
+    """
+    _check_loop_arguments(epochs, batch_size, data)
+    from tqdm import tqdm
+
+    history = History()
+    samples = len(data.x_train)
+    device = data.x_train.device
+    bar = tqdm(total=epochs * math.ceil(samples / batch_size), disable=not progress, file=sys.stderr, unit="step")
+    for epoch in range(epochs):
+        order = torch.randperm(samples, generator=torch.Generator().manual_seed(seed + epoch)).to(device)
+        total_loss, correct = 0.0, 0
+        for start in range(0, samples, batch_size):
+            batch = order[start : start + batch_size]
+            x, y = data.x_train[batch], data.y_train[batch]
+            batch_loss, outputs = step(x, y)
+            total_loss += batch_loss * len(batch)
+            correct += _correct(outputs, y)
+            bar.update()
+            bar.set_postfix(epoch=epoch + 1, loss=f"{batch_loss:.3f}", refresh=False)
+        history.train_loss.append(total_loss / samples)
+        history.train_accuracy.append(correct / samples if data.y_train.dtype == torch.long else math.nan)
+        test_loss, test_accuracy = assess(data.x_test, data.y_test)
+        history.test_loss.append(test_loss)
+        history.test_accuracy.append(test_accuracy)
+    bar.close()
+    return history
+
+
 def fit(
     model: nn.Module,
     data: Dataset,
@@ -101,9 +165,8 @@ def fit(
 ) -> History:
     """Train ``model`` on ``data.x_train`` with mini-batches and record a :class:`History`.
 
-    Each epoch visits the training set once in an order drawn from a generator seeded with
-    ``seed + epoch``; every mini-batch makes one step: ``loss_fn(model(x), y).backward()``, then
-    ``optimizer.step()``.
+    Every mini-batch makes one step: ``loss_fn(model(x), y).backward()``, then ``optimizer.step()``; the
+    batches are drawn as in :func:`train_epochs`.
 
     Args:
         model: the network; moved to ``device``.
@@ -119,42 +182,22 @@ def fit(
     Raises:
         ValueError: ``epochs`` or ``batch_size`` is not positive, or the training set is empty.
     """
-    if epochs < 1:
-        raise ValueError(f"epochs must be a positive integer, got {epochs}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-    if len(data.x_train) == 0:
-        raise ValueError("data has an empty training set")
-    from tqdm import tqdm
-
+    _check_loop_arguments(epochs, batch_size, data)
     device = data.x_train.device if device is None else resolve_device(device)
     model.to(device)
     if data.x_train.device != device:
         data = data.to(device)
-    history = History()
-    samples = len(data.x_train)
-    bar = tqdm(total=epochs * math.ceil(samples / batch_size), disable=not progress, file=sys.stderr, unit="step")
+
+    def step(x: Tensor, y: Tensor) -> tuple[float, Tensor]:
+        optimizer.zero_grad(set_to_none=True)
+        outputs = model(x)
+        loss = loss_fn(outputs, y)
+        loss.backward()
+        optimizer.step()
+        return loss.item(), outputs.detach()
+
+    def assess(x: Tensor, y: Tensor) -> tuple[float, float]:
+        return evaluate(model, x, y, loss_fn=loss_fn)
+
     model.train()
-    for epoch in range(epochs):
-        order = torch.randperm(samples, generator=torch.Generator().manual_seed(seed + epoch)).to(device)
-        total_loss, correct = 0.0, 0
-        for start in range(0, samples, batch_size):
-            batch = order[start : start + batch_size]
-            x, y = data.x_train[batch], data.y_train[batch]
-            optimizer.zero_grad(set_to_none=True)
-            outputs = model(x)
-            loss = loss_fn(outputs, y)
-            loss.backward()
-            optimizer.step()
-            batch_loss = loss.item()
-            total_loss += batch_loss * len(batch)
-            correct += _correct(outputs.detach(), y)
-            bar.update()
-            bar.set_postfix(epoch=epoch + 1, loss=f"{batch_loss:.3f}", refresh=False)
-        history.train_loss.append(total_loss / samples)
-        history.train_accuracy.append(correct / samples if data.y_train.dtype == torch.long else math.nan)
-        test_loss, test_accuracy = evaluate(model, data.x_test, data.y_test, loss_fn=loss_fn)
-        history.test_loss.append(test_loss)
-        history.test_accuracy.append(test_accuracy)
-    bar.close()
-    return history
+    return train_epochs(step, assess, data, epochs, batch_size=batch_size, seed=seed, progress=progress)

@@ -1,0 +1,49 @@
+import matplotlib
+
+matplotlib.use("Agg")
+
+import pytest
+import torch
+from matplotlib.text import Annotation
+
+from revlib import plotting
+from revlib.training import History
+
+
+def test_book_style_is_applied() -> None:
+    plotting.use_book_style()
+    assert matplotlib.rcParams["axes.spines.top"] is False
+    assert matplotlib.rcParams["axes.prop_cycle"].by_key()["color"][0] == plotting.PALETTE[0]
+
+
+def test_plot_history_draws_train_and_test_curves_for_each_run() -> None:
+    history = History([1.0, 0.5], [0.5, 0.8], [1.1, 0.6], [0.4, 0.7])
+    figure = plotting.plot_history({"a": history, "b": history})
+    loss_axis, accuracy_axis = figure.axes
+    assert len(loss_axis.lines) == 4 and len(accuracy_axis.lines) == 4
+    assert loss_axis.get_yscale() == "log"
+
+
+def test_show_images_accepts_channel_dimension_and_checks_labels() -> None:
+    figure = plotting.show_images(torch.rand(12, 1, 8, 8), torch.arange(12), columns=5)
+    assert len(figure.axes) == 15
+    with pytest.raises(ValueError, match="labels"):
+        plotting.show_images(torch.rand(3, 8, 8), [1, 2])
+    with pytest.raises(ValueError, match="images must have shape"):
+        plotting.show_images(torch.rand(3, 2, 8, 8))
+
+
+def test_plot_points_needs_two_dimensional_inputs() -> None:
+    figure = plotting.plot_points(torch.rand(10, 2), torch.randint(0, 3, (10,)))
+    assert len(figure.axes) == 1
+    with pytest.raises(ValueError, match=r"\(N, 2\)"):
+        plotting.plot_points(torch.rand(10, 3), torch.zeros(10))
+
+
+def test_draw_graph_draws_every_node_and_edge() -> None:
+    figure = plotting.draw_graph({"x": (0, 0), "*": (1, 0), "z": (2, 0)}, [("x", "*"), ("*", "z")], operators=["*"])
+    arrows = [text for text in figure.axes[0].texts if isinstance(text, Annotation)]
+    nodes = [text.get_text() for text in figure.axes[0].texts if not isinstance(text, Annotation)]
+    assert sorted(nodes) == ["*", "x", "z"] and len(arrows) == 2
+    with pytest.raises(ValueError, match="without a position"):
+        plotting.draw_graph({"x": (0, 0)}, [("x", "y")])
