@@ -1,0 +1,507 @@
+r"""Reversible residual networks: the chapter "Reversible residual networks".
+
+A reversible block splits its input in two halves :math:`x = (x_1, x_2)` and couples them additively
+(Gomez et al. 2017, RevNet; Kitaev et al. 2020, Reformer):
+
+.. math::
+
+    y_1 = x_1 + \mathcal F(x_2), \qquad y_2 = x_2 + \mathcal G(y_1).
+
+Its inverse needs no inverse of :math:`\mathcal F` or :math:`\mathcal G`:
+
+.. math::
+
+    x_2 = y_2 - \mathcal G(y_1), \qquad x_1 = y_1 - \mathcal F(x_2).
+
+So a stack of blocks can rebuild every block's input from its output during the backward pass, and
+only the stack's output has to be kept: the memory for activations no longer grows with depth.
+
+The mathematics lives in :class:`ReversibleBlock` (``forward`` and ``inverse``); the memory mechanism
+lives in :class:`ReversibleSequence`, whose custom ``torch.autograd.Function`` keeps only the output and
+walks the blocks backwards, rebuilding and back-propagating through one block at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+from torch.utils.checkpoint import checkpoint
+
+
+class ReversibleBlock(nn.Module):
+    r"""Additive coupling :math:`y_1 = x_1 + \mathcal F(x_2)`, :math:`y_2 = x_2 + \mathcal G(y_1)`.
+
+    Args:
+        f: a module that preserves the shape of one half, :math:`\mathcal F`.
+        g: a module that preserves the shape of one half, :math:`\mathcal G`.
+        dim: the dimension split in two halves (1 for channels of ``(B, C, H, W)`` images or features of
+            ``(B, D)`` vectors; ``-1`` for the features of ``(B, T, D)`` sequences).
+
+    Raises:
+        TypeError: ``f`` or ``g`` is not an ``nn.Module``.
+    """
+
+    def __init__(self, f: nn.Module, g: nn.Module, dim: int = 1) -> None:
+        super().__init__()
+        for name, module in (("f", f), ("g", g)):
+            if not isinstance(module, nn.Module):
+                raise TypeError(f"{name} must be an nn.Module, got {type(module).__name__}")
+        self.f, self.g, self.dim = f, g, dim
+
+    def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The two halves of ``x`` along :attr:`dim` (views, no copy).
+
+        Raises:
+            ValueError: that dimension is missing or has an odd size.
+        """
+        if x.dim() == 0 or not -x.dim() <= self.dim < x.dim():
+            raise ValueError(f"input of shape {tuple(x.shape)} has no dimension {self.dim} to split")
+        if x.shape[self.dim] % 2:
+            raise ValueError(
+                f"a reversible block splits dimension {self.dim} in two equal halves, but the input of shape "
+                f"{tuple(x.shape)} has an odd size {x.shape[self.dim]} there"
+            )
+        x1, x2 = x.chunk(2, dim=self.dim)
+        return x1, x2
+
+    def _residual(self, name: str, module: nn.Module, half: Tensor) -> Tensor:
+        out = module(half)
+        if not isinstance(out, Tensor) or out.shape != half.shape:
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(f"{name} must preserve the shape of its input half {tuple(half.shape)}, but returned {shape}")
+        return out
+
+    def forward(self, x: Tensor) -> Tensor:
+        x1, x2 = self.split(x)
+        y1 = x1 + self._residual("f", self.f, x2)
+        y2 = x2 + self._residual("g", self.g, y1)
+        return torch.cat((y1, y2), dim=self.dim)
+
+    def inverse(self, y: Tensor) -> Tensor:
+        r"""Rebuild the input from the output: :math:`x_2 = y_2 - \mathcal G(y_1)`, :math:`x_1 = y_1 - \mathcal F(x_2)`."""
+        y1, y2 = self.split(y)
+        x2 = y2 - self._residual("g", self.g, y1)
+        x1 = y1 - self._residual("f", self.f, x2)
+        return torch.cat((x1, x2), dim=self.dim)
+
+
+@dataclass(frozen=True)
+class _Replay:
+    """What a recomputation must reproduce of the forward pass: the random state and the autocast state.
+
+    Captured just before ``f`` (or ``g``) ran in the forward pass and restored, inside
+    ``torch.random.fork_rng``, just before it runs again in the backward pass, so that dropout draws the
+    same masks and autocast picks the same precisions, while the caller's random stream is untouched.
+    """
+
+    cpu_rng: Tensor | None
+    cuda_rng: Tensor | None
+    device: torch.device
+    autocast_enabled: bool
+    autocast_dtype: torch.dtype
+
+    @classmethod
+    def capture(cls, device: torch.device, preserve_rng: bool) -> _Replay:
+        kind = device.type
+        return cls(
+            cpu_rng=torch.get_rng_state() if preserve_rng else None,
+            # like torch.utils.checkpoint: only a device whose generator was already used has a state worth keeping
+            cuda_rng=torch.cuda.get_rng_state(device) if preserve_rng and kind == "cuda" and torch.cuda.is_initialized() else None,
+            device=device,
+            autocast_enabled=torch.is_autocast_enabled(kind),
+            autocast_dtype=torch.get_autocast_dtype(kind),
+        )
+
+    @contextmanager
+    def restored(self) -> Iterator[None]:
+        devices = [self.device] if self.cuda_rng is not None else []
+        with torch.random.fork_rng(devices=devices, enabled=self.cpu_rng is not None):
+            if self.cpu_rng is not None:
+                torch.set_rng_state(self.cpu_rng)
+            if self.cuda_rng is not None:
+                torch.cuda.set_rng_state(self.cuda_rng, self.device)
+            with torch.enable_grad(), torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_enabled):
+                yield
+
+
+@contextmanager
+def _buffers_preserved(module: nn.Module) -> Iterator[None]:
+    """Undo any buffer update (BatchNorm's running statistics) made while recomputing ``module``."""
+    saved = [buffer.clone() for buffer in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(module.buffers(), saved):
+                buffer.copy_(value)
+
+
+class _ReversibleFunction(torch.autograd.Function):
+    """Run reversible blocks keeping only the output; rebuild and back-propagate block by block."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, blocks: Sequence[ReversibleBlock], preserve_rng: bool, *parameters: Tensor) -> Tensor:
+        ctx.blocks = blocks  # the modules themselves (not tensors): needed to recompute f and g
+        ctx.parameter_ids = [id(p) for p in parameters]  # the order in which backward returns their gradients
+        ctx.replays = []  # per block, the (f, g) random and autocast states: a few KiB, no activations
+        with torch.no_grad():
+            x1, x2 = blocks[0].split(x)
+            for block in blocks:  # the halves pass from block to block without being concatenated
+                replay_f = _Replay.capture(x.device, preserve_rng)
+                y1 = x1 + block._residual("f", block.f, x2)
+                replay_g = _Replay.capture(x.device, preserve_rng)
+                y2 = x2 + block._residual("g", block.g, y1)
+                x1, x2 = y1, y2
+                ctx.replays.append((replay_f, replay_g))
+            y = torch.cat((x1, x2), dim=blocks[-1].dim)
+        ctx.save_for_backward(y)  # the only activation kept: the output of the last block
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        (y,) = ctx.saved_tensors
+        last = ctx.blocks[-1]
+        y1, y2 = last.split(y.detach())
+        dy1, dy2 = last.split(grad_output)
+        parameter_gradients: dict[int, Tensor] = {}  # by id, summed: a parameter may be shared between blocks
+        for block, (replay_f, replay_g) in zip(reversed(ctx.blocks), reversed(ctx.replays)):
+            with _buffers_preserved(block):
+                # z1 = y1; rebuild G(z1) with the graph of g only
+                z1 = y1.detach().requires_grad_(True)
+                with replay_g.restored():
+                    g_out = block.g(z1)
+                dz1, g_parameter_grads = _vjp(g_out, z1, list(block.g.parameters()), dy2)
+                dz1 = dy1 + dz1  # dz1 = dy1 + G'(z1)ᵀ dy2
+                with torch.no_grad():
+                    x2 = y2 - g_out  # x2 = y2 − G(z1)
+                del g_out
+                # rebuild F(x2) with the graph of f only
+                x2 = x2.detach().requires_grad_(True)
+                with replay_f.restored():
+                    f_out = block.f(x2)
+                dx2, f_parameter_grads = _vjp(f_out, x2, list(block.f.parameters()), dz1)
+                dx2 = dy2 + dx2  # dx2 = dy2 + F'(x2)ᵀ dz1
+                with torch.no_grad():
+                    x1 = z1 - f_out  # x1 = z1 − F(x2)
+                del f_out
+            for key, gradient in (*f_parameter_grads, *g_parameter_grads):
+                parameter_gradients[key] = parameter_gradients[key] + gradient if key in parameter_gradients else gradient
+            y1, y2 = x1, x2.detach()  # this block's input is the previous block's output
+            dy1, dy2 = dz1, dx2  # dx1 = dz1
+        return (
+            torch.cat((dy1, dy2), dim=last.dim) if ctx.needs_input_grad[0] else None,  # x
+            None,  # blocks
+            None,  # preserve_rng
+            *(parameter_gradients.get(key) for key in ctx.parameter_ids),  # every parameter, in the order given
+        )
+
+
+def _vjp(output: Tensor, half: Tensor, parameters: list[Tensor], grad_output: Tensor) -> tuple[Tensor, list[tuple[int, Tensor]]]:
+    """Vector-Jacobian products of ``output`` with respect to ``half`` and to the parameters that require grad.
+
+    Returns the gradient of ``half`` (zeros when ``output`` does not depend on it) and ``(id, gradient)``
+    pairs for the parameters that received one.
+    """
+    wanted = [p for p in parameters if p.requires_grad]
+    if not output.requires_grad:
+        return torch.zeros_like(half), []
+    found = torch.autograd.grad(output, [half, *wanted], grad_output.to(output.dtype), allow_unused=True)
+    half_gradient = torch.zeros_like(half) if found[0] is None else found[0].to(half.dtype)
+    return half_gradient, [(id(p), g) for p, g in zip(wanted, found[1:]) if g is not None]
+
+
+class ReversibleSequence(nn.Module):
+    r"""A stack of :class:`ReversibleBlock` whose backward pass stores no intermediate activation.
+
+    Built like ``nn.Sequential``: ``ReversibleSequence(block1, block2, ...)``. With gradients enabled the
+    forward pass keeps only the final output; the backward pass walks the blocks in reverse, rebuilding
+    each block's input with :meth:`ReversibleBlock.inverse` and back-propagating through that one block
+    (Gomez et al. 2017, Algorithm 1). Memory for activations is therefore constant in the number of
+    blocks, at the price of recomputing :math:`\mathcal F` and :math:`\mathcal G` once more each (about
+    4 instead of 3 forward-pass equivalents of compute).
+
+    Gradients equal those of running the same blocks as a plain sequence up to rounding (the rebuilt
+    inputs differ from the originals by floating-point error, which grows with depth; see the chapter).
+    Randomness inside ``f`` and ``g`` is replayed (``preserve_rng_state``), buffers updated in the
+    forward pass (BatchNorm running statistics) are updated once, and ``torch.autocast`` settings are
+    replayed. Under ``torch.no_grad()``, or when neither the input nor any parameter requires grad, the
+    blocks simply run one after another. Parameters are read from the blocks when the backward pass runs,
+    so ``torch.func`` transforms that swap them temporarily (``functional_call``, ``vmap``) are not
+    supported, and a double backward (``create_graph=True``) raises an error.
+
+    Args:
+        *blocks: the reversible blocks, all splitting the same dimension.
+        preserve_rng_state: replay the random state for ``f`` and ``g`` (needed for dropout; costs two
+            copies of the generator state per block, a few KiB).
+
+    Raises:
+        TypeError: a block is not a :class:`ReversibleBlock`.
+        ValueError: no block is given.
+    """
+
+    def __init__(self, *blocks: ReversibleBlock, preserve_rng_state: bool = True) -> None:
+        super().__init__()
+        if not blocks:
+            raise ValueError("ReversibleSequence needs at least one block")
+        for index, block in enumerate(blocks):
+            if not isinstance(block, ReversibleBlock):
+                raise TypeError(f"block {index} must be a ReversibleBlock, got {type(block).__name__}")
+            if block.dim != blocks[0].dim:
+                raise ValueError(f"all blocks must split the same dimension: block 0 splits {blocks[0].dim}, block {index} splits {block.dim}")
+        for index, block in enumerate(blocks):
+            self.add_module(str(index), block)  # numbered like nn.Sequential: the two share state_dict keys
+        self.preserve_rng_state = preserve_rng_state
+
+    @property
+    def blocks(self) -> list[ReversibleBlock]:
+        """The blocks, in order."""
+        return list(self.children())  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def forward(self, x: Tensor) -> Tensor:
+        parameters = [p for p in self.parameters() if p.requires_grad]
+        if not torch.is_grad_enabled() or not (x.requires_grad or parameters):
+            for block in self.blocks:
+                x = block(x)
+            return x
+        return _ReversibleFunction.apply(x, self.blocks, self.preserve_rng_state, *self.parameters())
+
+    def inverse(self, y: Tensor) -> Tensor:
+        """Rebuild the input of the whole stack from its output (blocks inverted in reverse order)."""
+        for block in reversed(self.blocks):
+            y = block.inverse(y)
+        return y
+
+
+def conv_residual(channels: int) -> nn.Sequential:
+    """The residual function of the convolutional networks, pre-activation style (He et al. 2016b):
+    BatchNorm → ReLU → 3×3 conv → BatchNorm → ReLU → 3×3 conv, preserving ``(B, channels, H, W)``."""
+    return nn.Sequential(
+        nn.BatchNorm2d(channels), nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(channels), nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+    )
+
+
+class ResidualBlock(nn.Module):
+    r"""The ordinary residual block :math:`y = x + \mathcal F(x)`."""
+
+    def __init__(self, residual: nn.Module) -> None:
+        super().__init__()
+        self.residual = residual
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.residual(x)
+
+
+def _downsample(in_channels: int, out_channels: int) -> nn.Sequential:
+    """Non-reversible transition between stages: BatchNorm → ReLU → 3×3 conv with stride 2."""
+    return nn.Sequential(nn.BatchNorm2d(in_channels), nn.ReLU(), nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1, bias=False))
+
+
+def _check_widths(widths: Sequence[int], blocks_per_stage: int) -> None:
+    if not widths or any(w < 2 or w % 2 for w in widths):
+        raise ValueError(f"widths must be a non-empty list of even channel counts, got {list(widths)}")
+    if blocks_per_stage < 1:
+        raise ValueError(f"blocks_per_stage must be positive, got {blocks_per_stage}")
+
+
+class RevNet(nn.Module):
+    r"""A convolutional RevNet classifier in the style of Gomez et al. (2017).
+
+    stem conv → stage 1 → downsample → stage 2 → … → BatchNorm → ReLU → global average pool → linear.
+    Each stage is a :class:`ReversibleSequence` of ``blocks_per_stage`` blocks whose :math:`\mathcal F`
+    and :math:`\mathcal G` are :func:`conv_residual` on half the stage's channels. The transitions change
+    the shape, so they are ordinary layers: their inputs are the only activations autograd stores.
+
+    With ``reversible=False`` the same blocks run as a plain ``nn.Sequential`` with ordinary autograd —
+    the same function and parameters, the ordinary memory bill — and with ``checkpointed=True`` each
+    block of those stages runs under ``torch.utils.checkpoint`` (Chen et al. 2016), which stores every
+    block's input but none of its internal activations.
+
+    Args:
+        widths: channels of each stage (even numbers), e.g. ``(32, 64)``.
+        blocks_per_stage: reversible blocks in each stage.
+        in_channels: channels of the input images.
+        classes: number of output classes.
+        reversible: use :class:`ReversibleSequence` (default) or a plain ``nn.Sequential``.
+        checkpointed: with ``reversible=False``, recompute each block in the backward pass.
+        device: where the parameters live.
+        dtype: their dtype.
+    """
+
+    def __init__(
+        self,
+        widths: Sequence[int] = (32, 64),
+        blocks_per_stage: int = 2,
+        *,
+        in_channels: int = 1,
+        classes: int = 10,
+        reversible: bool = True,
+        checkpointed: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _check_widths(widths, blocks_per_stage)
+        if reversible and checkpointed:
+            raise ValueError("checkpointed=True applies to the plain network; pass reversible=False with it")
+        self.checkpointed = checkpointed
+        self.stem = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
+        stages: list[nn.Module] = []
+        for index, width in enumerate(widths):
+            if index:
+                stages.append(_downsample(widths[index - 1], width))
+            blocks = [ReversibleBlock(conv_residual(width // 2), conv_residual(width // 2)) for _ in range(blocks_per_stage)]
+            stages.append(ReversibleSequence(*blocks) if reversible else nn.Sequential(*blocks))
+        self.stages = nn.ModuleList(stages)
+        self.head = nn.Sequential(nn.BatchNorm2d(widths[-1]), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[-1], classes))
+        self.to(device=device, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stem(x)  # (B, widths[0], H, W)
+        for stage in self.stages:
+            if self.checkpointed and isinstance(stage, nn.Sequential) and torch.is_grad_enabled():
+                for block in stage:  # store each block's input, recompute its inside during backward
+                    x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = stage(x)
+        return self.head(x)  # (B, classes)
+
+
+class ResNet(nn.Module):
+    r"""The ResNet that a :class:`RevNet` is compared with: same stem, transitions and head, and stages of
+    ordinary residual blocks :math:`y = x + \mathcal F(x)` with :math:`\mathcal F` = :func:`conv_residual`
+    on all of the stage's channels.
+
+    A residual function on :math:`C` channels has twice the weights of a reversible block's
+    :math:`\mathcal F` and :math:`\mathcal G` on :math:`C/2` channels together (:math:`2\cdot 9C^2` against
+    :math:`4\cdot 9C^2/4`), so ``ResNet(widths, k)`` has about the parameters of ``RevNet(widths, 2k)``
+    and the same number of convolutions along its depth as ``RevNet(widths, k)``.
+
+    Args:
+        widths: channels of each stage.
+        blocks_per_stage: residual blocks in each stage.
+        in_channels: channels of the input images.
+        classes: number of output classes.
+        device: where the parameters live.
+        dtype: their dtype.
+    """
+
+    def __init__(
+        self,
+        widths: Sequence[int] = (32, 64),
+        blocks_per_stage: int = 1,
+        *,
+        in_channels: int = 1,
+        classes: int = 10,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _check_widths(widths, blocks_per_stage)
+        self.stem = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
+        stages: list[nn.Module] = []
+        for index, width in enumerate(widths):
+            if index:
+                stages.append(_downsample(widths[index - 1], width))
+            stages.append(nn.Sequential(*[ResidualBlock(conv_residual(width)) for _ in range(blocks_per_stage)]))
+        self.stages = nn.Sequential(*stages)
+        self.head = nn.Sequential(nn.BatchNorm2d(widths[-1]), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[-1], classes))
+        self.to(device=device, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.stages(self.stem(x)))
+
+
+class SelfAttention(nn.Module):
+    r"""The attention sub-layer :math:`\mathcal F(x) = \operatorname{MultiHeadAttention}(\operatorname{LayerNorm}(x))`
+    on ``(B, T, D)`` sequences (pre-norm, no residual: the coupling adds it)."""
+
+    def __init__(self, features: int, heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(features)
+        self.attention = nn.MultiheadAttention(features, heads, dropout=dropout, batch_first=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.norm(x)  # (B, T, D)
+        return self.attention(h, h, h, need_weights=False)[0]
+
+
+class FeedForward(nn.Module):
+    r"""The feed-forward sub-layer :math:`\mathcal G(x) = W_2\,\operatorname{GELU}(W_1 \operatorname{LayerNorm}(x))`."""
+
+    def __init__(self, features: int, hidden: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(features), nn.Linear(features, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class ReversibleTransformer(nn.Module):
+    r"""A reversible Transformer encoder for sequence classification, as in the Reformer (Kitaev et al. 2020).
+
+    Tokens ``(B, T, n_in)`` are embedded to ``(B, T, D)`` (plus a learned position embedding) and
+    duplicated into the two halves :math:`x_1 = x_2`; each layer is a :class:`ReversibleBlock` splitting the
+    last dimension, with :math:`\mathcal F` = :class:`SelfAttention` and :math:`\mathcal G` =
+    :class:`FeedForward`, so :math:`y_1 = x_1 + \operatorname{Attention}(x_2)`,
+    :math:`y_2 = x_2 + \operatorname{FeedForward}(y_1)`. The output halves are averaged, pooled over the
+    sequence and classified. ``reversible=False`` runs the same layers with ordinary autograd.
+
+    Args:
+        token_features: features per input token.
+        length: the sequence length :math:`T`.
+        features: the model width :math:`D` (of each half).
+        heads: attention heads (must divide ``features``).
+        layers: number of reversible layers.
+        classes: number of output classes.
+        dropout: dropout inside attention and feed-forward.
+        reversible: use :class:`ReversibleSequence` or a plain ``nn.Sequential``.
+        device: where the parameters live.
+        dtype: their dtype.
+    """
+
+    def __init__(
+        self,
+        token_features: int,
+        length: int,
+        *,
+        features: int = 32,
+        heads: int = 4,
+        layers: int = 2,
+        classes: int = 10,
+        dropout: float = 0.0,
+        reversible: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if features % heads:
+            raise ValueError(f"heads must divide features, got features={features}, heads={heads}")
+        if layers < 1:
+            raise ValueError(f"layers must be positive, got {layers}")
+        self.embed = nn.Linear(token_features, features)
+        self.position = nn.Parameter(torch.randn(1, length, features) / math.sqrt(features))
+        blocks = [
+            ReversibleBlock(SelfAttention(features, heads, dropout), FeedForward(features, 4 * features, dropout), dim=-1)
+            for _ in range(layers)
+        ]
+        self.layers = ReversibleSequence(*blocks) if reversible else nn.Sequential(*blocks)
+        self.head = nn.Sequential(nn.LayerNorm(features), nn.Linear(features, classes))
+        self.to(device=device, dtype=dtype)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        x = self.embed(tokens) + self.position  # (B, T, D)
+        y = self.layers(torch.cat((x, x), dim=-1))  # (B, T, 2D)
+        y1, y2 = y.chunk(2, dim=-1)
+        return self.head(((y1 + y2) / 2).mean(dim=1))  # (B, classes)

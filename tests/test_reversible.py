@@ -1,0 +1,273 @@
+import pytest
+import torch
+from torch import nn
+
+from revlib.backprop import finite_difference_gradient, relative_error
+from revlib.measure import saved_tensor_bytes
+from revlib.reversible import ResNet, ReversibleBlock, ReversibleSequence, ReversibleTransformer, RevNet
+
+
+def mlp_half(features: int, dropout: float = 0.0) -> nn.Module:
+    return nn.Sequential(nn.Linear(features, features), nn.Tanh(), nn.Dropout(dropout))
+
+
+def stack(blocks: int, features: int = 4, dropout: float = 0.0, seed: int = 0, dtype: torch.dtype = torch.float32) -> ReversibleSequence:
+    torch.manual_seed(seed)
+    made = [ReversibleBlock(mlp_half(features, dropout), mlp_half(features, dropout)) for _ in range(blocks)]
+    return ReversibleSequence(*made).to(dtype)
+
+
+def gradients(model: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> list[torch.Tensor]:
+    """Input and parameter gradients of a fixed random linear functional of the output."""
+    model.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    (model(x) * weight).sum().backward()
+    return [x.grad] + [p.grad for p in model.parameters()]
+
+
+def test_block_inverse_undoes_forward() -> None:
+    block = stack(1, dtype=torch.float64).blocks[0]
+    x = torch.randn(5, 8, dtype=torch.float64)
+    assert torch.allclose(block.inverse(block(x)), x, atol=1e-14)
+
+
+def test_sequence_inverse_undoes_forward() -> None:
+    sequence = stack(6, dtype=torch.float64)
+    x = torch.randn(5, 8, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.allclose(sequence.inverse(sequence(x)), x, atol=1e-12)
+
+
+@pytest.mark.parametrize("blocks", [1, 3])
+def test_gradcheck_with_respect_to_the_input(blocks: int) -> None:
+    sequence = stack(blocks, features=3, dtype=torch.float64)
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(sequence, (x,))
+    assert torch.autograd.gradcheck(sequence, (x.detach().requires_grad_(True),), fast_mode=True)
+
+
+def test_parameter_gradients_match_finite_differences() -> None:
+    sequence = stack(2, features=3, dtype=torch.float64)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    weight = torch.randn(4, 6, dtype=torch.float64)
+    analytic = gradients(sequence, x, weight)[1:]
+    with torch.no_grad():
+        numeric = [finite_difference_gradient(lambda: (sequence(x) * weight).sum(), p) for p in sequence.parameters()]
+    assert relative_error(analytic, numeric) < 1e-8
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_gradients_equal_plain_autograd_on_the_same_blocks(dtype: torch.dtype, tolerance: float, device: torch.device) -> None:
+    sequence = stack(8, features=16, dtype=dtype).to(device)
+    plain = nn.Sequential(*sequence.blocks)
+    x = torch.randn(32, 32, dtype=dtype, device=device)
+    weight = torch.randn(32, 32, dtype=dtype, device=device)
+    assert torch.equal(sequence(x), plain(x))
+    assert relative_error(gradients(sequence, x, weight), gradients(plain, x, weight)) < tolerance
+
+
+def test_parameters_shared_between_f_and_g_and_blocks_get_summed_gradients() -> None:
+    torch.manual_seed(0)
+    shared = nn.Linear(4, 4).double()
+    sequence = ReversibleSequence(ReversibleBlock(shared, nn.Tanh()), ReversibleBlock(nn.Tanh(), shared), ReversibleBlock(shared, shared))
+    x, weight = torch.randn(3, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)
+    assert relative_error(gradients(sequence, x, weight), gradients(nn.Sequential(*sequence.blocks), x, weight)) < 1e-12
+
+
+def test_input_without_grad_still_trains_the_parameters() -> None:
+    sequence = stack(3)
+    x = torch.randn(2, 8)
+    sequence(x).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in sequence.parameters())
+    assert x.grad is None
+
+
+def test_dropout_masks_are_replayed_and_the_caller_stream_is_untouched() -> None:
+    sequence = stack(4, features=16, dropout=0.5, dtype=torch.float64)
+    plain = nn.Sequential(*sequence.blocks)
+    x, weight = torch.randn(16, 32, dtype=torch.float64), torch.randn(16, 32, dtype=torch.float64)
+    torch.manual_seed(7)
+    reversible_gradients = gradients(sequence, x, weight)
+    after_reversible = torch.rand(3)
+    torch.manual_seed(7)
+    plain_gradients = gradients(plain, x, weight)
+    after_plain = torch.rand(3)
+    assert relative_error(reversible_gradients, plain_gradients) < 1e-12
+    assert torch.equal(after_reversible, after_plain)
+    without_replay = ReversibleSequence(*sequence.blocks, preserve_rng_state=False)
+    torch.manual_seed(7)
+    assert relative_error(gradients(without_replay, x, weight), plain_gradients) > 1e-2  # new masks: wrong gradients
+
+
+def test_batchnorm_statistics_are_updated_once_per_forward() -> None:
+    torch.manual_seed(0)
+    blocks = [ReversibleBlock(nn.Sequential(nn.BatchNorm1d(6), nn.Linear(6, 6)), nn.Sequential(nn.BatchNorm1d(6), nn.Tanh())) for _ in range(3)]
+    sequence = ReversibleSequence(*blocks).double()
+    twin = nn.Sequential(*[ReversibleBlock(nn.Sequential(nn.BatchNorm1d(6), nn.Linear(6, 6)), nn.Sequential(nn.BatchNorm1d(6), nn.Tanh())) for _ in range(3)]).double()
+    twin.load_state_dict(sequence.state_dict())
+    x, weight = torch.randn(10, 12, dtype=torch.float64), torch.randn(10, 12, dtype=torch.float64)
+    assert relative_error(gradients(sequence, x, weight), gradients(twin, x, weight)) < 1e-10
+    for key, value in sequence.state_dict().items():
+        assert torch.allclose(value, twin.state_dict()[key]), key
+    assert all(int(module.num_batches_tracked) == 1 for module in sequence.modules() if isinstance(module, nn.BatchNorm1d))
+
+
+def test_autocast_state_is_replayed_in_the_recomputation() -> None:
+    sequence = stack(4, features=16)
+    plain = nn.Sequential(*sequence.blocks)
+    x, weight = torch.randn(32, 32), torch.randn(32, 32)
+
+    def autocast_gradients(model: nn.Module) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        (out.float() * weight).sum().backward()
+        return [p.grad for p in model.parameters()]
+
+    reversible, reference = autocast_gradients(sequence), autocast_gradients(plain)
+    full_precision = gradients(plain, x, weight)[1:]
+    assert relative_error(reference, full_precision) > 1e-3  # bf16 really changes the numbers...
+    assert relative_error(reversible, reference) < 1e-4  # ...and the recomputation reproduces them
+
+
+def test_no_grad_runs_a_plain_forward() -> None:
+    sequence = stack(3)
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        y = sequence(x)
+    assert y.grad_fn is None and torch.equal(y, nn.Sequential(*sequence.blocks)(x))
+    sequence.requires_grad_(False)
+    assert sequence(x).grad_fn is None
+
+
+def test_input_reused_by_the_caller_is_not_corrupted() -> None:
+    sequence = stack(4)
+    x = torch.randn(3, 8, requires_grad=True)
+    original = x.detach().clone()
+    y = sequence(x)
+    y.sum().backward()
+    assert torch.equal(x, original)
+    assert torch.equal(sequence(x), y)
+
+
+def test_memory_for_backward_does_not_grow_with_depth() -> None:
+    x = torch.randn(64, 32)
+    saved = {}
+    for blocks in (1, 4, 16):
+        sequence = stack(blocks, features=16)
+        plain = nn.Sequential(*sequence.blocks)
+        saved[blocks] = (
+            saved_tensor_bytes(sequence, x, exclude=sequence.parameters()),
+            saved_tensor_bytes(plain, x, exclude=sequence.parameters()),
+        )
+    assert saved[1][0] == saved[4][0] == saved[16][0] == 64 * 32 * 4  # only the output
+    assert saved[16][1] > 10 * saved[1][1]
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: stack(2)(torch.randn(2, 7)), "odd size 7"),
+        (lambda: ReversibleSequence(ReversibleBlock(nn.Linear(4, 5), nn.Tanh()))(torch.randn(2, 8, requires_grad=True)), "f must preserve the shape"),
+        (lambda: ReversibleBlock(nn.Tanh(), nn.Linear(4, 2))(torch.randn(2, 8)), "g must preserve the shape"),
+        (lambda: ReversibleBlock(nn.Tanh(), nn.Tanh(), dim=3)(torch.randn(2, 8)), "no dimension 3"),
+        (lambda: ReversibleSequence(), "at least one block"),
+        (lambda: ReversibleSequence(ReversibleBlock(nn.Tanh(), nn.Tanh()), ReversibleBlock(nn.Tanh(), nn.Tanh(), dim=-1)), "same dimension"),
+    ],
+)
+def test_bad_shapes_get_clear_errors(make, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_bad_types_get_clear_errors() -> None:
+    with pytest.raises(TypeError, match="ReversibleBlock"):
+        ReversibleSequence(nn.Linear(2, 2))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="f must be an nn.Module"):
+        ReversibleBlock(lambda x: x, nn.Tanh())  # type: ignore[arg-type]
+
+
+def test_second_backward_and_double_backward_are_refused() -> None:
+    sequence = stack(2)
+    y = sequence(torch.randn(2, 8, requires_grad=True)).sum()
+    y.backward()
+    with pytest.raises(RuntimeError, match="second time"):
+        y.backward()
+    x = torch.randn(2, 8, requires_grad=True)
+    (gradient,) = torch.autograd.grad(sequence(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        gradient.sum().backward()
+
+
+def test_revnet_and_its_plain_and_checkpointed_twins_compute_the_same(device: torch.device) -> None:
+    torch.manual_seed(0)
+    reversible = RevNet((8, 16), 2, device=device, dtype=torch.float64)
+    plain = RevNet((8, 16), 2, reversible=False, device=device, dtype=torch.float64)
+    checkpointed = RevNet((8, 16), 2, reversible=False, checkpointed=True, device=device, dtype=torch.float64)
+    plain.load_state_dict(reversible.state_dict())
+    checkpointed.load_state_dict(reversible.state_dict())
+    x = torch.randn(6, 1, 8, 8, dtype=torch.float64, device=device)
+    weight = torch.randn(6, 10, dtype=torch.float64, device=device)
+    expected = gradients(plain, x, weight)
+    assert reversible(x).shape == (6, 10)
+    assert relative_error(gradients(reversible, x, weight), expected) < 1e-9
+    assert relative_error(gradients(checkpointed, x, weight), expected) < 1e-12
+
+
+def test_revnet_stores_only_transition_activations() -> None:
+    x = torch.randn(16, 1, 8, 8)
+    shallow, deep = RevNet((8, 16), 1), RevNet((8, 16), 8)
+    plain_shallow, plain_deep = RevNet((8, 16), 1, reversible=False), RevNet((8, 16), 8, reversible=False)
+    assert saved_tensor_bytes(deep, x, exclude=deep.parameters()) == saved_tensor_bytes(shallow, x, exclude=shallow.parameters())
+    assert saved_tensor_bytes(plain_deep, x, exclude=plain_deep.parameters()) > 4 * saved_tensor_bytes(plain_shallow, x, exclude=plain_shallow.parameters())
+
+
+def test_resnet_matches_revnet_parameter_count() -> None:
+    def count(model: nn.Module) -> int:
+        return sum(p.numel() for p in model.parameters())
+
+    resnet, revnet = ResNet((16, 32), 2), RevNet((16, 32), 4)
+    assert abs(count(resnet) - count(revnet)) / count(resnet) < 0.05
+    assert resnet(torch.randn(3, 1, 8, 8)).shape == (3, 10)
+
+
+@pytest.mark.parametrize("kwargs, match", [({"widths": (7,)}, "even"), ({"widths": ()}, "even"), ({"blocks_per_stage": 0}, "blocks_per_stage")])
+def test_convolutional_builders_validate(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        RevNet(**kwargs)
+    with pytest.raises(ValueError, match=match):
+        ResNet(**kwargs)
+    with pytest.raises(ValueError, match="checkpointed"):
+        RevNet(checkpointed=True)
+
+
+def test_reversible_transformer_matches_plain_and_keeps_memory_flat() -> None:
+    torch.manual_seed(0)
+    reversible = ReversibleTransformer(8, 8, features=16, heads=2, layers=3).double()
+    plain = ReversibleTransformer(8, 8, features=16, heads=2, layers=3, reversible=False).double()
+    plain.load_state_dict(reversible.state_dict())
+    tokens, weight = torch.randn(5, 8, 8, dtype=torch.float64), torch.randn(5, 10, dtype=torch.float64)
+    assert relative_error(gradients(reversible, tokens, weight), gradients(plain, tokens, weight)) < 1e-10
+    deep = ReversibleTransformer(8, 8, features=16, heads=2, layers=12)
+    shallow = ReversibleTransformer(8, 8, features=16, heads=2, layers=1)
+    tokens = tokens.float()
+    assert saved_tensor_bytes(deep, tokens, exclude=deep.parameters()) == saved_tensor_bytes(shallow, tokens, exclude=shallow.parameters())
+    with pytest.raises(ValueError, match="heads must divide"):
+        ReversibleTransformer(8, 8, features=10, heads=3)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_autocast_is_replayed(dtype: torch.dtype) -> None:
+    sequence = stack(4, features=64).cuda()
+    plain = nn.Sequential(*sequence.blocks)
+    x, weight = torch.randn(64, 128, device="cuda"), torch.randn(64, 128, device="cuda")
+
+    def autocast_gradients(model: nn.Module) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=dtype):
+            out = model(x)
+        (out.float() * weight).sum().backward()
+        return [p.grad for p in model.parameters()]
+
+    assert relative_error(autocast_gradients(sequence), autocast_gradients(plain)) < 1e-2
