@@ -16,10 +16,11 @@ The time ratios are reversible / plain and checkpoint / plain; theory says about
 from __future__ import annotations
 
 import argparse
+import functools
 
 import torch
 
-from revlib.measure import forward_backward, peak_memory, saved_tensor_bytes, time_call
+from revlib.measure import compare_times, forward_backward, peak_memory, saved_tensor_bytes
 from revlib.reversible import RevNet
 from revlib.runtime import resolve_device
 
@@ -45,11 +46,12 @@ def main() -> None:
         models = {name: RevNet((arguments.width,), depth, device=device, **options) for name, options in VARIANTS.items()}
         for model in models.values():
             model.load_state_dict(models["reversible"].state_dict())
-        row, times = [], {}
+        calls = {name: functools.partial(forward_backward, model, inputs) for name, model in models.items()}
+        times = {name: timing.median for name, timing in compare_times(calls, repeats=arguments.repeats, device=device).items()}
+        row = []
         for name, model in models.items():
             saved = saved_tensor_bytes(model, inputs, exclude=model.parameters())
             peak = peak_memory(forward_backward, model, inputs)
-            times[name] = time_call(forward_backward, model, inputs, warmup=2, repeats=arguments.repeats).median
             row.append(f"{'':>10} {saved / 2**20:5.1f} {peak / 2**20:5.1f} {times[name] * 1e3:5.0f}")
         ratios = f"{times['reversible'] / times['plain']:9.2f} {times['checkpoint'] / times['plain']:10.2f}"
         print(f"{depth:>6} | " + " | ".join(row) + " | " + ratios)

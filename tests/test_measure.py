@@ -119,3 +119,14 @@ def test_fit_line_recovers_lines_and_power_laws() -> None:
         fit_line([1], [2])
     with pytest.raises(ValueError, match="positive"):
         fit_line([1, 2], [0, 1], loglog=True)
+
+
+def test_compare_times_interleaves_the_calls() -> None:
+    from revlib.measure import compare_times
+
+    order: list[str] = []
+    timings = compare_times({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, warmup=1, repeats=3, device="cpu")
+    assert order == ["a", "b"] + ["a", "b"] * 3
+    assert set(timings) == {"a", "b"} and all(len(t.times) == 3 for t in timings.values())
+    with pytest.raises(ValueError, match="at least one"):
+        compare_times({})

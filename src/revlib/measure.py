@@ -26,7 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -303,3 +303,35 @@ def fit_line(x: Iterable[float], y: Iterable[float], *, loglog: bool = False) ->
     total = (ys - ys.mean()).pow(2).sum()
     r_squared = 1.0 - (residual.pow(2).sum() / total).item() if total > 0 else 1.0
     return LineFit(solution[0].item(), solution[1].item(), r_squared)
+
+
+def compare_times(
+    calls: Mapping[str, Callable[[], Any]], *, warmup: int = 2, repeats: int = 7, device: torch.device | str | None = None
+) -> dict[str, Timing]:
+    """Time several calls in turns (round-robin), so that a change of machine load hits them all alike.
+
+    Ratios of the returned medians are far more stable on a noisy machine than those of separate
+    :func:`time_call` runs, which measure each call in a different stretch of time.
+
+    Args:
+        calls: zero-argument calls by name.
+        warmup: untimed rounds first.
+        repeats: timed rounds.
+        device: the device to synchronise (``None``: the CPU, or CUDA when it is the default device).
+
+    Raises:
+        ValueError: ``calls`` is empty, ``warmup`` is negative or ``repeats`` is not positive.
+    """
+    if not calls:
+        raise ValueError("calls must name at least one call")
+    if warmup < 0:
+        raise ValueError(f"warmup must be non-negative, got {warmup}")
+    device = resolve_device(device)
+    for _ in range(warmup):
+        for call in calls.values():
+            call()
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            samples[name].extend(time_call(call, warmup=0, repeats=1, device=device).times)
+    return {name: Timing(tuple(values)) for name, values in samples.items()}

@@ -56,7 +56,7 @@ class ReversibleBlock(nn.Module):
         self.f, self.g, self.dim = f, g, dim
 
     def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """The two halves of ``x`` along :attr:`dim` (views, no copy).
+        """The two halves of ``x`` along ``dim`` (views, no copy).
 
         Raises:
             ValueError: that dimension is missing or has an odd size.
