@@ -24,7 +24,7 @@ walks the blocks backwards, rebuilding and back-propagating through one block at
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -308,6 +308,22 @@ def _downsample(in_channels: int, out_channels: int) -> nn.Sequential:
     return nn.Sequential(nn.BatchNorm2d(in_channels), nn.ReLU(), nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1, bias=False))
 
 
+def _classifier_layers(
+    widths: Sequence[int], in_channels: int, classes: int, make_stage: Callable[[int], nn.Module]
+) -> tuple[nn.Module, list[nn.Module], nn.Module]:
+    """Stem, stages with downsampling transitions between them, and head, shared by :class:`RevNet` and
+    :class:`ResNet`; ``make_stage(width)`` builds one stage. Built in that order (so seeded initialisations
+    are reproducible)."""
+    stem = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
+    stages: list[nn.Module] = []
+    for index, width in enumerate(widths):
+        if index:
+            stages.append(_downsample(widths[index - 1], width))
+        stages.append(make_stage(width))
+    head = nn.Sequential(nn.BatchNorm2d(widths[-1]), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[-1], classes))
+    return stem, stages, head
+
+
 def _check_widths(widths: Sequence[int], blocks_per_stage: int) -> None:
     if not widths or any(w < 2 or w % 2 for w in widths):
         raise ValueError(f"widths must be a non-empty list of even channel counts, got {list(widths)}")
@@ -356,15 +372,13 @@ class RevNet(nn.Module):
         if reversible and checkpointed:
             raise ValueError("checkpointed=True applies to the plain network; pass reversible=False with it")
         self.checkpointed = checkpointed
-        self.stem = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
-        stages: list[nn.Module] = []
-        for index, width in enumerate(widths):
-            if index:
-                stages.append(_downsample(widths[index - 1], width))
+
+        def stage(width: int) -> nn.Module:
             blocks = [ReversibleBlock(conv_residual(width // 2), conv_residual(width // 2)) for _ in range(blocks_per_stage)]
-            stages.append(ReversibleSequence(*blocks) if reversible else nn.Sequential(*blocks))
+            return ReversibleSequence(*blocks) if reversible else nn.Sequential(*blocks)
+
+        self.stem, stages, self.head = _classifier_layers(widths, in_channels, classes, stage)
         self.stages = nn.ModuleList(stages)
-        self.head = nn.Sequential(nn.BatchNorm2d(widths[-1]), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[-1], classes))
         self.to(device=device, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -409,14 +423,12 @@ class ResNet(nn.Module):
     ) -> None:
         super().__init__()
         _check_widths(widths, blocks_per_stage)
-        self.stem = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
-        stages: list[nn.Module] = []
-        for index, width in enumerate(widths):
-            if index:
-                stages.append(_downsample(widths[index - 1], width))
-            stages.append(nn.Sequential(*[ResidualBlock(conv_residual(width)) for _ in range(blocks_per_stage)]))
+
+        def stage(width: int) -> nn.Module:
+            return nn.Sequential(*[ResidualBlock(conv_residual(width)) for _ in range(blocks_per_stage)])
+
+        self.stem, stages, self.head = _classifier_layers(widths, in_channels, classes, stage)
         self.stages = nn.Sequential(*stages)
-        self.head = nn.Sequential(nn.BatchNorm2d(widths[-1]), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[-1], classes))
         self.to(device=device, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
