@@ -56,7 +56,8 @@ def test_opening_chapter_shows_figures_and_numbered_equations(html: Path) -> Non
 
 def test_api_reference_documents_the_library(html: Path) -> None:
     page = (html / "book" / "api.html").read_text()
-    for name in ("revlib.data.load_digits", "revlib.training.fit", "revlib.measure.saved_tensor_bytes", "revlib.measure.peak_memory"):
+    for name in ("revlib.data.load_digits", "revlib.training.fit", "revlib.measure.saved_tensor_bytes", "revlib.measure.peak_memory",
+                 "revlib.backprop.MLP", "revlib.residual.loss_surface", "revlib.reversible.ReversibleSequence"):
         assert f'id="{name}"' in page, f"{name} is missing from the API reference"
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from revlib.runtime import book_scale, default_device, resolve_device, seed_everything
+from revlib.runtime import book_scale, book_seed, default_device, resolve_device, seed_everything
 
 
 def test_default_device_follows_cuda_availability(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -64,3 +64,14 @@ def test_book_scale(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("REVLIB_SCALE", "huge")
     with pytest.raises(ValueError, match="REVLIB_SCALE"):
         book_scale()
+
+
+def test_book_seed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("REVLIB_SEED", raising=False)
+    assert book_seed() == 0
+    monkeypatch.setenv("REVLIB_SEED", "7")
+    assert book_seed() == 7
+    for bad in ("-1", "two", ""):
+        monkeypatch.setenv("REVLIB_SEED", bad)
+        with pytest.raises(ValueError, match="REVLIB_SEED"):
+            book_seed()

@@ -16,7 +16,7 @@ from types import ModuleType
 
 from revlib.data import Dataset, load_digits, make_spirals
 from revlib.measure import LineFit, Timing, compare_times, fit_line, forward_backward, peak_memory, saved_tensor_bytes, time_call
-from revlib.runtime import book_scale, default_device, resolve_device, seed_everything
+from revlib.runtime import book_scale, book_seed, default_device, resolve_device, seed_everything
 from revlib.training import History, evaluate, fit
 
 __version__ = "0.1.0"
@@ -29,6 +29,7 @@ __all__ = [
     "LineFit",
     "Timing",
     "book_scale",
+    "book_seed",
     "compare_times",
     "default_device",
     "evaluate",

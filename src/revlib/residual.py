@@ -1,0 +1,372 @@
+r"""Residual learning: the chapter "Residual learning".
+
+A residual block adds its input to what its layers compute (He et al. 2016),
+
+.. math::
+
+    x_{l+1} = x_l + \mathcal F_l(x_l),
+
+where a plain block computes :math:`x_{l+1} = \mathcal F_l(x_l)` with the very same layers. Chaining
+blocks, the derivative of the output with respect to a block's input is a product of Jacobians,
+
+.. math::
+
+    \frac{\partial x_L}{\partial x_l} = \prod_{k=l}^{L-1} \Big(I + \frac{\partial \mathcal F_k}{\partial x_k}\Big)
+    \quad\text{instead of}\quad \prod_{k=l}^{L-1} \frac{\partial \mathcal F_k}{\partial x_k},
+
+and the identity in every factor keeps the product from vanishing when the Jacobians of
+:math:`\mathcal F_k` are small.
+
+This module builds plain and residual networks that differ *only* in the skip connection (so they have
+identical parameters), can bypass chosen blocks at test time (the lesion study of Veit et al. 2016), and
+measures what the chapter plots: the gradient reaching each block, and slices of the loss surface along
+filter-normalised random directions (Li et al. 2018).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
+"""The activations the builders accept, by name."""
+
+LossFunction = Callable[[Tensor, Tensor], Tensor]
+
+
+def _activation(name: str) -> nn.Module:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {name!r}")
+    return ACTIVATIONS[name]()
+
+
+class SkipBlock(nn.Module):
+    r"""A block :math:`x \mapsto x + \mathcal F(x)` (``residual=True``) or :math:`x \mapsto \mathcal F(x)`.
+
+    Args:
+        layers: :math:`\mathcal F`, a module that preserves the shape of its input.
+        residual: add the identity shortcut.
+    """
+
+    def __init__(self, layers: nn.Module, residual: bool) -> None:
+        super().__init__()
+        self.layers, self.residual = layers, residual
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.layers(x)
+        return x + out if self.residual else out
+
+    def extra_repr(self) -> str:
+        return f"residual={self.residual}"
+
+
+class DeepNetwork(nn.Module):
+    r"""``stem → block 0 → … → block L−1 → head``, where any block can be bypassed at test time.
+
+    Bypassing block :math:`l` replaces it by the identity, :math:`x_{l+1} = x_l`: for a residual block
+    that deletes :math:`\mathcal F_l` and keeps the shortcut, for a plain block it deletes the layer
+    outright. Build one with :func:`mlp_network` or :func:`conv_network`.
+
+    Args:
+        stem: maps the input to the blocks' width.
+        blocks: shape-preserving :class:`SkipBlock` modules.
+        head: maps the last block's output to class scores.
+    """
+
+    def __init__(self, stem: nn.Module, blocks: Sequence[SkipBlock], head: nn.Module) -> None:
+        super().__init__()
+        self.stem, self.blocks, self.head = stem, nn.ModuleList(blocks), head
+
+    @property
+    def residual(self) -> bool:
+        """Whether the blocks have skip connections."""
+        return bool(self.blocks) and all(block.residual for block in self.blocks)  # type: ignore[union-attr]
+
+    def forward(self, x: Tensor, bypass: Collection[int] = ()) -> Tensor:
+        """Class scores; the blocks whose indices are in ``bypass`` are replaced by the identity.
+
+        Raises:
+            ValueError: an index in ``bypass`` names no block.
+        """
+        bad = [index for index in bypass if not 0 <= index < len(self.blocks)]
+        if bad:
+            raise ValueError(f"bypass must hold block indices in [0, {len(self.blocks)}), got {sorted(bad)}")
+        x = self.stem(x)
+        for index, block in enumerate(self.blocks):
+            if index not in bypass:
+                x = block(x)
+        return self.head(x)
+
+
+def _check_sizes(**sizes: int) -> None:
+    for name, value in sizes.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def mlp_network(
+    in_features: int,
+    width: int,
+    depth: int,
+    classes: int,
+    *,
+    residual: bool,
+    activation: str = "relu",
+    batch_norm: bool = False,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> DeepNetwork:
+    r"""A fully connected network with ``depth`` blocks of two linear layers each.
+
+    Each block is pre-activation style (He et al. 2016b), :math:`\mathcal F(x) = W_2\,\sigma(W_1 \sigma(x) + b_1) + b_2`,
+    so the plain network is the ordinary alternation linear → σ → linear → σ …, with :math:`2\,\text{depth}`
+    hidden layers between the stem ``Linear(in_features, width)`` and the head ``σ → Linear(width, classes)``.
+    Plain and residual networks built with the same arguments and seed have the same parameters.
+
+    Args:
+        in_features: input features.
+        width: features inside the blocks.
+        depth: number of blocks.
+        classes: outputs.
+        residual: add identity shortcuts around the blocks.
+        activation: ``"relu"``, ``"tanh"`` or ``"sigmoid"``.
+        batch_norm: put a BatchNorm before every activation (He et al. 2016's setting).
+        device: where the parameters live.
+        dtype: their dtype.
+
+    Raises:
+        ValueError: a size is not a positive integer or the activation is unknown.
+    """
+    _check_sizes(in_features=in_features, width=width, depth=depth, classes=classes)
+    _activation(activation)
+
+    def normalised_activation() -> list[nn.Module]:
+        return [nn.BatchNorm1d(width), _activation(activation)] if batch_norm else [_activation(activation)]
+
+    def layers() -> nn.Module:
+        return nn.Sequential(*normalised_activation(), nn.Linear(width, width), *normalised_activation(), nn.Linear(width, width))
+
+    stem = nn.Linear(in_features, width)
+    blocks = [SkipBlock(layers(), residual) for _ in range(depth)]
+    head = nn.Sequential(*normalised_activation(), nn.Linear(width, classes))
+    return DeepNetwork(stem, blocks, head).to(device=device, dtype=dtype)
+
+
+def conv_network(
+    in_channels: int,
+    channels: int,
+    depth: int,
+    classes: int,
+    *,
+    residual: bool,
+    activation: str = "relu",
+    batch_norm: bool = True,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> DeepNetwork:
+    r"""A convolutional network for small images with ``depth`` blocks of two 3×3 convolutions each.
+
+    Block: :math:`\mathcal F` = [BatchNorm →] σ → conv → [BatchNorm →] σ → conv on ``channels`` channels
+    (pre-activation, He et al. 2016b); stem: a 3×3 convolution from ``in_channels``; head: [BatchNorm →]
+    σ → global average pooling → linear. Inputs are ``(B, in_channels, H, W)``.
+
+    Args:
+        in_channels: channels of the input images.
+        channels: channels inside the blocks.
+        depth: number of blocks.
+        classes: outputs.
+        residual: add identity shortcuts around the blocks.
+        activation: ``"relu"``, ``"tanh"`` or ``"sigmoid"``.
+        batch_norm: put a BatchNorm before every activation.
+        device: where the parameters live.
+        dtype: their dtype.
+
+    Raises:
+        ValueError: a size is not a positive integer or the activation is unknown.
+    """
+    _check_sizes(in_channels=in_channels, channels=channels, depth=depth, classes=classes)
+    _activation(activation)
+
+    def normalised_activation() -> list[nn.Module]:
+        return [nn.BatchNorm2d(channels), _activation(activation)] if batch_norm else [_activation(activation)]
+
+    def layers() -> nn.Module:
+        conv = [nn.Conv2d(channels, channels, 3, padding=1) for _ in range(2)]
+        return nn.Sequential(*normalised_activation(), conv[0], *normalised_activation(), conv[1])
+
+    stem = nn.Conv2d(in_channels, channels, 3, padding=1)
+    blocks = [SkipBlock(layers(), residual) for _ in range(depth)]
+    head = nn.Sequential(*normalised_activation(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, classes))
+    return DeepNetwork(stem, blocks, head).to(device=device, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class GradientFlow:
+    """Gradient norms per block, from the first block to the last.
+
+    Attributes:
+        inputs: :math:`\\lVert \\partial L / \\partial x_l \\rVert`, the error signal reaching the input of block ``l``.
+        weights: the norm of the gradient of all parameters of block ``l`` together.
+    """
+
+    inputs: tuple[float, ...]
+    weights: tuple[float, ...]
+
+
+def gradient_flow(model: DeepNetwork, inputs: Tensor, targets: Tensor, *, loss_fn: LossFunction = F.cross_entropy) -> GradientFlow:
+    """Back-propagate the loss of one batch and record, per block, the gradient norms of its input and weights.
+
+    The model's parameter gradients are left as they were (they are computed with
+    :func:`torch.autograd.grad`, not accumulated into ``.grad``).
+
+    Raises:
+        TypeError: ``model`` is not a :class:`DeepNetwork`.
+    """
+    if not isinstance(model, DeepNetwork):
+        raise TypeError(f"model must be a DeepNetwork (from mlp_network or conv_network), got {type(model).__name__}")
+    block_inputs: list[Tensor] = []
+    handles = [block.register_forward_pre_hook(lambda _, args: block_inputs.append(args[0])) for block in model.blocks]
+    try:
+        with torch.enable_grad():
+            loss = loss_fn(model(inputs), targets)
+    finally:
+        for handle in handles:
+            handle.remove()
+    block_parameters = [list(block.parameters()) for block in model.blocks]
+    flat_parameters = [p for parameters in block_parameters for p in parameters]
+    gradients = torch.autograd.grad(loss, [*block_inputs, *flat_parameters])
+    input_norms = tuple(g.norm().item() for g in gradients[: len(block_inputs)])
+    weight_gradients = iter(gradients[len(block_inputs) :])
+    weight_norms = tuple(
+        torch.stack([next(weight_gradients).norm() for _ in parameters]).norm().item() for parameters in block_parameters
+    )
+    return GradientFlow(input_norms, weight_norms)
+
+
+def lesion_accuracies(model: DeepNetwork, inputs: Tensor, targets: Tensor) -> list[float]:
+    """Test accuracy with each block bypassed in turn: entry ``l`` is the accuracy without block ``l``.
+
+    Runs in eval mode without gradients; the model's mode is restored afterwards (Veit et al. 2016).
+    """
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        accuracies = [(model(inputs, bypass={index}).argmax(dim=1) == targets).float().mean().item() for index in range(len(model.blocks))]
+    model.train(was_training)
+    return accuracies
+
+
+def filter_normalized_direction(model: nn.Module, *, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    r"""A random direction in parameter space, scaled filter by filter (Li et al. 2018).
+
+    For every weight with at least two dimensions, each filter :math:`i` (an output neuron of a linear
+    layer, an output channel of a convolution) of a Gaussian direction :math:`d` is rescaled to the norm
+    of the same filter of the weights,
+
+    .. math::
+
+        d_i \leftarrow \frac{d_i}{\lVert d_i \rVert}\,\lVert \theta_i \rVert,
+
+    so that a step along :math:`d` perturbs every filter in proportion to its size and the picture does
+    not depend on the scale invariances of the network. Biases and BatchNorm parameters (one dimension)
+    get a zero direction.
+
+    Args:
+        model: the network; its parameters are read, not changed.
+        generator: the source of randomness (on the CPU), for repeatable directions.
+
+    Returns:
+        A direction per parameter name, with the parameters' shapes, devices and dtypes.
+    """
+    direction = {}
+    for name, parameter in model.named_parameters():
+        if parameter.dim() < 2:
+            direction[name] = torch.zeros_like(parameter)
+            continue
+        weights = parameter.detach()
+        gaussian = torch.randn(weights.shape, generator=generator, dtype=torch.float64).to(weights)
+        filter_dims = tuple(range(1, weights.dim()))
+        filter_norm = torch.linalg.vector_norm(weights, dim=filter_dims, keepdim=True)  # (out, 1, …)
+        scale = filter_norm / torch.linalg.vector_norm(gaussian, dim=filter_dims, keepdim=True).clamp_min(1e-12)
+        direction[name] = gaussian * scale
+    return direction
+
+
+def loss_surface(
+    model: nn.Module,
+    directions: Sequence[dict[str, Tensor]],
+    coordinates: Sequence[Tensor],
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    loss_fn: LossFunction = F.cross_entropy,
+) -> Tensor:
+    r"""The loss on a grid around the model's parameters: :math:`L(\theta + \sum_k a_k d_k)`.
+
+    With one direction this is a 1-D slice, with two a 2-D surface (Li et al. 2018). The model is
+    evaluated in eval mode with :func:`torch.func.functional_call`; its parameters are not changed.
+
+    Args:
+        model: the network at the centre :math:`\theta`.
+        directions: one or two directions, e.g. from :func:`filter_normalized_direction`.
+        coordinates: one 1-D tensor of step sizes :math:`a_k` per direction.
+        inputs: the batch the loss is evaluated on.
+        targets: its targets.
+        loss_fn: the loss.
+
+    Returns:
+        The losses, of shape ``(len(coordinates[0]), …)``: one axis per direction, in order.
+
+    Raises:
+        ValueError: the number of coordinate tensors differs from the number of directions, or a
+            direction does not cover exactly the model's parameters.
+    """
+    if len(directions) != len(coordinates) or not directions:
+        raise ValueError(f"give one coordinate tensor per direction: {len(directions)} directions, {len(coordinates)} coordinate tensors")
+    centre = {name: p.detach() for name, p in model.named_parameters()}
+    for index, direction in enumerate(directions):
+        if set(direction) != set(centre):
+            raise ValueError(f"direction {index} must have one tensor per parameter of the model, named as in named_parameters()")
+    grid = torch.cartesian_prod(*[torch.as_tensor(c, dtype=torch.float64).flatten() for c in coordinates]).reshape(-1, len(directions))
+    was_training = model.training
+    model.eval()
+    losses = []
+    with torch.no_grad():
+        for point in grid.tolist():
+            shifted = {name: value + sum(a * d[name] for a, d in zip(point, directions)) for name, value in centre.items()}
+            losses.append(float(loss_fn(functional_call(model, shifted, (inputs,)), targets)))
+    model.train(was_training)
+    return torch.tensor(losses, dtype=torch.float64).reshape([len(c) for c in coordinates])
+
+
+def nonconvex_fraction(surface: Tensor) -> float:
+    r"""The fraction of interior grid points where a 2-D loss surface curves downwards in some direction.
+
+    At each interior point the Hessian of the surface is estimated by central differences (unit grid
+    spacing: only signs matter),
+
+    .. math::
+
+        H = \begin{pmatrix} \partial_{aa} L & \partial_{ab} L \\ \partial_{ab} L & \partial_{bb} L \end{pmatrix},
+        \qquad \lambda_{\min} = \tfrac12(\partial_{aa}L + \partial_{bb}L) - \sqrt{\tfrac14(\partial_{aa}L - \partial_{bb}L)^2 + (\partial_{ab}L)^2},
+
+    and the point counts as non-convex when :math:`\lambda_{\min} < 0`. Li et al. (2018) map
+    :math:`|\lambda_{\min}/\lambda_{\max}|` of the full Hessian; this is the same idea restricted to the
+    plotted plane: 0 for a bowl, larger for a rugged surface.
+
+    Raises:
+        ValueError: ``surface`` is not a 2-D grid of at least 3×3 points.
+    """
+    if surface.dim() != 2 or min(surface.shape) < 3:
+        raise ValueError(f"surface must be a 2-D grid of at least 3x3 losses, got shape {tuple(surface.shape)}")
+    centre = surface[1:-1, 1:-1]
+    d_aa = surface[2:, 1:-1] - 2 * centre + surface[:-2, 1:-1]
+    d_bb = surface[1:-1, 2:] - 2 * centre + surface[1:-1, :-2]
+    d_ab = (surface[2:, 2:] - surface[2:, :-2] - surface[:-2, 2:] + surface[:-2, :-2]) / 4
+    smallest_eigenvalue = (d_aa + d_bb) / 2 - torch.sqrt(((d_aa - d_bb) / 2) ** 2 + d_ab**2)
+    return (smallest_eigenvalue < 0).double().mean().item()

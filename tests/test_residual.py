@@ -1,0 +1,186 @@
+"""Tests of revlib.residual: plain/residual builders, bypassing, gradient flow and loss surfaces."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from revlib.residual import (
+    DeepNetwork,
+    conv_network,
+    filter_normalized_direction,
+    gradient_flow,
+    lesion_accuracies,
+    loss_surface,
+    mlp_network,
+    nonconvex_fraction,
+)
+
+
+def _pair(builder, seed: int = 0, **kwargs):
+    torch.manual_seed(seed)
+    plain = builder(residual=False, **kwargs)
+    torch.manual_seed(seed)
+    residual = builder(residual=True, **kwargs)
+    return plain, residual
+
+
+MLP = dict(in_features=10, width=16, depth=5, classes=3)
+CONV = dict(in_channels=1, channels=4, depth=3, classes=3)
+
+
+@pytest.mark.parametrize(("builder", "sizes", "shape"), [(mlp_network, MLP, (7, 10)), (conv_network, CONV, (7, 1, 8, 8))])
+def test_plain_and_residual_have_the_same_parameters_and_shapes(builder, sizes, shape, device):
+    plain, residual = _pair(builder, device=device, **sizes)
+    assert sum(p.numel() for p in plain.parameters()) == sum(p.numel() for p in residual.parameters())
+    for (name_p, p), (name_r, r) in zip(plain.named_parameters(), residual.named_parameters()):
+        assert name_p == name_r and torch.equal(p, r)
+    x = torch.randn(shape, device=device)
+    assert plain(x).shape == residual(x).shape == (7, 3)
+    assert not plain.residual and residual.residual
+    assert not torch.allclose(plain(x), residual(x)), "the skip connection must change the function"
+
+
+def test_residual_block_adds_its_input():
+    torch.manual_seed(0)
+    plain, residual = _pair(mlp_network, **MLP)
+    x = torch.randn(4, 16)
+    block_p, block_r = plain.blocks[2], residual.blocks[2]
+    torch.testing.assert_close(block_r(x), x + block_p(x))
+
+
+def test_bypass_replaces_blocks_by_the_identity():
+    torch.manual_seed(0)
+    model = mlp_network(**MLP, residual=True)
+    x = torch.randn(6, 10)
+    kept = model.stem(x)
+    for index in (0, 1, 4):
+        kept = model.blocks[index](kept)
+    torch.testing.assert_close(model(x, bypass={2, 3}), model.head(kept))
+    all_gone = model(x, bypass=range(5))
+    torch.testing.assert_close(all_gone, model.head(model.stem(x)))
+    with pytest.raises(ValueError, match="bypass"):
+        model(x, bypass=[5])
+    with pytest.raises(ValueError, match="bypass"):
+        model(x, bypass=[-1])
+
+
+def test_builders_reject_bad_arguments():
+    with pytest.raises(ValueError, match="depth"):
+        mlp_network(10, 16, 0, 3, residual=True)
+    with pytest.raises(ValueError, match="width"):
+        mlp_network(10, 2.5, 3, 3, residual=True)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="activation"):
+        mlp_network(10, 16, 3, 3, residual=True, activation="gelu")
+    with pytest.raises(ValueError, match="channels"):
+        conv_network(1, -4, 3, 3, residual=True)
+
+
+def test_gradient_flow_matches_autograd_and_leaves_grads_alone():
+    torch.manual_seed(0)
+    model = mlp_network(**MLP, residual=True, dtype=torch.float64)
+    x, y = torch.randn(8, 10, dtype=torch.float64), torch.randint(0, 3, (8,))
+    flow = gradient_flow(model, x, y)
+    assert len(flow.inputs) == len(flow.weights) == 5
+    assert all(p.grad is None for p in model.parameters())
+    # the input of block 0 is the stem's output: its gradient norm via an explicit graph
+    hidden = model.stem(x).detach().requires_grad_(True)
+    out = hidden
+    for block in model.blocks:
+        out = block(out)
+    loss = F.cross_entropy(model.head(out), y)
+    loss.backward()
+    assert flow.inputs[0] == pytest.approx(hidden.grad.norm().item(), rel=1e-12)
+    last = torch.cat([p.grad.flatten() for p in model.blocks[-1].parameters()])
+    assert flow.weights[-1] == pytest.approx(last.norm().item(), rel=1e-12)
+    with pytest.raises(TypeError, match="DeepNetwork"):
+        gradient_flow(torch.nn.Linear(3, 3), x, y)  # type: ignore[arg-type]
+
+
+def test_gradient_vanishes_in_deep_plain_sigmoid_nets_and_not_in_residual_ones():
+    plain, residual = _pair(mlp_network, in_features=10, width=32, depth=12, classes=3, activation="sigmoid")
+    x, y = torch.randn(64, 10), torch.randint(0, 3, (64,))
+    for model, expected_small in ((plain, True), (residual, False)):
+        flow = gradient_flow(model, x, y)
+        ratio = flow.inputs[0] / flow.inputs[-1]
+        assert (ratio < 1e-6) == expected_small, ratio
+
+
+def test_lesion_accuracies_bypass_one_block_at_a_time():
+    torch.manual_seed(0)
+    model = mlp_network(**MLP, residual=True)
+    model.train()
+    x, y = torch.randn(50, 10), torch.randint(0, 3, (50,))
+    accuracies = lesion_accuracies(model, x, y)
+    assert len(accuracies) == 5 and model.training
+    with torch.no_grad():
+        expected = (model(x, bypass={3}).argmax(1) == y).float().mean().item()
+    assert accuracies[3] == expected
+
+
+def test_filter_normalized_direction_matches_filter_norms(device):
+    torch.manual_seed(0)
+    model = conv_network(**CONV, residual=True, device=device)
+    direction = filter_normalized_direction(model, generator=torch.Generator().manual_seed(1))
+    again = filter_normalized_direction(model, generator=torch.Generator().manual_seed(1))
+    assert set(direction) == {name for name, _ in model.named_parameters()}
+    for name, parameter in model.named_parameters():
+        d = direction[name]
+        assert d.shape == parameter.shape and d.device == parameter.device and torch.equal(d, again[name])
+        if parameter.dim() == 1:
+            assert not d.any(), f"{name}: biases and BatchNorm parameters get no direction"
+        else:
+            dims = tuple(range(1, parameter.dim()))
+            norm = torch.linalg.vector_norm
+            torch.testing.assert_close(norm(d, dim=dims), norm(parameter.detach(), dim=dims))
+            assert not torch.allclose(d, parameter.detach())
+
+
+def test_loss_surface_is_the_loss_at_the_shifted_parameters():
+    torch.manual_seed(0)
+    model = mlp_network(**MLP, residual=True, dtype=torch.float64)
+    x, y = torch.randn(20, 10, dtype=torch.float64), torch.randint(0, 3, (20,))
+    d1 = filter_normalized_direction(model, generator=torch.Generator().manual_seed(0))
+    d2 = filter_normalized_direction(model, generator=torch.Generator().manual_seed(1))
+    before = {name: p.clone() for name, p in model.state_dict().items()}
+    a, b = torch.tensor([-0.5, 0.0, 0.25]), torch.tensor([0.0, 1.0])
+    surface = loss_surface(model, [d1, d2], [a, b], x, y)
+    assert surface.shape == (3, 2)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), "the model's parameters must not change"
+    with torch.no_grad():
+        assert surface[1, 0].item() == pytest.approx(F.cross_entropy(model(x), y).item(), rel=1e-12)
+        for name, p in model.named_parameters():
+            p.add_(0.25 * d1[name] + 1.0 * d2[name])
+        assert surface[2, 1].item() == pytest.approx(F.cross_entropy(model(x), y).item(), rel=1e-12)
+    line = loss_surface(model, [d1], [a], x, y)
+    assert line.shape == (3,)
+
+
+def test_loss_surface_rejects_mismatched_arguments():
+    torch.manual_seed(0)
+    model = mlp_network(**MLP, residual=True)
+    x, y = torch.randn(5, 10), torch.randint(0, 3, (5,))
+    direction = filter_normalized_direction(model)
+    with pytest.raises(ValueError, match="coordinate"):
+        loss_surface(model, [direction], [torch.zeros(2), torch.zeros(2)], x, y)
+    with pytest.raises(ValueError, match="direction 0"):
+        loss_surface(model, [{"stem.weight": direction["stem.weight"]}], [torch.zeros(2)], x, y)
+
+
+def test_deep_network_is_a_module_of_blocks():
+    model = mlp_network(**MLP, residual=False)
+    assert isinstance(model, DeepNetwork) and len(model.blocks) == 5
+
+
+def test_nonconvex_fraction_of_a_bowl_a_saddle_and_a_ripple():
+    a = torch.linspace(-1, 1, 11, dtype=torch.float64)
+    u, v = torch.meshgrid(a, a, indexing="ij")
+    assert nonconvex_fraction(u**2 + 3 * v**2) == 0.0
+    assert nonconvex_fraction(u**2 - v**2) == 1.0
+    assert nonconvex_fraction(u * v) == 1.0, "a rotated saddle is caught by the mixed derivative"
+    ripple = nonconvex_fraction(u**2 + v**2 + 0.2 * torch.cos(12 * u))
+    assert 0.2 < ripple < 0.8
+    with pytest.raises(ValueError, match="3x3"):
+        nonconvex_fraction(a)
