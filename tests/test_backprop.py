@@ -26,11 +26,11 @@ def autograd_objective(module: nn.Sequential, x: torch.Tensor, y: torch.Tensor, 
 
 
 @pytest.mark.parametrize(
-    "activation, loss, sizes, weight_decay",
-    list(itertools.product(sorted(ACTIVATIONS), ["cross_entropy", "squared"], [[5, 3], [6, 8, 4], [5, 7, 6, 9, 3]], [0.0, 0.1])),
+    "activation, loss, sizes, weight_decay, linear_backprop",
+    list(itertools.product(sorted(ACTIVATIONS), ["cross_entropy", "squared"], [[5, 3], [6, 8, 4], [5, 7, 6, 9, 3]], [0.0, 0.1], [False, True])),
 )
-def test_hand_written_gradients_equal_autograd(activation: str, loss: str, sizes: list[int], weight_decay: float) -> None:
-    mlp = MLP(sizes, activation, weight_decay=weight_decay, seed=1, dtype=torch.float64)
+def test_hand_written_gradients_equal_autograd(activation: str, loss: str, sizes: list[int], weight_decay: float, linear_backprop: bool) -> None:
+    mlp = MLP(sizes, activation, weight_decay=weight_decay, linear_backprop=linear_backprop, seed=1, dtype=torch.float64)
     for bias in mlp.biases:  # non-zero biases, so that their gradients are really exercised
         bias.normal_(generator=torch.Generator().manual_seed(2))
     x, y = batch_for(loss, sizes)
@@ -41,6 +41,20 @@ def test_hand_written_gradients_equal_autograd(activation: str, loss: str, sizes
     assert objective.item() == pytest.approx(reference.item(), rel=1e-12)
     expected = [parameter.grad for parameter in module.parameters()]
     assert relative_error(gradients.tensors(), expected) < 1e-12
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu", "identity"])
+def test_linear_backprop_drops_the_derivative_and_only_the_derivative(activation: str) -> None:
+    sizes = [6, 8, 8, 4]
+    x, y = batch_for("cross_entropy", sizes)
+    exact = MLP(sizes, activation, seed=3, dtype=torch.float64)
+    linear = MLP(sizes, activation, linear_backprop=True, seed=3, dtype=torch.float64)
+    assert torch.equal(exact(x)[0], linear(x)[0]), "the forward pass is unchanged"
+    _, exact_gradients = exact.gradients(x, y)
+    _, linear_gradients = linear.gradients(x, y)
+    torch.testing.assert_close(linear_gradients.weights[-1], exact_gradients.weights[-1], rtol=0, atol=0)  # δ_L is the same
+    differs = relative_error(linear_gradients.weights[:1], exact_gradients.weights[:1]) > 1e-3
+    assert differs == (activation != "identity"), "only a non-linear activation makes the two rules differ"
 
 
 @pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu"])

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from revlib.data import Dataset
+from revlib.linear_backprop import LinearBackprop
 from revlib.runtime import resolve_device
 from revlib.training import History, train_epochs
 
@@ -137,6 +138,8 @@ class MLP:
         sizes: layer widths ``(n_0, n_1, ..., n_L)``: input size, hidden sizes, output size.
         activation: the hidden layers' non-linearity, a key of :data:`ACTIVATIONS` (the output layer is linear).
         weight_decay: :math:`\lambda \ge 0`.
+        linear_backprop: back-propagate the error without the activation's derivative,
+            :math:`\delta_{l-1} = \delta_l W_l` (Yazdani 2018; see :mod:`revlib.linear_backprop`). The forward pass is unchanged.
         seed: seed of the initialisation (a private generator; the global random state is untouched).
         device: where the parameters live.
         dtype: their floating dtype.
@@ -151,6 +154,7 @@ class MLP:
         activation: str = "relu",
         *,
         weight_decay: float = 0.0,
+        linear_backprop: bool = False,
         seed: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
@@ -164,6 +168,7 @@ class MLP:
         self.sizes = [int(size) for size in sizes]
         self.activation = ACTIVATIONS[activation]
         self.weight_decay = float(weight_decay)
+        self.linear_backprop = linear_backprop
         device = resolve_device(device)
         generator = torch.Generator().manual_seed(seed)
         gain = 2.0**0.5 if activation == "relu" else 1.0
@@ -235,7 +240,9 @@ class MLP:
             weight_gradients[layer] = delta.T @ h_previous + self.weight_decay * weight  # δ_lᵀ h_{l-1} + λ W_l
             bias_gradients[layer] = delta.sum(dim=0)  # 1ᵀ δ_l
             if layer > 0:  # the input x needs no gradient
-                delta = (delta @ weight) * self.activation.derivative_from_output(h_previous)  # δ_{l-1}
+                delta = delta @ weight  # δ_l W_l, (B, n_{l-1})
+                if not self.linear_backprop:
+                    delta = delta * self.activation.derivative_from_output(h_previous)  # δ_{l-1} = (δ_l W_l) ⊙ σ'(z_{l-1})
         return Gradients(weight_gradients, bias_gradients)
 
     def objective(self, inputs: Tensor, targets: Tensor, loss: LossName = "cross_entropy") -> tuple[Tensor, Tensor]:
@@ -255,7 +262,8 @@ class MLP:
 
     def to_module(self) -> nn.Sequential:
         """The same network as an ``nn.Sequential`` of ``nn.Linear`` and activation modules, with copies of
-        the current weights: the autograd twin this class is checked against."""
+        the current weights: the autograd twin this class is checked against. With ``linear_backprop`` the
+        activations are wrapped in :class:`revlib.linear_backprop.LinearBackprop`."""
         layers: list[nn.Module] = []
         for layer, (weight, bias) in enumerate(zip(self.weights, self.biases)):
             linear = nn.Linear(weight.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype)
@@ -264,7 +272,8 @@ class MLP:
                 linear.bias.copy_(bias)
             layers.append(linear)
             if layer < self.depth - 1:
-                layers.append(self.activation.module())
+                activation = self.activation.module()
+                layers.append(LinearBackprop(activation) if self.linear_backprop else activation)
         return nn.Sequential(*layers)
 
     def train_sgd(

@@ -1,0 +1,136 @@
+"""Tests of revlib.linear_backprop: the identity-backward wrapper, model conversion and the sign STE."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from revlib.linear_backprop import LinearBackprop, SignSTE, convert_to_linear_backprop, sign_ste
+
+ACTIVATIONS = [nn.ReLU(), nn.Sigmoid(), nn.Tanh(), nn.GELU(), nn.LeakyReLU(0.1), torch.tanh, torch.sigmoid]
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS, ids=lambda a: getattr(a, "__name__", type(a).__name__))
+def test_forward_is_unchanged_and_backward_is_the_identity(activation, device):
+    x = torch.randn(5, 7, dtype=torch.float64, device=device, requires_grad=True)
+    wrapped = LinearBackprop(activation)
+    y = wrapped(x)
+    torch.testing.assert_close(y, activation(x), rtol=0, atol=0)
+    upstream = torch.randn_like(y)
+    (gradient,) = torch.autograd.grad(y, x, upstream)
+    torch.testing.assert_close(gradient, upstream, rtol=0, atol=0)
+
+
+def test_gradcheck_where_the_identity_is_the_true_derivative():
+    """gradcheck in float64 with an activation whose Jacobian is the identity: the custom backward is exact."""
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(LinearBackprop(lambda u: u + 0.0), (x,))
+    assert torch.autograd.gradgradcheck(LinearBackprop(lambda u: u + 0.0), (x,))
+
+
+def test_gradients_of_a_small_network_by_hand():
+    """y = W2 tanh(W1 x + b1) + b2 with linear backprop: δ_hidden = ȳ W2 (no ⊙ tanh'), ∂/∂W1 = δ_hiddenᵀ x,
+    ∂/∂W2 = ȳᵀ tanh(W1 x + b1) (the true activations)."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    w1, b1 = torch.randn(6, 3, dtype=torch.float64, requires_grad=True), torch.randn(6, dtype=torch.float64, requires_grad=True)
+    w2, b2 = torch.randn(2, 6, dtype=torch.float64, requires_grad=True), torch.randn(2, dtype=torch.float64, requires_grad=True)
+    out = LinearBackprop(torch.tanh)(x @ w1.T + b1) @ w2.T + b2
+    upstream = torch.randn(4, 2, dtype=torch.float64)
+    grad_x, grad_w1, grad_b1, grad_w2 = torch.autograd.grad(out, [x, w1, b1, w2], upstream)
+    delta_hidden = upstream @ w2  # (4, 6)
+    torch.testing.assert_close(grad_x, delta_hidden @ w1)
+    torch.testing.assert_close(grad_w1, delta_hidden.T @ x)
+    torch.testing.assert_close(grad_b1, delta_hidden.sum(0))
+    torch.testing.assert_close(grad_w2, upstream.T @ torch.tanh(x @ w1.T + b1))
+
+
+def test_no_grad_and_inputs_without_grad_just_apply_the_activation():
+    x = torch.randn(3, 3)
+    assert torch.equal(LinearBackprop(nn.ReLU())(x), torch.relu(x))
+    with torch.no_grad():
+        assert torch.equal(LinearBackprop(nn.ReLU())(x.requires_grad_()), torch.relu(x))
+
+
+def test_bad_activations_get_clear_errors():
+    with pytest.raises(TypeError, match="activation"):
+        LinearBackprop(3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="trainable parameters"):
+        LinearBackprop(nn.PReLU())
+    with pytest.raises(ValueError, match="elementwise"):
+        LinearBackprop(lambda u: u.sum(dim=1))(torch.randn(3, 4, requires_grad=True))
+    with pytest.raises(ValueError, match="elementwise"):
+        LinearBackprop(lambda u: u.sum(dim=1))(torch.randn(3, 4))
+
+
+class _Nested(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Sequential(nn.Linear(8, 8), nn.ReLU()))
+        self.gate = nn.Sigmoid()
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.gate(self.encoder(x)))
+
+
+def test_conversion_finds_nested_activations_and_copies_by_default():
+    torch.manual_seed(0)
+    model = _Nested()
+    converted = convert_to_linear_backprop(model)
+    assert converted is not model and isinstance(model.encoder[1], nn.Tanh), "the original is untouched"
+    assert isinstance(converted.encoder[1], LinearBackprop) and isinstance(converted.encoder[2][1], LinearBackprop)
+    assert isinstance(converted.gate, LinearBackprop) and isinstance(converted.head, nn.Linear)
+    assert converted.encoder[0].weight is not model.encoder[0].weight, "the copy has its own parameters"
+    x = torch.randn(6, 4)
+    torch.testing.assert_close(converted(x), model(x), rtol=0, atol=0)
+    again = convert_to_linear_backprop(converted, inplace=True)
+    assert again is converted and isinstance(again.gate.activation, nn.Sigmoid), "converting twice changes nothing"
+    assert isinstance(convert_to_linear_backprop(nn.ReLU()), LinearBackprop)
+
+
+def test_conversion_only_wraps_the_requested_types_and_back_propagates_linearly():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 5), nn.ReLU(), nn.Linear(5, 1)).double()
+    only_tanh = convert_to_linear_backprop(model, activations=(nn.Tanh,))
+    assert isinstance(only_tanh[1], LinearBackprop) and isinstance(only_tanh[3], nn.ReLU)
+    converted = convert_to_linear_backprop(model)
+    x = torch.randn(8, 3, dtype=torch.float64)
+    converted(x).sum().backward()
+    # the gradient of the last layer reads the true activations; the error below it travels as if σ = id
+    delta = torch.ones(8, 1, dtype=torch.float64) @ model[4].weight @ model[2].weight  # (8, 5)
+    torch.testing.assert_close(converted[0].weight.grad, delta.T @ x)
+    hidden = torch.relu(model[2](torch.tanh(model[0](x))))
+    torch.testing.assert_close(converted[4].weight.grad, torch.ones(8, 1, dtype=torch.float64).T @ hidden)
+    with pytest.raises(TypeError, match="model"):
+        convert_to_linear_backprop("relu")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="activations"):
+        convert_to_linear_backprop(model, activations=(torch.relu,))  # type: ignore[arg-type]
+
+
+def test_sign_ste_forward_and_both_backward_rules():
+    x = torch.tensor([-2.0, -0.5, 0.0, 0.3, 1.5], requires_grad=True)
+    y = sign_ste(x)
+    assert y.tolist() == [-1.0, -1.0, 1.0, 1.0, 1.0]
+    (clipped,) = torch.autograd.grad(y, x, torch.full_like(x, 3.0))
+    assert clipped.tolist() == [0.0, 3.0, 3.0, 3.0, 0.0]
+    (straight,) = torch.autograd.grad(sign_ste(x, clip=None), x, torch.full_like(x, 3.0))
+    assert straight.tolist() == [3.0] * 5
+    (as_linear_backprop,) = torch.autograd.grad(LinearBackprop(lambda u: torch.where(u >= 0, 1.0, -1.0))(x), x, torch.full_like(x, 3.0))
+    assert torch.equal(as_linear_backprop, straight), "the unclipped STE is linear backprop through sign"
+    assert SignSTE(clip=0.5)(x).tolist() == y.tolist()
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match="clip"):
+            sign_ste(x, clip=bad)
+        with pytest.raises(ValueError, match="clip"):
+            SignSTE(clip=bad)
+
+
+def test_sign_ste_gradcheck_of_the_surrogate():
+    """In float64, the clipped STE's backward is hardtanh's Jacobian: check it against autograd of hardtanh."""
+    x = (torch.rand(20, dtype=torch.float64) * 4 - 2).requires_grad_(True)
+    upstream = torch.randn(20, dtype=torch.float64)
+    (ste,) = torch.autograd.grad(sign_ste(x, clip=1.0), x, upstream)
+    (hardtanh,) = torch.autograd.grad(torch.nn.functional.hardtanh(x), x, upstream)
+    torch.testing.assert_close(ste, hardtanh, rtol=0, atol=0)
