@@ -1,0 +1,344 @@
+r"""ResNets as Neural ODEs, and adjoint backprop: the chapter "ResNets as Neural ODEs".
+
+A ResNet with :math:`N` blocks and step :math:`h = 1/N`,
+
+.. math::
+
+    x_{n+1} = x_n + h\, f_n(x_n), \qquad n = 0, \dots, N-1,
+
+is the explicit Euler scheme for the ODE :math:`\dot x(s) = f(x(s), \theta(s))` on :math:`s \in [0, 1]`
+when :math:`f_n = f(\cdot, \theta(n/N))`. Heun's scheme adds a corrector,
+
+.. math::
+
+    y_n = x_n + h\, f_n(x_n), \qquad x_{n+1} = x_n + \tfrac h2\big(f_n(x_n) + f_n(y_n)\big),
+
+and is second order. Both steps can be run backwards approximately, from :math:`x_{n+1}` alone,
+
+.. math::
+
+    \tilde x_n = \tilde x_{n+1} - h\, f_n(\tilde x_{n+1}) \quad\text{(Euler)},\qquad
+    \tilde y = \tilde x_{n+1} - h\, f_n(\tilde x_{n+1}),\ \
+    \tilde x_n = \tilde x_{n+1} - \tfrac h2\big(f_n(\tilde x_{n+1}) + f_n(\tilde y)\big) \quad\text{(Heun)},
+
+so a backward pass can rebuild the activations it needs from the output instead of storing them (Sander,
+Ablin and Peyré 2022). The rebuilt activations, and hence the gradients, are approximate: the error of one
+reversed step is :math:`O(h^2)` for Euler and :math:`O(h^3)` for Heun, so over :math:`N` steps the
+gradient error shrinks like :math:`1/N` and :math:`1/N^2`.
+
+:class:`ODEResNet` holds the residual functions and the mechanism; :func:`smooth_in_depth_`,
+:func:`interpolate_depth` and :func:`gradient_error` are what the chapter's experiments need.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+Scheme = Literal["euler", "heun"]
+GradientMode = Literal["backprop", "adjoint"]
+SCHEMES = ("euler", "heun")
+GRADIENTS = ("backprop", "adjoint")
+
+
+def _residual(f: nn.Module, x: Tensor) -> Tensor:
+    out = f(x)
+    if not isinstance(out, Tensor) or out.shape != x.shape:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"every residual function must preserve the shape of its input {tuple(x.shape)}, but one returned {shape}")
+    return out
+
+
+def _step(f: nn.Module, x: Tensor, h: float, scheme: Scheme) -> Tensor:
+    """One step forward in depth: :math:`x_{n+1}` from :math:`x_n`."""
+    velocity = _residual(f, x)
+    if scheme == "euler":
+        return x + h * velocity  # x_{n+1} = x_n + h f_n(x_n)
+    predictor = x + h * velocity  # y_n = x_n + h f_n(x_n)
+    return x + (h / 2) * (velocity + _residual(f, predictor))  # x_{n+1} = x_n + h/2 (f_n(x_n) + f_n(y_n))
+
+
+def _reverse_step(f: nn.Module, x_next: Tensor, h: float, scheme: Scheme) -> Tensor:
+    """One step backward in depth, the same scheme with step −h: an approximation of :math:`x_n`."""
+    return _step(f, x_next, -h, scheme)
+
+
+class _AdjointFunction(torch.autograd.Function):
+    """Run the steps keeping only the output; rebuild each step's input backwards and back-propagate through it."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, residuals: Sequence[nn.Module], scheme: Scheme, *parameters: Tensor) -> Tensor:
+        ctx.residuals, ctx.scheme = residuals, scheme  # modules and a name, not tensors: needed to recompute
+        ctx.parameter_ids = [id(p) for p in parameters]  # the order in which backward returns their gradients
+        h = 1.0 / len(residuals)
+        with torch.no_grad():
+            for f in residuals:
+                x = _step(f, x, h, scheme)
+        ctx.save_for_backward(x)  # the only activation kept: x_N
+        return x
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        (x_next,) = ctx.saved_tensors
+        h = 1.0 / len(ctx.residuals)
+        adjoint = grad_output  # a_N = ∂L/∂x_N
+        parameter_gradients: dict[int, Tensor] = {}  # by id, summed: a residual function may appear twice
+        for f in reversed(ctx.residuals):
+            with torch.no_grad():
+                x = _reverse_step(f, x_next, h, ctx.scheme)  # x̃_n from x̃_{n+1}
+            x = x.detach().requires_grad_(True)
+            wanted = [p for p in f.parameters() if p.requires_grad]
+            with torch.enable_grad():
+                recomputed = _step(f, x, h, ctx.scheme)  # the step at x̃_n, with its graph
+            found = torch.autograd.grad(recomputed, [x, *wanted], adjoint, allow_unused=True)
+            adjoint = found[0]  # a_n = (∂x_{n+1}/∂x_n)ᵀ a_{n+1}, evaluated at x̃_n
+            for p, gradient in zip(wanted, found[1:]):
+                if gradient is not None:
+                    key = id(p)
+                    parameter_gradients[key] = parameter_gradients[key] + gradient if key in parameter_gradients else gradient
+            x_next = x.detach()
+        return (
+            adjoint if ctx.needs_input_grad[0] else None,  # x
+            None,  # residuals
+            None,  # scheme
+            *(parameter_gradients.get(key) for key in ctx.parameter_ids),  # every parameter, in the order given
+        )
+
+
+class ODEResNet(nn.Module):
+    r"""A ResNet read as an ODE solver: :math:`N` shape-preserving residual functions, step :math:`h = 1/N`.
+
+    ``scheme="euler"`` computes :math:`x_{n+1} = x_n + h f_n(x_n)`; ``scheme="heun"`` the second-order
+    :math:`x_{n+1} = x_n + \tfrac h2 [f_n(x_n) + f_n(x_n + h f_n(x_n))]`. ``gradient="backprop"`` uses
+    ordinary autograd (every step's activations are stored); ``gradient="adjoint"`` stores only the
+    output and, in the backward pass, rebuilds each step's input by running the scheme with step
+    :math:`-h` before back-propagating through that one step. Its memory for backward does not grow with
+    :math:`N`; its gradients are approximate (exact in the limit :math:`N\to\infty` when the weights are
+    smooth in depth; see :func:`gradient_error`). Like :class:`revlib.reversible.ReversibleSequence` the
+    adjoint mode is ``once_differentiable`` and reads parameters from the modules when the backward pass
+    runs. It does not replay random state: residual functions with dropout need ``gradient="backprop"``.
+
+    Args:
+        residuals: the functions :math:`f_0, \dots, f_{N-1}`, ``nn.Module`` objects that preserve the
+            shape of their input.
+        scheme: ``"euler"`` or ``"heun"``.
+        gradient: ``"backprop"`` or ``"adjoint"``; can be changed later through the attribute.
+
+    Raises:
+        ValueError: no residual function, or an unknown scheme or gradient mode. A residual function that
+            changes the shape of its input raises a ``ValueError`` when the network runs.
+        TypeError: a residual function is not an ``nn.Module``.
+    """
+
+    def __init__(self, residuals: Sequence[nn.Module], scheme: Scheme = "euler", gradient: GradientMode = "backprop") -> None:
+        super().__init__()
+        if len(residuals) == 0:
+            raise ValueError("residuals must hold at least one residual function")
+        for index, f in enumerate(residuals):
+            if not isinstance(f, nn.Module):
+                raise TypeError(f"residual function {index} must be an nn.Module, got {type(f).__name__}")
+        self.residuals = nn.ModuleList(residuals)
+        self.scheme = scheme
+        self.gradient = gradient
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "scheme" and value not in SCHEMES:
+            raise ValueError(f"scheme must be one of {SCHEMES}, got {value!r}")
+        if name == "gradient" and value not in GRADIENTS:
+            raise ValueError(f"gradient must be one of {GRADIENTS}, got {value!r}")
+        super().__setattr__(name, value)
+
+    @property
+    def depth(self) -> int:
+        """The number of steps :math:`N`."""
+        return len(self.residuals)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = 1.0 / self.depth
+        parameters = [p for p in self.parameters() if p.requires_grad]
+        if self.gradient == "backprop" or not torch.is_grad_enabled() or not (x.requires_grad or parameters):
+            for f in self.residuals:
+                x = _step(f, x, h, self.scheme)
+            return x
+        return _AdjointFunction.apply(x, list(self.residuals), self.scheme, *self.parameters())
+
+    def inverse(self, y: Tensor) -> Tensor:
+        """The approximate input rebuilt from the output, as the adjoint backward pass rebuilds it."""
+        h = 1.0 / self.depth
+        for f in reversed(self.residuals):
+            y = _reverse_step(f, y, h, self.scheme)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"depth={self.depth}, scheme={self.scheme!r}, gradient={self.gradient!r}"
+
+
+def smooth_in_depth_(model: ODEResNet, *, modes: int = 3, generator: torch.Generator | None = None) -> ODEResNet:
+    r"""Give the residual functions weights that vary smoothly with depth, in place.
+
+    Every parameter becomes a smooth function of the depth :math:`s_n = n/(N-1) \in [0, 1]`,
+
+    .. math::
+
+        \theta_n = \frac{1}{\sqrt{K}} \sum_{k=0}^{K-1} A_k \cos(k \pi s_n),
+
+    where the :math:`A_k` are independent copies of what the first residual function's parameter was
+    initialised with, shuffled entrywise (so each has that initialisation's distribution). Consecutive
+    layers then differ by :math:`O(1/N)`, the condition for the ResNet to have an ODE limit.
+
+    Args:
+        model: the network; all residual functions must have the same parameter shapes.
+        modes: :math:`K`, the number of cosine modes.
+        generator: the source of randomness (on the CPU), for repeatable weights.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ValueError: ``modes`` is not positive, or the residual functions differ in their parameter shapes.
+    """
+    if modes < 1:
+        raise ValueError(f"modes must be a positive integer, got {modes}")
+    names = _check_same_structure(model)
+    depths = torch.linspace(0, 1, model.depth, dtype=torch.float64) if model.depth > 1 else torch.zeros(1, dtype=torch.float64)
+    basis = torch.stack([torch.cos(k * math.pi * depths) for k in range(modes)]) / math.sqrt(modes)  # (K, N)
+    first = dict(model.residuals[0].named_parameters())
+    with torch.no_grad():
+        for name in names:
+            template = first[name].detach().flatten().double().cpu()
+            amplitudes = torch.stack([template[torch.randperm(template.numel(), generator=generator)] for _ in range(modes)])  # (K, P)
+            values = basis.T @ amplitudes  # (N, P): θ_n for every layer n
+            for f, value in zip(model.residuals, values):
+                parameter = dict(f.named_parameters())[name]
+                parameter.copy_(value.reshape(parameter.shape).to(parameter))
+    return model
+
+
+def _check_same_structure(model: ODEResNet) -> list[str]:
+    shapes = [{name: p.shape for name, p in f.named_parameters()} for f in model.residuals]
+    if any(s != shapes[0] for s in shapes):
+        raise ValueError("all residual functions must have the same parameter names and shapes")
+    return list(shapes[0])
+
+
+def interpolate_depth(model: ODEResNet, depth: int) -> ODEResNet:
+    r"""A deeper (or shallower) copy of ``model`` whose weights interpolate the trained ones linearly in depth.
+
+    Layer :math:`n` of the new network sits at depth :math:`s = n/(\text{depth}-1)` and takes the linear
+    interpolation of the two trained layers around :math:`s\,(N-1)`; the first and last layers are kept.
+    Buffers are copied from the nearest trained layer. The scheme and gradient mode are kept.
+
+    Raises:
+        ValueError: ``depth`` is below 2 while the model has more than one layer, or the residual
+            functions differ in their parameter shapes.
+    """
+    _check_same_structure(model)
+    if not isinstance(depth, int) or depth < 1 or (depth == 1 and model.depth > 1):
+        raise ValueError(f"depth must be an integer ≥ 2 (or 1 for a one-layer model), got {depth!r}")
+    states = [f.state_dict() for f in model.residuals]
+    residuals = []
+    for n in range(depth):
+        position = n * (model.depth - 1) / (depth - 1) if depth > 1 else 0.0
+        below = min(int(position), model.depth - 1)
+        above = min(below + 1, model.depth - 1)
+        weight = position - below
+        f = copy.deepcopy(model.residuals[below])
+        parameters = set(dict(f.named_parameters()))
+        f.load_state_dict({
+            name: (1 - weight) * states[below][name] + weight * states[above][name] if name in parameters
+            else states[round(position)][name]
+            for name in states[below]
+        })
+        residuals.append(f)
+    return ODEResNet(residuals, scheme=model.scheme, gradient=model.gradient)
+
+
+def gradient_error(model: ODEResNet, inputs: Tensor, loss_fn: Callable[[Tensor], Tensor]) -> float:
+    r"""The relative error of the adjoint gradient against the exact one, for one batch:
+
+    .. math::
+
+        \frac{\lVert g_{\text{adjoint}} - g_{\text{backprop}} \rVert}{\lVert g_{\text{backprop}} \rVert},
+
+    with :math:`g` the gradient of ``loss_fn(model(inputs))`` with respect to all of the model's
+    parameters, concatenated. (Sander et al. plot the square of a per-tensor version of this quantity, so
+    their slopes are twice ours.) The model's gradient mode and ``.grad`` fields are left as they were.
+
+    Raises:
+        ValueError: the model has no parameter that requires grad.
+    """
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    if not parameters:
+        raise ValueError("the model has no parameter that requires grad")
+    original = model.gradient
+    gradients = {}
+    try:
+        for mode in GRADIENTS:
+            model.gradient = mode
+            with torch.enable_grad():
+                loss = loss_fn(model(inputs))
+            gradients[mode] = torch.cat([g.flatten() for g in torch.autograd.grad(loss, parameters)])
+    finally:
+        model.gradient = original
+    exact = gradients["backprop"]
+    return ((gradients["adjoint"] - exact).norm() / exact.norm()).item()
+
+
+class DepthVectorField(nn.Module):
+    r"""The time-dependent vector field :math:`F(s, x) = f_{n(s)}(x)` of an :class:`ODEResNet`, for ODE solvers.
+
+    :math:`n(s)` is the step whose interval :math:`[n/N, (n+1)/N)` contains :math:`s` (rounded to the
+    nearest grid point first, so that a fixed-step solver evaluating at :math:`s = n/N` gets exactly
+    :math:`f_n`). Called as ``field(s, x)``, as ``torchdiffeq.odeint`` expects.
+    """
+
+    def __init__(self, model: ODEResNet) -> None:
+        super().__init__()
+        self.residuals = model.residuals
+
+    def forward(self, s: Tensor, x: Tensor) -> Tensor:
+        depth = len(self.residuals)
+        index = min(max(int(math.floor(float(s.detach()) * depth + 1e-6)), 0), depth - 1)
+        return self.residuals[index](x)
+
+
+class TorchdiffeqResNet(nn.Module):
+    r"""The Euler :class:`ODEResNet` run by ``torchdiffeq``'s fixed-step Euler solver, for comparisons.
+
+    The forward pass is the same computation as ``model``'s (``odeint`` evaluates :class:`DepthVectorField`
+    at :math:`s = n/N`, where it is :math:`f_n`). With ``adjoint=True`` the gradient comes from
+    ``odeint_adjoint``: the *continuous* adjoint equation solved backwards with the same solver, which
+    evaluates the field at the end of each step and so differentiates the ODE rather than the network that
+    ran. With ``adjoint=False`` autograd differentiates through the solver (exact, memory growing with
+    depth). Shares its parameters with ``model``. Needs the optional package ``torchdiffeq``.
+
+    Raises:
+        ValueError: ``model`` uses Heun steps (``torchdiffeq``'s Heun evaluates its corrector at the next
+            layer's time, a different network).
+        ImportError: ``torchdiffeq`` is not installed (when the network first runs).
+    """
+
+    def __init__(self, model: ODEResNet, adjoint: bool = True) -> None:
+        super().__init__()
+        if model.scheme != "euler":
+            raise ValueError(f"TorchdiffeqResNet reproduces Euler steps only, but the model uses scheme={model.scheme!r}")
+        self.field, self.adjoint = DepthVectorField(model), adjoint
+        self.step_size = 1.0 / model.depth
+
+    def forward(self, x: Tensor) -> Tensor:
+        try:
+            from torchdiffeq import odeint, odeint_adjoint
+        except ImportError as error:
+            raise ImportError("TorchdiffeqResNet needs torchdiffeq: pip install torchdiffeq") from error
+        span = torch.tensor([0.0, 1.0], device=x.device, dtype=x.dtype)
+        options = {"step_size": self.step_size}
+        if self.adjoint:
+            return odeint_adjoint(self.field, x, span, method="euler", options=options, adjoint_params=tuple(self.field.parameters()))[-1]
+        return odeint(self.field, x, span, method="euler", options=options)[-1]

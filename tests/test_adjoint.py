@@ -1,0 +1,223 @@
+"""Tests of revlib.adjoint: the ODE-ResNet, its adjoint backward pass, initialisations and helpers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from revlib.adjoint import DepthVectorField, ODEResNet, gradient_error, interpolate_depth, smooth_in_depth_
+from revlib.measure import saved_tensor_bytes
+
+
+def mlp_residuals(depth: int, width: int = 6, seed: int = 0) -> list[nn.Module]:
+    torch.manual_seed(seed)
+    return [nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, width)) for _ in range(depth)]
+
+
+def squared(out: torch.Tensor) -> torch.Tensor:
+    return out.pow(2).sum()
+
+
+@pytest.mark.parametrize("scheme", ["euler", "heun"])
+def test_backprop_mode_is_the_plain_resnet(scheme: str) -> None:
+    residuals = mlp_residuals(5)
+    model = ODEResNet(residuals, scheme=scheme).double()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    expected = x
+    for f in residuals:
+        if scheme == "euler":
+            expected = expected + f(expected) / 5
+        else:
+            predictor = expected + f(expected) / 5
+            expected = expected + (f(expected) + f(predictor)) / 10
+    torch.testing.assert_close(model(x), expected)
+
+
+@pytest.mark.parametrize("scheme", ["euler", "heun"])
+def test_adjoint_forward_equals_backprop_forward(scheme: str) -> None:
+    model = ODEResNet(mlp_residuals(6), scheme=scheme, gradient="adjoint").double()
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    out = model(x)
+    model.gradient = "backprop"
+    torch.testing.assert_close(out, model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("scheme", ["euler", "heun"])
+def test_adjoint_is_exact_when_the_inverse_is(scheme: str) -> None:
+    """With f = 0 the steps are the identity and the reversal is exact: gradients equal backprop's exactly."""
+    residuals = mlp_residuals(4)
+    for f in residuals:
+        nn.init.zeros_(f[2].weight)
+        nn.init.zeros_(f[2].bias)
+    model = ODEResNet(residuals, scheme=scheme).double()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    assert gradient_error(model, x, squared) < 1e-14
+
+
+@pytest.mark.parametrize(("scheme", "order"), [("euler", 1), ("heun", 3)])
+def test_adjoint_gradients_converge_to_exact_ones_for_a_linear_residual(scheme: str, order: int) -> None:
+    """f(x) = A x with A shared by all layers: the reversed steps approximate (I + hA)^{-1}; the error of
+    the gradients falls like N^{-order} (Heun: the round trip's leading errors cancel, see the chapter)."""
+    torch.manual_seed(0)
+    shared = nn.Linear(6, 6, bias=False).double()
+    x = torch.randn(8, 6, dtype=torch.float64)
+    errors = []
+    for depth in (16, 32, 64):
+        layers = [nn.Linear(6, 6, bias=False).double() for _ in range(depth)]
+        for layer in layers:
+            layer.load_state_dict(shared.state_dict())
+        errors.append(gradient_error(ODEResNet(layers, scheme=scheme), x, squared))
+    ratios = [errors[i] / errors[i + 1] for i in range(2)]
+    assert errors[-1] < 1e-2
+    for ratio in ratios:
+        assert 2 ** (order - 0.3) < ratio < 2 ** (order + 0.3), (errors, ratios)
+
+
+def test_adjoint_input_gradient_gradcheck_at_zero_step_error() -> None:
+    """gradcheck in float64 on a model whose reversal is exact (zero residual output, non-zero parameters)."""
+    residuals = mlp_residuals(3)
+    for f in residuals:
+        nn.init.zeros_(f[2].weight)
+        nn.init.zeros_(f[2].bias)
+    model = ODEResNet(residuals, gradient="adjoint").double()
+    x = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(model, (x,))
+
+
+def test_adjoint_gradients_close_to_backprop_for_the_input_and_every_parameter() -> None:
+    model = smooth_in_depth_(ODEResNet(mlp_residuals(64), scheme="heun").double(), generator=torch.Generator().manual_seed(0))
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    grads = {}
+    for mode in ("backprop", "adjoint"):
+        model.gradient = mode
+        grads[mode] = torch.autograd.grad(squared(model(x)), [x, *model.parameters()])
+    for adjoint, exact in zip(grads["adjoint"], grads["backprop"]):
+        torch.testing.assert_close(adjoint, exact, rtol=1e-6, atol=1e-9)
+
+
+def test_shared_residual_function_accumulates_gradients() -> None:
+    shared = mlp_residuals(1)[0].double()
+    model = ODEResNet([shared, shared, shared], scheme="heun")
+    x = torch.randn(3, 6, dtype=torch.float64)
+    assert gradient_error(model, x, squared) < 0.05
+
+
+def test_adjoint_memory_is_flat_in_depth_and_backprop_grows() -> None:
+    x = torch.randn(64, 32, requires_grad=True)
+    saved = {}
+    for mode in ("backprop", "adjoint"):
+        saved[mode] = []
+        for depth in (4, 16):
+            model = ODEResNet(mlp_residuals(depth, width=32), gradient=mode)
+            saved[mode].append(saved_tensor_bytes(model, x, exclude=model.parameters()))
+    assert saved["adjoint"][0] == saved["adjoint"][1] == 64 * 32 * 4, "only the output is kept"
+    assert saved["backprop"][1] > 3.5 * saved["backprop"][0]
+
+
+def test_no_grad_and_frozen_models_run_plainly() -> None:
+    model = ODEResNet(mlp_residuals(3), gradient="adjoint")
+    x = torch.randn(2, 6)
+    with torch.no_grad():
+        y = model(x)
+    assert not y.requires_grad
+    model.requires_grad_(False)
+    assert not model(x).requires_grad
+
+
+def test_inverse_rebuilds_the_input_approximately() -> None:
+    model = smooth_in_depth_(ODEResNet(mlp_residuals(128), scheme="heun").double(), generator=torch.Generator().manual_seed(1))
+    x = torch.randn(5, 6, dtype=torch.float64)
+    assert (model.inverse(model(x)) - x).norm() / x.norm() < 1e-6
+
+
+def test_bad_arguments_get_clear_errors() -> None:
+    with pytest.raises(ValueError, match="scheme"):
+        ODEResNet(mlp_residuals(2), scheme="rk4")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="gradient"):
+        ODEResNet(mlp_residuals(2), gradient="exact")  # type: ignore[arg-type]
+    model = ODEResNet(mlp_residuals(2))
+    with pytest.raises(ValueError, match="gradient"):
+        model.gradient = "adjoints"  # type: ignore[assignment]
+    with pytest.raises(ValueError, match="at least one"):
+        ODEResNet([])
+    with pytest.raises(TypeError, match="nn.Module"):
+        ODEResNet([torch.tanh])  # type: ignore[list-item]
+    for mode in ("backprop", "adjoint"):
+        shrinking = ODEResNet([nn.Linear(6, 3)], gradient=mode)
+        with pytest.raises(ValueError, match="preserve the shape"):
+            shrinking(torch.randn(2, 6, requires_grad=True))
+
+
+def test_smooth_in_depth_makes_neighbours_close() -> None:
+    gaps = []
+    for depth in (16, 64):
+        model = smooth_in_depth_(ODEResNet(mlp_residuals(depth)), generator=torch.Generator().manual_seed(0))
+        weights = torch.stack([f[0].weight.detach() for f in model.residuals])  # (N, 6, 6)
+        gaps.append((weights[1:] - weights[:-1]).norm(dim=(1, 2)).max().item())
+        again = smooth_in_depth_(ODEResNet(mlp_residuals(depth)), generator=torch.Generator().manual_seed(0))
+        assert torch.equal(again.residuals[3][0].weight, model.residuals[3][0].weight), "repeatable with a seeded generator"
+    assert 3 < gaps[0] / gaps[1] < 5, "neighbouring layers differ by O(1/N)"
+    iid = torch.stack([f[0].weight.detach() for f in ODEResNet(mlp_residuals(64)).residuals])
+    assert (iid[1:] - iid[:-1]).norm(dim=(1, 2)).max() > 10 * gaps[1]
+    with pytest.raises(ValueError, match="modes"):
+        smooth_in_depth_(ODEResNet(mlp_residuals(2)), modes=0)
+    with pytest.raises(ValueError, match="same parameter"):
+        smooth_in_depth_(ODEResNet([nn.Linear(6, 6), nn.Linear(6, 6, bias=False)]))
+
+
+def test_interpolate_depth_keeps_the_ends_and_interpolates_between() -> None:
+    model = ODEResNet(mlp_residuals(3), scheme="heun", gradient="adjoint")
+    deeper = interpolate_depth(model, 5)
+    assert deeper.depth == 5 and deeper.scheme == "heun" and deeper.gradient == "adjoint"
+    first, middle, last = (f[0].weight for f in model.residuals)
+    torch.testing.assert_close(deeper.residuals[0][0].weight, first)
+    torch.testing.assert_close(deeper.residuals[1][0].weight, (first + middle) / 2)
+    torch.testing.assert_close(deeper.residuals[2][0].weight, middle)
+    torch.testing.assert_close(deeper.residuals[4][0].weight, last)
+    assert deeper.residuals[0][0].weight is not first, "the copy has its own parameters"
+    with pytest.raises(ValueError, match="depth"):
+        interpolate_depth(model, 1)
+
+
+def test_depth_vector_field_picks_the_layer_of_each_time() -> None:
+    residuals = mlp_residuals(4)
+    field = DepthVectorField(ODEResNet(residuals))
+    x = torch.randn(2, 6)
+    for s, index in ((0.0, 0), (0.25, 1), (0.2499999999, 1), (0.6, 2), (1.0, 3)):
+        torch.testing.assert_close(field(torch.tensor(s), x), residuals[index](x))
+
+
+def test_gradient_error_needs_trainable_parameters() -> None:
+    model = ODEResNet(mlp_residuals(2)).requires_grad_(False)
+    with pytest.raises(ValueError, match="requires grad"):
+        gradient_error(model, torch.randn(2, 6), squared)
+
+
+@pytest.mark.cuda
+def test_adjoint_on_cuda_matches_cpu(device: torch.device) -> None:
+    if device.type != "cuda":
+        pytest.skip("needs CUDA")
+    model = smooth_in_depth_(ODEResNet(mlp_residuals(32), scheme="heun"), generator=torch.Generator().manual_seed(0))
+    x = torch.randn(4, 6)
+    cpu_error = gradient_error(model, x, squared)
+    cuda_error = gradient_error(model.to(device), x.to(device), squared)
+    assert abs(cuda_error - cpu_error) < 1e-4
+
+
+def test_torchdiffeq_runs_the_same_network() -> None:
+    pytest.importorskip("torchdiffeq")
+    from revlib.adjoint import TorchdiffeqResNet
+
+    model = smooth_in_depth_(ODEResNet(mlp_residuals(8)).double(), generator=torch.Generator().manual_seed(0))
+    x = torch.randn(3, 6, dtype=torch.float64)
+    torch.testing.assert_close(TorchdiffeqResNet(model)(x), model(x), rtol=0, atol=0)
+    exact = torch.autograd.grad(squared(model(x)), list(model.parameters()))
+    through_solver = torch.autograd.grad(squared(TorchdiffeqResNet(model, adjoint=False)(x)), list(model.parameters()))
+    for a, b in zip(through_solver, exact):
+        torch.testing.assert_close(a, b)
+    continuous = torch.autograd.grad(squared(TorchdiffeqResNet(model)(x)), list(model.parameters()))
+    error = torch.cat([(a - b).flatten() for a, b in zip(continuous, exact)]).norm() / torch.cat([b.flatten() for b in exact]).norm()
+    assert 1e-3 < error < 1, "the continuous adjoint is an approximation of the network's gradient"
+    with pytest.raises(ValueError, match="Euler"):
+        TorchdiffeqResNet(ODEResNet(mlp_residuals(2), scheme="heun"))
