@@ -23,8 +23,11 @@ book: $(INSTALLED)
 	$(VENV)/bin/jupyter-book build . -W -n --keep-going
 	@echo "The book is in _build/html/index.html"
 
+# Unit tests in two workers; then the chapters one at a time, each kernel with all cores, as they were
+# executed when stored (two kernels sharing two cores oversubscribe the threads and run many times slower).
 test: $(INSTALLED)
-	$(PYTHON) -m pytest tests chapters $(NBVAL) -n 2 --dist loadscope -p no:cacheprovider
+	$(PYTHON) -m pytest tests -n 2 -p no:cacheprovider
+	$(PYTHON) -m pytest chapters $(NBVAL) -p no:cacheprovider
 
 lab: $(INSTALLED)
 	$(PYTHON) -m pip install --quiet jupyterlab
