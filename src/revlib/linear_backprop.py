@@ -51,8 +51,7 @@ class _IdentityBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, activation: Callable[[Tensor], Tensor]) -> Tensor:
-        with torch.no_grad():  # nothing of the activation is kept for backward: σ' is never needed
-            return _elementwise(activation, x)
+        return _elementwise(activation, x)  # nothing is saved for backward: σ' is never needed
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, None]:

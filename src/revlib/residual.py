@@ -144,17 +144,13 @@ def mlp_network(
     """
     _check_sizes(in_features=in_features, width=width, depth=depth, classes=classes)
     _activation(activation)
-
-    def normalised_activation() -> list[nn.Module]:
-        return [nn.BatchNorm1d(width), _activation(activation)] if batch_norm else [_activation(activation)]
-
-    def layers() -> nn.Module:
-        return nn.Sequential(*normalised_activation(), nn.Linear(width, width), *normalised_activation(), nn.Linear(width, width))
-
-    stem = nn.Linear(in_features, width)
-    blocks = [SkipBlock(layers(), residual) for _ in range(depth)]
-    head = nn.Sequential(*normalised_activation(), nn.Linear(width, classes))
-    return DeepNetwork(stem, blocks, head).to(device=device, dtype=dtype)
+    return _pre_activation_network(
+        stem=nn.Linear(in_features, width),
+        layer=lambda: nn.Linear(width, width),
+        norm=(lambda: nn.BatchNorm1d(width)) if batch_norm else None,
+        head=lambda: [nn.Linear(width, classes)],
+        depth=depth, residual=residual, activation=activation,
+    ).to(device=device, dtype=dtype)
 
 
 def conv_network(
@@ -191,18 +187,38 @@ def conv_network(
     """
     _check_sizes(in_channels=in_channels, channels=channels, depth=depth, classes=classes)
     _activation(activation)
+    return _pre_activation_network(
+        stem=nn.Conv2d(in_channels, channels, 3, padding=1),
+        layer=lambda: nn.Conv2d(channels, channels, 3, padding=1),
+        norm=(lambda: nn.BatchNorm2d(channels)) if batch_norm else None,
+        head=lambda: [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, classes)],
+        depth=depth, residual=residual, activation=activation,
+    ).to(device=device, dtype=dtype)
+
+
+def _pre_activation_network(
+    *,
+    stem: nn.Module,
+    layer: Callable[[], nn.Module],
+    norm: Callable[[], nn.Module] | None,
+    head: Callable[[], list[nn.Module]],
+    depth: int,
+    residual: bool,
+    activation: str,
+) -> DeepNetwork:
+    """``stem → depth × [norm → σ → layer → norm → σ → layer] → norm → σ → head``, shared by the builders.
+
+    Layers are created in that order (stem, blocks, head), so seeded initialisations are reproducible.
+    """
 
     def normalised_activation() -> list[nn.Module]:
-        return [nn.BatchNorm2d(channels), _activation(activation)] if batch_norm else [_activation(activation)]
+        return [norm(), _activation(activation)] if norm is not None else [_activation(activation)]
 
-    def layers() -> nn.Module:
-        conv = [nn.Conv2d(channels, channels, 3, padding=1) for _ in range(2)]
-        return nn.Sequential(*normalised_activation(), conv[0], *normalised_activation(), conv[1])
-
-    stem = nn.Conv2d(in_channels, channels, 3, padding=1)
-    blocks = [SkipBlock(layers(), residual) for _ in range(depth)]
-    head = nn.Sequential(*normalised_activation(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, classes))
-    return DeepNetwork(stem, blocks, head).to(device=device, dtype=dtype)
+    blocks = [
+        SkipBlock(nn.Sequential(*normalised_activation(), layer(), *normalised_activation(), layer()), residual)
+        for _ in range(depth)
+    ]
+    return DeepNetwork(stem, blocks, nn.Sequential(*normalised_activation(), *head()))
 
 
 @dataclass(frozen=True)
