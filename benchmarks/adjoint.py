@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from revlib.adjoint import ODEResNet, TorchdiffeqResNet, gradient_error, smooth_in_depth_
+from revlib.adjoint import ODEResNet, TorchdiffeqResNet, flat_gradient, gradient_error, smooth_in_depth_
 from revlib.measure import compare_times, forward_backward, peak_memory, saved_tensor_bytes
 from revlib.runtime import resolve_device
 
@@ -38,10 +38,7 @@ def residuals(depth: int, width: int) -> list[nn.Module]:
 def torchdiffeq_error(model: ODEResNet, inputs: Tensor, loss_fn: Callable[[Tensor], Tensor]) -> float:
     """Relative error of ``odeint_adjoint``'s parameter gradient against backprop through ``model``."""
     parameters = list(model.parameters())
-    exact, theirs = (
-        torch.cat([g.flatten() for g in torch.autograd.grad(loss_fn(network(inputs)), parameters)])
-        for network in (model, TorchdiffeqResNet(model))
-    )
+    exact, theirs = (flat_gradient(network, inputs, loss_fn, parameters) for network in (model, TorchdiffeqResNet(model)))
     return ((theirs - exact).norm() / exact.norm()).item()
 
 

@@ -260,6 +260,14 @@ def interpolate_depth(model: ODEResNet, depth: int) -> ODEResNet:
     return ODEResNet(residuals, scheme=model.scheme, gradient=model.gradient)
 
 
+def flat_gradient(network: nn.Module, inputs: Tensor, loss_fn: Callable[[Tensor], Tensor], parameters: Sequence[Tensor]) -> Tensor:
+    """The gradient of ``loss_fn(network(inputs))`` with respect to ``parameters``, concatenated into one
+    vector (computed with :func:`torch.autograd.grad`; ``.grad`` fields are untouched)."""
+    with torch.enable_grad():
+        loss = loss_fn(network(inputs))
+    return torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(parameters))])
+
+
 def gradient_error(model: ODEResNet, inputs: Tensor, loss_fn: Callable[[Tensor], Tensor]) -> float:
     r"""The relative error of the adjoint gradient against the exact one, for one batch:
 
@@ -282,9 +290,7 @@ def gradient_error(model: ODEResNet, inputs: Tensor, loss_fn: Callable[[Tensor],
     try:
         for mode in GRADIENTS:
             model.gradient = mode
-            with torch.enable_grad():
-                loss = loss_fn(model(inputs))
-            gradients[mode] = torch.cat([g.flatten() for g in torch.autograd.grad(loss, parameters)])
+            gradients[mode] = flat_gradient(model, inputs, loss_fn, parameters)
     finally:
         model.gradient = original
     exact = gradients["backprop"]
