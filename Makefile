@@ -6,7 +6,7 @@ INSTALLED := $(VENV)/.installed
 SRC_HASH := _build/.src-hash
 NBVAL := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
 
-.PHONY: book test lab clean
+.PHONY: book test portability outputs lab clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON_BASE) -m venv $(VENV)
@@ -24,10 +24,25 @@ book: $(INSTALLED)
 	@echo "The book is in _build/html/index.html"
 
 # Unit tests in two workers; then the chapters one at a time, each kernel with all cores, as they were
-# executed when stored (two kernels sharing two cores oversubscribe the threads and run many times slower).
+# executed when stored (two kernels sharing two cores oversubscribe the threads and run many times slower);
+# then every chapter once more as another machine would run it: torch's generic kernels and seed 1,
+# assertions only (book/reproducibility.md).
 test: $(INSTALLED)
 	$(PYTHON) -m pytest tests -n 2 -p no:cacheprovider
 	$(PYTHON) -m pytest chapters $(NBVAL) -p no:cacheprovider
+	$(PYTHON) tools/portability.py --variants $(CI_VARIANT) --seeds $(CI_SEED)
+
+CI_VARIANT ?= aten-generic
+CI_SEED ?= 1
+
+# The whole portability matrix: every chapter under four kernel variants and seeds 0-2 (about 45 minutes on
+# two cores). Its report is the table in the book's Reproducibility appendix.
+portability: $(INSTALLED)
+	$(PYTHON) tools/portability.py --report book/portability-report.md
+
+# Re-execute every chapter (default kernels, seed 0) and store its outputs, which nbval compares.
+outputs: $(INSTALLED)
+	$(PYTHON) tools/portability.py --store
 
 lab: $(INSTALLED)
 	$(PYTHON) -m pip install --quiet jupyterlab

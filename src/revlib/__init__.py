@@ -3,6 +3,7 @@
 The companion library of the book. One module per chapter, plus shared infrastructure:
 
 * :mod:`revlib.runtime` — devices, seeding, the chapters' scale;
+* :mod:`revlib.claims` — the chapters' assertions about measured quantities, with their margins;
 * :mod:`revlib.data` — data sets that need no network;
 * :mod:`revlib.training` — the training loop and its history;
 * :mod:`revlib.measure` — bytes saved for backward, peak memory, timing;
@@ -14,6 +15,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from revlib.claims import claim
 from revlib.data import Dataset, load_digits, make_spirals
 from revlib.measure import LineFit, Timing, compare_times, fit_line, forward_backward, peak_memory, saved_tensor_bytes, time_call
 from revlib.runtime import book_scale, book_seed, default_device, resolve_device, seed_everything
@@ -30,6 +32,7 @@ __all__ = [
     "Timing",
     "book_scale",
     "book_seed",
+    "claim",
     "compare_times",
     "default_device",
     "evaluate",

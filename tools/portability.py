@@ -1,0 +1,167 @@
+"""Execute the chapters under other machines' kernels and other seeds, assertions on, and report.
+
+Trained and accumulated results depend on the floating-point kernels that compute them, and those differ
+between CPU makes, generations and GPUs. Environment variables switch PyTorch's, MKL's and oneDNN's kernels
+on one machine, so one machine can stand in for several. Each (chapter, variant, seed) runs in a fresh
+kernel with ``REVLIB_SEED`` set; every :func:`revlib.claim` logs its margin, and the report gives, for
+each claim, the smallest margin seen.
+
+    python tools/portability.py                                 # every chapter, every variant, seeds 0-2
+    python tools/portability.py --variants aten-avx2 --seeds 1  # one variant, one seed (CI)
+    python tools/portability.py --chapters 03 --report FILE     # also write the Markdown report to FILE
+    python tools/portability.py --store --chapters 03           # re-execute and store the outputs nbval compares
+
+The closing line reads ``N passed, M failed``; the exit status is 1 when any run failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAPTERS = ROOT / "chapters"
+
+VARIANTS: dict[str, dict[str, str]] = {
+    "default": {},
+    "aten-generic": {"ATEN_CPU_CAPABILITY": "default"},
+    "aten-avx2": {"ATEN_CPU_CAPABILITY": "avx2"},
+    "mkl-onednn-avx2": {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+}
+# Variables of the caller that would silently turn one variant into another.
+KERNEL_VARIABLES = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR", "REVLIB_SEED", "REVLIB_SCALE")
+
+
+@dataclass
+class Run:
+    """The outcome of one chapter executed under one variant and seed."""
+
+    chapter: str
+    variant: str
+    seed: int
+    seconds: float = 0.0
+    failure: str = ""  # "cell N: AssertionError: ..." when the run failed
+    claims: list[dict] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failure
+
+
+def execute(notebook: Path, variant: str, seed: int, timeout: int, store: bool = False) -> Run:
+    """Run every cell of ``notebook`` in a fresh kernel under ``variant`` and ``seed``; collect its claims.
+
+    With ``store``, a run that passed is written back to ``notebook`` with its fresh outputs.
+    """
+    run = Run(notebook.stem, variant, seed)
+    with tempfile.TemporaryDirectory() as scratch:
+        log = Path(scratch) / "claims.jsonl"
+        env = {key: value for key, value in os.environ.items() if key not in KERNEL_VARIABLES}
+        env.update(VARIANTS[variant], REVLIB_SEED=str(seed), REVLIB_CLAIMS=str(log))
+        cells = nbformat.read(notebook, as_version=4)
+        client = NotebookClient(cells, timeout=timeout, kernel_name="python3", record_timing=False,
+                                resources={"metadata": {"path": str(CHAPTERS)}})
+        start = time.perf_counter()
+        try:
+            client.execute(env=env)
+        except (CellExecutionError, CellTimeoutError, DeadKernelError) as error:
+            run.failure = _describe_failure(cells, error)
+        run.seconds = time.perf_counter() - start
+        if store and run.passed:
+            nbformat.write(cells, notebook)
+        if log.exists():
+            run.claims = [json.loads(line) for line in log.read_text().splitlines()]
+    return run
+
+
+def _describe_failure(cells: nbformat.NotebookNode, error: Exception) -> str:
+    for index, cell in enumerate(cells.cells):
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "error":
+                return f"cell {index}: {output['ename']}: {output['evalue']}"
+    return f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"
+
+
+def report(runs: list[Run], variants: list[str], seeds: list[int]) -> str:
+    """The Markdown report: pass/fail per chapter, variant and seed, then each claim's smallest margin."""
+    chapters = sorted({run.chapter for run in runs})
+    columns = [f"{variant} / {seed}" for variant in variants for seed in seeds]
+    lines = ["| chapter | " + " | ".join(columns) + " |", "| --- |" + " --- |" * len(columns)]
+    outcome = {(run.chapter, run.variant, run.seed): run for run in runs}
+    for chapter in chapters:
+        marks = []
+        for variant in variants:
+            for seed in seeds:
+                run = outcome.get((chapter, variant, seed))
+                marks.append("" if run is None else f"pass ({run.seconds:.0f} s)" if run.passed else "**FAIL**")
+        lines.append(f"| {chapter} | " + " | ".join(marks) + " |")
+    failures = [run for run in runs if not run.passed]
+    if failures:
+        lines += ["", "Failures:", ""]
+        lines += [f"- {run.chapter}, {run.variant}, seed {run.seed}: {run.failure}" for run in failures]
+    lines += ["", "| chapter | claim | bounds | values seen | smallest margin |", "| --- | --- | --- | --- | --- |"]
+    for chapter in chapters:
+        seen: dict[str, list[dict]] = {}
+        for run in runs:
+            if run.chapter == chapter:
+                for entry in run.claims:
+                    seen.setdefault(entry["statement"], []).append(entry)
+        for statement, entries in seen.items():
+            values = [entry["value"] for entry in entries]
+            first = entries[0]
+            bounds = " and ".join(part for part in (first["above"] is not None and f"> {first['above']:.3g}",
+                                                     first["below"] is not None and f"< {first['below']:.3g}") if part)
+            lines.append(f"| {chapter} | {statement} | {bounds} | {min(values):.3g} to {max(values):.3g} | "
+                         f"{min(entry['margin'] for entry in entries):.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--chapters", nargs="*", default=[], help="chapter file prefixes, e.g. 03 04 (default: all)")
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per cell")
+    parser.add_argument("--report", type=Path, help="also write the Markdown report to this file")
+    parser.add_argument("--store", action="store_true",
+                        help="write each chapter back with its fresh outputs (default kernels and seed 0 only)")
+    arguments = parser.parse_args()
+    if arguments.store and (arguments.variants != ["default"] or arguments.seeds != [0]):
+        arguments.variants, arguments.seeds = ["default"], [0]
+        if sys.argv.count("--variants") or sys.argv.count("--seeds"):
+            parser.error("--store keeps the outputs of the default kernels and seed 0; leave out --variants and --seeds")
+    notebooks = sorted(path for path in CHAPTERS.glob("*.ipynb")
+                       if not arguments.chapters or any(path.name.startswith(prefix) for prefix in arguments.chapters))
+    if not notebooks:
+        parser.error(f"no chapter in {CHAPTERS} starts with any of {arguments.chapters}")
+    jobs = [(notebook, variant, seed) for variant in arguments.variants for seed in arguments.seeds for notebook in notebooks]
+    runs = []
+    with tqdm(jobs, desc="portability", unit="run", file=sys.stderr) as progress:
+        for notebook, variant, seed in progress:
+            progress.set_postfix_str(f"{notebook.stem[:24]} {variant} seed {seed}")
+            run = execute(notebook, variant, seed, arguments.timeout, store=arguments.store)
+            if not run.passed:
+                progress.write(f"FAILED {run.chapter}, {variant}, seed {seed}: {run.failure}")
+            runs.append(run)
+    text = report(runs, arguments.variants, arguments.seeds)
+    print(text)
+    if arguments.report:
+        arguments.report.write_text(text + "\n")
+    failed = sum(not run.passed for run in runs)
+    print(f"{len(runs) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
