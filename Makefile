@@ -38,7 +38,8 @@ CI_SEED ?= 1
 # The whole portability matrix: every chapter under four kernel variants and seeds 0-2 (about 45 minutes on
 # two cores). Its report is the table in the book's Reproducibility appendix.
 portability: $(INSTALLED)
-	$(PYTHON) tools/portability.py --report book/portability-report.md
+	rm -f _build/portability-runs.jsonl; mkdir -p _build
+	$(PYTHON) tools/portability.py --results _build/portability-runs.jsonl --report book/portability-report.md
 
 # Re-execute every chapter (default kernels, seed 0) and store its outputs, which nbval compares.
 outputs: $(INSTALLED)

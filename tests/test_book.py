@@ -56,7 +56,7 @@ def test_opening_chapter_shows_figures_and_numbered_equations(html: Path) -> Non
 
 def test_api_reference_documents_the_library(html: Path) -> None:
     page = (html / "book" / "api.html").read_text()
-    for name in ("revlib.data.load_digits", "revlib.training.fit", "revlib.measure.saved_tensor_bytes", "revlib.measure.peak_memory",
+    for name in ("revlib.claims.claim", "revlib.data.load_digits", "revlib.training.fit", "revlib.measure.saved_tensor_bytes", "revlib.measure.peak_memory",
                  "revlib.backprop.MLP", "revlib.residual.loss_surface", "revlib.reversible.ReversibleSequence"):
         assert f'id="{name}"' in page, f"{name} is missing from the API reference"
 
@@ -65,3 +65,10 @@ def test_bibliography_lists_the_sources(html: Path) -> None:
     page = (html / "book" / "bibliography.html").read_text()
     for title in ("The Reversible Residual Network", "Neural Ordinary Differential Equations", "Linear Backprop"):
         assert title in page
+
+
+def test_reproducibility_appendix_shows_the_last_portability_report(html: Path) -> None:
+    page = (html / "book" / "reproducibility.html").read_text()
+    assert "smallest margin" in page, "the appendix must include the report written by make portability"
+    for chapter in sorted(path.stem for path in (ROOT / "chapters").glob("*.ipynb")):
+        assert chapter in page, f"{chapter} is missing from the portability report: run make portability"

@@ -9,6 +9,8 @@ each claim, the smallest margin seen.
     python tools/portability.py                                 # every chapter, every variant, seeds 0-2
     python tools/portability.py --variants aten-avx2 --seeds 1  # one variant, one seed (CI)
     python tools/portability.py --chapters 03 --report FILE     # also write the Markdown report to FILE
+    python tools/portability.py --chapters 03 --results RUNS    # keep the runs in RUNS; a re-run replaces its
+                                                                # earlier outcome, the report covers them all
     python tools/portability.py --store --chapters 03           # re-execute and store the outputs nbval compares
 
 The closing line reads ``N passed, M failed``; the exit status is 1 when any run failed.
@@ -22,7 +24,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import nbformat
@@ -127,6 +129,14 @@ def report(runs: list[Run], variants: list[str], seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
+def load_runs(path: Path | None) -> dict[tuple[str, str, int], Run]:
+    """The runs kept in ``path`` (one JSON object a line), keyed by chapter, variant and seed."""
+    if path is None or not path.exists():
+        return {}
+    runs = [Run(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    return {(run.chapter, run.variant, run.seed): run for run in runs}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--chapters", nargs="*", default=[], help="chapter file prefixes, e.g. 03 04 (default: all)")
@@ -134,6 +144,7 @@ def main() -> int:
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     parser.add_argument("--timeout", type=int, default=900, help="seconds per cell")
     parser.add_argument("--report", type=Path, help="also write the Markdown report to this file")
+    parser.add_argument("--results", type=Path, help="keep every run in this JSON-lines file and report on all it holds")
     parser.add_argument("--store", action="store_true",
                         help="write each chapter back with its fresh outputs (default kernels and seed 0 only)")
     arguments = parser.parse_args()
@@ -146,6 +157,7 @@ def main() -> int:
     if not notebooks:
         parser.error(f"no chapter in {CHAPTERS} starts with any of {arguments.chapters}")
     jobs = [(notebook, variant, seed) for variant in arguments.variants for seed in arguments.seeds for notebook in notebooks]
+    kept = load_runs(arguments.results)
     runs = []
     with tqdm(jobs, desc="portability", unit="run", file=sys.stderr) as progress:
         for notebook, variant, seed in progress:
@@ -154,7 +166,14 @@ def main() -> int:
             if not run.passed:
                 progress.write(f"FAILED {run.chapter}, {variant}, seed {seed}: {run.failure}")
             runs.append(run)
-    text = report(runs, arguments.variants, arguments.seeds)
+            if arguments.results:
+                kept[run.chapter, run.variant, run.seed] = run
+                arguments.results.write_text("".join(json.dumps(asdict(each)) + "\n" for each in kept.values()))
+    if arguments.results:
+        runs = sorted(kept.values(), key=lambda each: (each.chapter, list(VARIANTS).index(each.variant), each.seed))
+    variants = [variant for variant in VARIANTS if any(run.variant == variant for run in runs)]
+    seeds = sorted({run.seed for run in runs})
+    text = report(runs, variants, seeds)
     print(text)
     if arguments.report:
         arguments.report.write_text(text + "\n")

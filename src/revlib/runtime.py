@@ -5,8 +5,10 @@ library falls back to :func:`default_device`: CUDA when PyTorch sees a GPU, else
 environment variable ``REVLIB_DEVICE`` names another device (``REVLIB_DEVICE=cpu`` on a GPU machine
 reproduces the book's CPU figures).
 
-Chapters run at a small default scale (minutes on two CPU cores). ``REVLIB_SCALE=large`` asks them for a
-larger one, meant for a GPU; :func:`book_scale` reads it.
+Chapters run at a small default scale (minutes on two CPU cores); :func:`book_scale` reads
+``REVLIB_SCALE``, reserved for larger configurations meant for a GPU that the chapters do not have yet.
+Every chapter starts its experiments from :func:`book_seed` (``REVLIB_SEED``), so that its claims can be
+checked from several seeds.
 """
 
 from __future__ import annotations

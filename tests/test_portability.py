@@ -1,0 +1,73 @@
+"""tools/portability.py: a variant's kernels and the seed reach the chapter's kernel, failures name their cell."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("portability", ROOT / "tools" / "portability.py")
+portability = importlib.util.module_from_spec(spec)
+sys.modules["portability"] = portability
+spec.loader.exec_module(portability)
+
+
+def notebook(path: Path, *sources: str) -> Path:
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source) for source in sources]), path)
+    return path
+
+
+def test_variant_and_seed_reach_the_kernel_and_claims_are_collected(tmp_path: Path) -> None:
+    path = notebook(tmp_path / "probe.ipynb",
+                    "import os, revlib\nseed = revlib.book_seed()",
+                    "revlib.claim('the seed is two', seed, above=1.5, below=2.5)\n"
+                    "assert os.environ['ATEN_CPU_CAPABILITY'] == 'avx2'")
+    run = portability.execute(path, "aten-avx2", 2, timeout=120)
+    assert run.passed, run.failure
+    assert [(entry["statement"], entry["value"]) for entry in run.claims] == [("the seed is two", 2.0)]
+
+
+def test_a_failing_claim_names_the_cell_and_the_statement(tmp_path: Path) -> None:
+    path = notebook(tmp_path / "failing.ipynb", "import revlib", "x = 1", "revlib.claim('x is large', x, above=10)", "never = 1")
+    run = portability.execute(path, "default", 0, timeout=120)
+    assert not run.passed
+    assert run.failure.startswith("cell 2: AssertionError: x is large: measured 1")
+    assert run.claims[0]["margin"] < 0
+
+
+def test_store_writes_outputs_only_when_the_run_passes(tmp_path: Path) -> None:
+    path = notebook(tmp_path / "store.ipynb", "print(6 * 7)")
+    assert portability.execute(path, "default", 0, timeout=120, store=True).passed
+    assert nbformat.read(path, as_version=4).cells[0].outputs[0]["text"] == "42\n"
+    failing = notebook(tmp_path / "fails.ipynb", "raise ValueError('no')")
+    portability.execute(failing, "default", 0, timeout=120, store=True)
+    assert nbformat.read(failing, as_version=4).cells[0].outputs == []
+
+
+def test_report_lists_every_run_and_each_claims_smallest_margin() -> None:
+    claim = {"statement": "ratio small", "above": None, "below": 1.0}
+    runs = [portability.Run("03_x", "default", 0, 10.0, "", [dict(claim, value=0.5, margin=0.5)]),
+            portability.Run("03_x", "aten-avx2", 0, 11.0, "cell 4: AssertionError: boom", [dict(claim, value=0.9, margin=0.1)])]
+    text = portability.report(runs, ["default", "aten-avx2"], [0])
+    assert "| 03_x | pass (10 s) | **FAIL** |" in text
+    assert "- 03_x, aten-avx2, seed 0: cell 4: AssertionError: boom" in text
+    assert "| 03_x | ratio small | < 1 | 0.5 to 0.9 | 0.10 |" in text
+
+
+@pytest.mark.parametrize("variant", list(portability.VARIANTS))
+def test_every_variant_sets_only_known_kernel_variables(variant: str) -> None:
+    assert set(portability.VARIANTS[variant]) <= set(portability.KERNEL_VARIABLES)
+
+
+def test_kept_runs_are_read_back_by_chapter_variant_and_seed(tmp_path: Path) -> None:
+    import json
+    from dataclasses import asdict
+
+    runs = [portability.Run("03_x", "default", 0, 10.0, "cell 1: AssertionError: old"), portability.Run("03_x", "default", 0, 9.0)]
+    path = tmp_path / "runs.jsonl"
+    path.write_text("".join(json.dumps(asdict(run)) + "\n" for run in runs))
+    kept = portability.load_runs(path)
+    assert list(kept) == [("03_x", "default", 0)] and kept["03_x", "default", 0].passed, "a later run replaces an earlier one"
+    assert portability.load_runs(tmp_path / "absent.jsonl") == {}
