@@ -95,19 +95,23 @@ def _describe_failure(cells: nbformat.NotebookNode, error: Exception) -> str:
     return f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"
 
 
-def report(runs: list[Run], variants: list[str], seeds: list[int]) -> str:
-    """The Markdown report: pass/fail per chapter, variant and seed, then each claim's smallest margin."""
+def report(runs: list[Run]) -> str:
+    """The Markdown report: pass/fail per chapter, variant and seed, then each claim's values and smallest margin.
+
+    Margins below 0.1 are set in bold: those claims hold with less than a tenth of their bound to spare.
+    """
     chapters = sorted({run.chapter for run in runs})
-    columns = [f"{variant} / {seed}" for variant in variants for seed in seeds]
-    lines = ["| chapter | " + " | ".join(columns) + " |", "| --- |" + " --- |" * len(columns)]
+    variants = [variant for variant in VARIANTS if any(run.variant == variant for run in runs)]
+    seeds = sorted({run.seed for run in runs})
     outcome = {(run.chapter, run.variant, run.seed): run for run in runs}
+    lines = ["| chapter | variant | " + " | ".join(f"seed {seed}" for seed in seeds) + " |", "| --- | --- |" + " --- |" * len(seeds)]
     for chapter in chapters:
-        marks = []
         for variant in variants:
+            marks = []
             for seed in seeds:
                 run = outcome.get((chapter, variant, seed))
                 marks.append("" if run is None else f"pass ({run.seconds:.0f} s)" if run.passed else "**FAIL**")
-        lines.append(f"| {chapter} | " + " | ".join(marks) + " |")
+            lines.append(f"| {chapter} | {variant} | " + " | ".join(marks) + " |")
     failures = [run for run in runs if not run.passed]
     if failures:
         lines += ["", "Failures:", ""]
@@ -124,8 +128,9 @@ def report(runs: list[Run], variants: list[str], seeds: list[int]) -> str:
             first = entries[0]
             bounds = " and ".join(part for part in (first["above"] is not None and f"> {first['above']:.3g}",
                                                      first["below"] is not None and f"< {first['below']:.3g}") if part)
-            lines.append(f"| {chapter} | {statement} | {bounds} | {min(values):.3g} to {max(values):.3g} | "
-                         f"{min(entry['margin'] for entry in entries):.2f} |")
+            margin = min(entry["margin"] for entry in entries)
+            shown = f"**{margin:.2f}**" if margin < 0.1 else f"{margin:.2f}"
+            lines.append(f"| {chapter} | {statement} | {bounds} | {min(values):.3g} to {max(values):.3g} ({len(values)} run{'s' * (len(values) != 1)}) | {shown} |")
     return "\n".join(lines)
 
 
@@ -140,23 +145,27 @@ def load_runs(path: Path | None) -> dict[tuple[str, str, int], Run]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--chapters", nargs="*", default=[], help="chapter file prefixes, e.g. 03 04 (default: all)")
-    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="kernel variants (default: all)")
+    parser.add_argument("--seeds", nargs="+", type=int, help="values of REVLIB_SEED (default: 0 1 2)")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per cell")
     parser.add_argument("--report", type=Path, help="also write the Markdown report to this file")
     parser.add_argument("--results", type=Path, help="keep every run in this JSON-lines file and report on all it holds")
+    parser.add_argument("--report-only", action="store_true", help="run nothing: report on the runs kept in --results")
     parser.add_argument("--store", action="store_true",
                         help="write each chapter back with its fresh outputs (default kernels and seed 0 only)")
     arguments = parser.parse_args()
-    if arguments.store and (arguments.variants != ["default"] or arguments.seeds != [0]):
-        arguments.variants, arguments.seeds = ["default"], [0]
-        if sys.argv.count("--variants") or sys.argv.count("--seeds"):
+    if arguments.store:
+        if arguments.variants or arguments.seeds:
             parser.error("--store keeps the outputs of the default kernels and seed 0; leave out --variants and --seeds")
+        arguments.variants, arguments.seeds = ["default"], [0]
+    if arguments.report_only and not arguments.results:
+        parser.error("--report-only reports on the runs kept in --results: name that file")
     notebooks = sorted(path for path in CHAPTERS.glob("*.ipynb")
                        if not arguments.chapters or any(path.name.startswith(prefix) for prefix in arguments.chapters))
     if not notebooks:
         parser.error(f"no chapter in {CHAPTERS} starts with any of {arguments.chapters}")
-    jobs = [(notebook, variant, seed) for variant in arguments.variants for seed in arguments.seeds for notebook in notebooks]
+    jobs = [] if arguments.report_only else [(notebook, variant, seed) for variant in arguments.variants or list(VARIANTS)
+                                             for seed in arguments.seeds or [0, 1, 2] for notebook in notebooks]
     kept = load_runs(arguments.results)
     runs = []
     with tqdm(jobs, desc="portability", unit="run", file=sys.stderr) as progress:
@@ -171,9 +180,7 @@ def main() -> int:
                 arguments.results.write_text("".join(json.dumps(asdict(each)) + "\n" for each in kept.values()))
     if arguments.results:
         runs = sorted(kept.values(), key=lambda each: (each.chapter, list(VARIANTS).index(each.variant), each.seed))
-    variants = [variant for variant in VARIANTS if any(run.variant == variant for run in runs)]
-    seeds = sorted({run.seed for run in runs})
-    text = report(runs, variants, seeds)
+    text = report(runs)
     print(text)
     if arguments.report:
         arguments.report.write_text(text + "\n")
