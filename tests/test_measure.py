@@ -130,3 +130,14 @@ def test_compare_times_interleaves_the_calls() -> None:
     assert set(timings) == {"a", "b"} and all(len(t.times) == 3 for t in timings.values())
     with pytest.raises(ValueError, match="at least one"):
         compare_times({})
+    with pytest.raises(ValueError, match="repeats must be positive, got 0"):
+        compare_times({"a": lambda: None}, repeats=0)
+
+
+def test_import_revlib_needs_no_posix_only_module() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['resource'] = None; import revlib, revlib.measure; print('ok')"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.stdout.strip() == "ok", result.stderr[-2000:]

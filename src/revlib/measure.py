@@ -21,7 +21,6 @@ import json
 import os
 import pickle
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -199,6 +198,8 @@ def _peak_rss_child() -> None:
         fn(*args)
         peak_bytes = (_status_kib("VmHWM") - before) * BYTES_PER_KIB
     else:  # macOS and others: ru_maxrss is the whole process's peak (bytes on macOS, KiB on Linux)
+        import resource  # POSIX only, so imported where it is needed: `import revlib` works on Windows
+
         unit = 1 if sys.platform == "darwin" else 1024
         fn(*args)
         peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit
@@ -326,6 +327,8 @@ def compare_times(
         raise ValueError("calls must name at least one call")
     if warmup < 0:
         raise ValueError(f"warmup must be non-negative, got {warmup}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be positive, got {repeats}")
     device = resolve_device(device)
     for _ in range(warmup):
         for call in calls.values():
