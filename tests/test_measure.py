@@ -141,3 +141,12 @@ def test_import_revlib_needs_no_posix_only_module() -> None:
     code = "import sys; sys.modules['resource'] = None; import revlib, revlib.measure; print('ok')"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_peak_memory_on_the_cpu_stops_a_process_that_runs_too_long() -> None:
+    import time
+
+    with pytest.raises(RuntimeError, match="longer than timeout=0.5 seconds"):
+        peak_memory(time.sleep, 30, device="cpu", timeout=0.5)
+    with pytest.raises(ValueError, match="timeout must be a positive"):
+        peak_memory(time.sleep, 0, device="cpu", timeout=0)

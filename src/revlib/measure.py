@@ -94,7 +94,7 @@ def _device_of(args: tuple[Any, ...]) -> torch.device:
     return torch.device("cpu")
 
 
-def peak_memory(fn: Callable[..., Any], *args: Any, device: torch.device | str | None = None) -> int:
+def peak_memory(fn: Callable[..., Any], *args: Any, device: torch.device | str | None = None, timeout: float = 600.0) -> int:
     """Peak memory, in bytes, that one call of ``fn(*args)`` adds to what is already allocated.
 
     ``fn`` is called twice; the second call is measured. The first (warm-up) pays one-off costs: lazy
@@ -120,15 +120,20 @@ def peak_memory(fn: Callable[..., Any], *args: Any, device: torch.device | str |
         fn: the step, e.g. :func:`forward_backward`.
         *args: its arguments, e.g. ``(model, inputs)``.
         device: ``"cuda"`` or ``"cpu"``; ``None`` takes the device of the first tensor or module in ``args``.
+        timeout: on the CPU, seconds the measuring process may run (both calls and its start) before it is
+            stopped.
 
     Raises:
         TypeError: on the CPU, ``fn`` or ``args`` cannot be pickled.
-        RuntimeError: the measuring process failed (its error output is included).
+        ValueError: ``timeout`` is not positive.
+        RuntimeError: the measuring process failed (its error output is included) or ran out of time.
     """
+    if not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout}")
     device = _device_of(args) if device is None else resolve_device(device)
     if device.type == "cuda":
         return _peak_cuda(fn, args, device)
-    return _peak_cpu_subprocess(fn, args)
+    return _peak_cpu_subprocess(fn, args, timeout)
 
 
 def _peak_cuda(fn: Callable[..., Any], args: tuple[Any, ...], device: torch.device) -> int:
@@ -142,7 +147,7 @@ def _peak_cuda(fn: Callable[..., Any], args: tuple[Any, ...], device: torch.devi
     return torch.cuda.max_memory_allocated(device) - before
 
 
-def _peak_cpu_subprocess(fn: Callable[..., Any], args: tuple[Any, ...]) -> int:
+def _peak_cpu_subprocess(fn: Callable[..., Any], args: tuple[Any, ...], timeout: float) -> int:
     payload = io.BytesIO()
     try:
         torch.save({"fn": fn, "args": args, "threads": torch.get_num_threads()}, payload)
@@ -152,13 +157,17 @@ def _peak_cpu_subprocess(fn: Callable[..., Any], args: tuple[Any, ...]) -> int:
             f"(module-level functions and importable classes): {error}"
         ) from error
     environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    child = subprocess.run(
-        [sys.executable, "-c", "from revlib.measure import _peak_rss_child; _peak_rss_child()"],
-        input=payload.getvalue(),
-        capture_output=True,
-        env=environment,
-        check=False,
-    )
+    try:
+        child = subprocess.run(
+            [sys.executable, "-c", "from revlib.measure import _peak_rss_child; _peak_rss_child()"],
+            input=payload.getvalue(),
+            capture_output=True,
+            env=environment,
+            check=False,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as error:
+        raise RuntimeError(f"the peak-memory process ran longer than timeout={timeout} seconds and was stopped") from error
     if child.returncode != 0:
         raise RuntimeError(
             "the peak-memory process failed; if fn or an argument's class is defined in a notebook or "
