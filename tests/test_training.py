@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from revlib.data import Dataset, load_digits
+import revlib
 from revlib.training import History, evaluate, fit
 
 
@@ -71,3 +72,16 @@ def test_fit_rejects_bad_arguments(kwargs: dict, match: str) -> None:
     model = small_mlp()
     with pytest.raises(ValueError, match=match):
         fit(model, load_digits(flat=True), torch.optim.SGD(model.parameters(), lr=0.1), **kwargs)
+
+
+def test_fit_steps_the_scheduler_after_every_optimiser_step() -> None:
+    data = revlib.make_spirals(96, device="cpu")
+    model = torch.nn.Linear(2, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5**step)
+    revlib.fit(model, data, optimizer, epochs=2, batch_size=32, progress=False, scheduler=scheduler)
+    steps = 2 * math.ceil(len(data.x_train) / 32)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**steps)
+    with pytest.raises(TypeError, match="scheduler must be"):
+        other = torch.optim.SGD(model.parameters(), lr=0.1)
+        revlib.fit(model, data, optimizer, epochs=1, progress=False, scheduler=torch.optim.lr_scheduler.StepLR(other, 1))

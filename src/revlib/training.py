@@ -162,11 +162,12 @@ def fit(
     seed: int = 0,
     progress: bool = True,
     device: torch.device | str | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> History:
     """Train ``model`` on ``data.x_train`` with mini-batches and record a :class:`History`.
 
-    Every mini-batch makes one step: ``loss_fn(model(x), y).backward()``, then ``optimizer.step()``; the
-    batches are drawn as in :func:`train_epochs`.
+    Every mini-batch makes one step: ``loss_fn(model(x), y).backward()``, then ``optimizer.step()`` and,
+    when given, ``scheduler.step()``; the batches are drawn as in :func:`train_epochs`.
 
     Args:
         model: the network; moved to ``device``.
@@ -178,11 +179,16 @@ def fit(
         seed: seed of the shuffling order.
         progress: show a ``tqdm`` progress bar (on standard error) with the running loss.
         device: where to train (``None``: the data's device).
+        scheduler: a learning-rate schedule of ``optimizer``, stepped after every optimiser step (so a
+            schedule over the whole run spans ``epochs * ceil(len(x_train) / batch_size)`` steps).
 
     Raises:
         ValueError: ``epochs`` or ``batch_size`` is not positive, or the training set is empty.
+        TypeError: ``scheduler`` is not a learning-rate scheduler of ``optimizer``.
     """
     _check_loop_arguments(epochs, batch_size, data)
+    if scheduler is not None and getattr(scheduler, "optimizer", None) is not optimizer:
+        raise TypeError("scheduler must be a torch.optim.lr_scheduler scheduler built on the optimizer passed to fit")
     device = data.x_train.device if device is None else resolve_device(device)
     model.to(device)
     if data.x_train.device != device:
@@ -194,6 +200,8 @@ def fit(
         loss = loss_fn(outputs, y)
         loss.backward()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         return loss.item(), outputs.detach()
 
     def assess(x: Tensor, y: Tensor) -> tuple[float, float]:
