@@ -26,13 +26,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from revlib.adjoint import ODEResNet, TorchdiffeqResNet, flat_gradient, gradient_error, smooth_in_depth_
+from revlib.adjoint import ODEResNet, TorchdiffeqResNet, flat_gradient, gradient_error, smooth_in_depth_, tanh_residuals
 from revlib.measure import compare_times, forward_backward, peak_memory, saved_tensor_bytes
 from revlib.runtime import resolve_device
-
-
-def residuals(depth: int, width: int) -> list[nn.Module]:
-    return [nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, width)) for _ in range(depth)]
 
 
 def torchdiffeq_error(model: ODEResNet, inputs: Tensor, loss_fn: Callable[[Tensor], Tensor]) -> float:
@@ -60,7 +56,7 @@ def main() -> None:
     print("-" * len(header))
     for depth in arguments.depths:
         torch.manual_seed(0)
-        model = smooth_in_depth_(ODEResNet(residuals(depth, arguments.width)).to(device), generator=torch.Generator().manual_seed(0))
+        model = smooth_in_depth_(ODEResNet(tanh_residuals(depth, arguments.width)).to(device), generator=torch.Generator().manual_seed(0))
         variants: dict[str, nn.Module] = {
             "backprop": model,
             "adjoint": ODEResNet(model.residuals, gradient="adjoint"),

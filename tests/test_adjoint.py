@@ -6,13 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from revlib.adjoint import DepthVectorField, ODEResNet, gradient_error, interpolate_depth, smooth_in_depth_
+from revlib.adjoint import DepthVectorField, ODEResNet, gradient_error, interpolate_depth, smooth_in_depth_, tanh_residuals
 from revlib.measure import saved_tensor_bytes
 
 
 def mlp_residuals(depth: int, width: int = 6, seed: int = 0) -> list[nn.Module]:
     torch.manual_seed(seed)
-    return [nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, width)) for _ in range(depth)]
+    return tanh_residuals(depth, width)
 
 
 def squared(out: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,23 @@
+import pickle
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
-from revlib.data import load_digits, make_spirals
+from revlib.data import find_cifar10, load_cifar10, load_digits, make_spirals
+
+
+def write_cifar10(root: Path, per_batch: int = 12, seed: int = 0) -> Path:
+    """A miniature CIFAR-10 in the distributed format: pickled dicts with bytes keys, rows of 3 x 1024 pixels."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    generator = np.random.default_rng(seed)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": generator.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                 b"labels": [int(label) for label in generator.integers(0, 10, per_batch)]}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    return folder
 
 
 def test_digits_images_and_vectors(device: torch.device) -> None:
@@ -76,3 +92,35 @@ def test_dataset_to_moves_and_casts() -> None:
     data = load_digits(flat=True).to("cpu", dtype=torch.float64)
     assert data.x_train.dtype == torch.float64 and data.y_train.dtype == torch.long
     assert "digits" in repr(data) and "1347 train" in repr(data)
+
+
+def test_cifar10_is_read_from_a_local_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = write_cifar10(tmp_path)
+    with open(folder / "data_batch_1", "rb") as file:
+        first = pickle.load(file, encoding="bytes")
+    for root in (tmp_path, folder):
+        assert find_cifar10(root) == folder
+    monkeypatch.setenv("REVLIB_DATA", str(tmp_path))
+    data = load_cifar10(dtype=torch.float64, device="cpu")
+    assert data.name == "cifar10" and data.classes == 10
+    assert data.x_train.shape == (60, 3, 32, 32) and data.x_test.shape == (12, 3, 32, 32)
+    assert data.y_train[:12].tolist() == first[b"labels"]
+    per_channel = data.x_train.transpose(0, 1).reshape(3, -1)
+    assert torch.allclose(per_channel.mean(1), torch.zeros(3, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(per_channel.std(1, unbiased=False), torch.ones(3, dtype=torch.float64), atol=1e-12)
+    red = first[b"data"][0, :1024].reshape(32, 32).astype(np.float64)  # the first image's red channel, as stored
+    recovered = data.x_train[0, 0].numpy()
+    assert np.allclose((red - red.mean()) / red.std(), (recovered - recovered.mean()) / recovered.std())
+
+
+def test_cifar10_missing_or_malformed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("REVLIB_DATA", raising=False)
+    assert find_cifar10() is None and find_cifar10(tmp_path) is None
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        load_cifar10(tmp_path)
+    folder = write_cifar10(tmp_path)
+    (folder / "test_batch").write_bytes(pickle.dumps({b"pixels": []}))
+    with pytest.raises(ValueError, match="not a CIFAR-10 batch"):
+        load_cifar10(tmp_path)
+    with pytest.raises(TypeError, match="dtype"):
+        load_cifar10(tmp_path, dtype=torch.int64)

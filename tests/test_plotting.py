@@ -33,6 +33,12 @@ def test_show_images_accepts_channel_dimension_and_checks_labels() -> None:
         plotting.show_images(torch.rand(3, 2, 8, 8))
 
 
+def test_show_images_shows_colour_images_stretched_to_the_unit_range() -> None:
+    figure = plotting.show_images(torch.randn(4, 3, 32, 32) * 5, columns=4)
+    shown = figure.axes[0].images[0].get_array()
+    assert shown.shape == (32, 32, 3) and shown.min() == 0 and shown.max() == 1
+
+
 def test_plot_points_needs_two_dimensional_inputs() -> None:
     figure = plotting.plot_points(torch.rand(10, 2), torch.randint(0, 3, (10,)))
     assert len(figure.axes) == 1

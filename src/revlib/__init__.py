@@ -4,7 +4,8 @@ The companion library of the book. One module per chapter, plus shared infrastru
 
 * :mod:`revlib.runtime` — devices, seeding, the chapters' scale;
 * :mod:`revlib.claims` — the chapters' assertions about measured quantities, with their margins;
-* :mod:`revlib.data` — data sets that need no network;
+* :mod:`revlib.settings` — every chapter's experiments at the small and the large scale;
+* :mod:`revlib.data` — data sets that need no network (and CIFAR-10 from a local copy);
 * :mod:`revlib.training` — the training loop and its history;
 * :mod:`revlib.measure` — bytes saved for backward, peak memory, timing;
 * :mod:`revlib.plotting` — the book's figure style (imported on first use, as it loads matplotlib).
@@ -16,9 +17,10 @@ import importlib
 from types import ModuleType
 
 from revlib.claims import claim
-from revlib.data import Dataset, load_digits, make_spirals
+from revlib.data import Dataset, find_cifar10, load_cifar10, load_digits, make_spirals
 from revlib.measure import LineFit, Timing, compare_times, fit_line, forward_backward, peak_memory, saved_tensor_bytes, time_call
 from revlib.runtime import book_scale, book_seed, default_device, resolve_device, seed_everything
+from revlib.settings import chapter_settings
 from revlib.training import History, evaluate, fit
 
 __version__ = "0.1.0"
@@ -32,13 +34,16 @@ __all__ = [
     "Timing",
     "book_scale",
     "book_seed",
+    "chapter_settings",
     "claim",
     "compare_times",
     "default_device",
     "evaluate",
     "fit",
+    "find_cifar10",
     "fit_line",
     "forward_backward",
+    "load_cifar10",
     "load_digits",
     "make_spirals",
     "peak_memory",

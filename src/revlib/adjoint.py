@@ -112,6 +112,24 @@ class _AdjointFunction(torch.autograd.Function):
         )
 
 
+def tanh_residuals(depth: int, width: int, *, hidden: int | None = None) -> list[nn.Module]:
+    r"""The residual functions the chapter's experiments use, :math:`f_n(x) = W_{n,2} \tanh(W_{n,1} x + b_{n,1}) + b_{n,2}`.
+
+    Args:
+        depth: how many functions (the :math:`N` of an :class:`ODEResNet`).
+        width: features of :math:`x`, kept by every function.
+        hidden: features of the tanh layer (default ``width``).
+
+    Raises:
+        ValueError: a size is not positive.
+    """
+    hidden = width if hidden is None else hidden
+    for name, size in (("depth", depth), ("width", width), ("hidden", hidden)):
+        if size < 1:
+            raise ValueError(f"{name} must be positive, got {size}")
+    return [nn.Sequential(nn.Linear(width, hidden), nn.Tanh(), nn.Linear(hidden, width)) for _ in range(depth)]
+
+
 class ODEResNet(nn.Module):
     r"""A ResNet read as an ODE solver: :math:`N` shape-preserving residual functions, step :math:`h = 1/N`.
 

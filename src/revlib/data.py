@@ -8,20 +8,29 @@
   separable, every decision boundary can be drawn in the plane, and the set can be made as large as a
   GPU experiment wants; that is why the book uses it next to the digits (the Neural-ODE chapter watches
   how a flow moves these points).
+* :func:`load_cifar10` — CIFAR-10 (60,000 colour 32×32 images in 10 classes, Krizhevsky 2009), read from
+  the user's own copy of the "python version" (the folder ``cifar-10-batches-py``) for the chapters'
+  larger, GPU-sized configurations. It is never downloaded: :func:`find_cifar10` says whether it is there.
 
-Both return a :class:`Dataset` whose tensors live on the requested device.
+All return a :class:`Dataset` whose tensors live on the requested device.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import pickle
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from revlib.runtime import resolve_device
+
+DATA_VARIABLE = "REVLIB_DATA"
+CIFAR10_FOLDER = "cifar-10-batches-py"
 
 
 @dataclass(frozen=True)
@@ -188,4 +197,88 @@ def make_spirals(
         x_test=x[:test_size].to(device=device, dtype=dtype),
         y_test=y[:test_size].to(device),
         classes=classes,
+    )
+
+
+def find_cifar10(root: str | os.PathLike[str] | None = None) -> Path | None:
+    """The folder of the user's CIFAR-10 copy (python version), or ``None`` when there is none.
+
+    Looks in ``root`` when given, else in the directory named by ``REVLIB_DATA``; either may be the
+    ``cifar-10-batches-py`` folder itself or its parent. Nothing is ever downloaded.
+    """
+    if root is None:
+        root = os.environ.get(DATA_VARIABLE)
+        if not root:
+            return None
+    for folder in (Path(root), Path(root) / CIFAR10_FOLDER):
+        if (folder / "test_batch").is_file() and (folder / "data_batch_1").is_file():
+            return folder
+    return None
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One pickled CIFAR batch: pixels ``(n, 3, 32, 32)`` uint8 and labels ``(n,)`` int64."""
+    with open(path, "rb") as file:
+        batch = pickle.load(file, encoding="bytes")  # the files were written by Python 2: keys are bytes
+    try:
+        pixels = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)  # rows: 1024 R, 1024 G, 1024 B
+        labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{path} is not a CIFAR-10 batch (a dict with b'data' of n x 3072 bytes and b'labels')") from error
+    if len(pixels) != len(labels):
+        raise ValueError(f"{path} holds {len(pixels)} images but {len(labels)} labels")
+    return pixels, labels
+
+
+def load_cifar10(
+    root: str | os.PathLike[str] | None = None,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Dataset:
+    r"""CIFAR-10 from a local copy of its python version: 50,000 training and 10,000 test images ``(N, 3, 32, 32)``.
+
+    Each colour channel :math:`c` is standardised with the training set's mean and standard deviation,
+    :math:`x_c = (p_c - \mu_c) / \sigma_c`. The files are read as they are distributed (``data_batch_1``
+    … ``data_batch_5`` and ``test_batch`` in ``cifar-10-batches-py``); revlib never downloads them.
+
+    Args:
+        root: the ``cifar-10-batches-py`` folder or its parent (``None``: the directory in ``REVLIB_DATA``).
+        device: where the tensors live (``None``: :func:`revlib.runtime.default_device`).
+        dtype: floating dtype of the inputs.
+
+    Raises:
+        FileNotFoundError: no CIFAR-10 copy at ``root`` (or ``REVLIB_DATA``); the message says where to put it.
+        ValueError: a batch file is not in the CIFAR-10 format.
+        TypeError: ``dtype`` is not a floating-point dtype.
+    """
+    if not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+    folder = find_cifar10(root)
+    if folder is None:
+        where = f"root={str(root)!r}" if root is not None else f"{DATA_VARIABLE}={os.environ.get(DATA_VARIABLE, '')!r}"
+        raise FileNotFoundError(
+            f"no CIFAR-10 copy found ({where}): unpack the python version (cifar-10-python.tar.gz) so that "
+            f"{CIFAR10_FOLDER}/data_batch_1 ... test_batch lie there, and pass root= or set {DATA_VARIABLE}; "
+            "revlib never downloads data"
+        )
+    train_files = sorted(folder.glob("data_batch_*"))
+    parts = [_read_cifar_batch(path) for path in train_files]
+    train_pixels = np.concatenate([pixels for pixels, _ in parts])
+    train_labels = np.concatenate([labels for _, labels in parts])
+    test_pixels, test_labels = _read_cifar_batch(folder / "test_batch")
+    mean = train_pixels.mean(axis=(0, 2, 3), keepdims=True)  # (1, 3, 1, 1)
+    std = train_pixels.std(axis=(0, 2, 3), keepdims=True)
+    device = resolve_device(device)
+
+    def inputs(pixels: np.ndarray) -> Tensor:
+        return torch.as_tensor((pixels - mean) / std, dtype=dtype, device=device)
+
+    return Dataset(
+        name="cifar10",
+        x_train=inputs(train_pixels),
+        y_train=torch.as_tensor(train_labels, device=device),
+        x_test=inputs(test_pixels),
+        y_test=torch.as_tensor(test_labels, device=device),
+        classes=10,
     )

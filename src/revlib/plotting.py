@@ -83,8 +83,12 @@ def show_images(
 ) -> Figure:
     """A grid of images, each titled with its label.
 
+    Colour images are shown with each one's values stretched to [0, 1] (standardised inputs are not
+    pixel values any more); grey-scale ones through ``cmap``.
+
     Args:
-        images: ``(N, H, W)`` or ``(N, 1, H, W)`` grey-scale images (CPU or GPU tensors, or an array).
+        images: ``(N, H, W)`` or ``(N, 1, H, W)`` grey-scale images, or ``(N, 3, H, W)`` colour images
+            (CPU or GPU tensors, or an array).
         labels: an optional label per image.
         columns: images per row.
         cmap: the colour map (dark ink on white by default).
@@ -92,8 +96,12 @@ def show_images(
     array = images.detach().cpu().numpy() if isinstance(images, Tensor) else np.asarray(images)
     if array.ndim == 4 and array.shape[1] == 1:
         array = array[:, 0]
-    if array.ndim != 3:
-        raise ValueError(f"images must have shape (N, H, W) or (N, 1, H, W), got {array.shape}")
+    elif array.ndim == 4 and array.shape[1] == 3:
+        low = array.min(axis=(1, 2, 3), keepdims=True)
+        high = array.max(axis=(1, 2, 3), keepdims=True)
+        array = ((array - low) / np.maximum(high - low, 1e-12)).transpose(0, 2, 3, 1)  # (N, H, W, 3) in [0, 1]
+    if array.ndim != 3 and not (array.ndim == 4 and array.shape[-1] == 3):
+        raise ValueError(f"images must have shape (N, H, W), (N, 1, H, W) or (N, 3, H, W), got {array.shape}")
     if labels is not None and len(labels) != len(array):
         raise ValueError(f"labels has {len(labels)} entries for {len(array)} images")
     columns = min(columns, len(array))

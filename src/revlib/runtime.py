@@ -6,7 +6,8 @@ environment variable ``REVLIB_DEVICE`` names another device (``REVLIB_DEVICE=cpu
 reproduces the book's CPU figures).
 
 Chapters run at a small default scale (minutes on two CPU cores); :func:`book_scale` reads
-``REVLIB_SCALE``, reserved for larger configurations meant for a GPU that the chapters do not have yet.
+``REVLIB_SCALE``, and ``REVLIB_SCALE=large`` selects each chapter's larger configuration, meant for a GPU
+(:func:`revlib.settings.chapter_settings`).
 Every chapter starts its experiments from :func:`book_seed` (``REVLIB_SEED``), so that its claims can be
 checked from several seeds.
 """

@@ -1,0 +1,350 @@
+"""The chapters' experiments at two scales: ``small`` (the default) and ``large`` (meant for a GPU).
+
+Every chapter reads its sizes, depths, epochs and data from one frozen dataclass,
+
+    settings = revlib.chapter_settings("reversible")   # the scale named by REVLIB_SCALE, "small" by default
+
+so that ``REVLIB_SCALE=large`` re-runs the same chapter with bigger networks, more epochs and, for the
+image experiments, CIFAR-10 read from the reader's own copy (:func:`revlib.data.load_cifar10`; the digits
+when there is none, nothing is downloaded). The small settings are the ones the stored outputs come from:
+each chapter runs in minutes on two CPU cores. The large ones are sized for one GPU.
+
+Each settings object also builds the networks its chapter trains (``training_runs``), so that the test suite can
+build every large configuration and train it for one step on the CPU (``tests/test_settings.py``).
+Claims whose bound depends on the data (a test accuracy) read it from ``accuracy_floor``: the digits are
+easy, CIFAR-10 is not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple
+
+import torch
+from torch import nn
+
+from revlib.adjoint import GradientMode
+from revlib.data import Dataset, find_cifar10, load_cifar10, load_digits
+from revlib.runtime import Scale, book_scale, resolve_device
+
+ImageData = Literal["digits", "cifar10"]
+
+
+class TrainingRun(NamedTuple):
+    """One network a chapter trains: how to build it, and the data it is trained on."""
+
+    build: Callable[[], nn.Module]
+    data: Dataset
+
+
+def _image_data(preferred: ImageData, device: torch.device | str | None) -> Dataset:
+    """``preferred`` images: CIFAR-10 when asked for and the reader has a copy, the digits otherwise."""
+    if preferred == "cifar10" and find_cifar10() is not None:
+        return load_cifar10(device=device)
+    return load_digits(device=device)
+
+
+@dataclass(frozen=True)
+class _ImageSettings:
+    """Settings whose experiments classify images, and the accuracy each data set must reach."""
+
+    image_data: ImageData = "digits"
+    accuracy_floor: Mapping[str, float] = field(default_factory=lambda: {"digits": 0.95, "cifar10": 0.6})
+
+    def load_images(self, device: torch.device | str | None = None) -> Dataset:
+        """The chapter's images: CIFAR-10 when ``image_data`` asks for it and :func:`revlib.data.find_cifar10`
+        finds a copy (``REVLIB_DATA``), else the digits."""
+        return _image_data(self.image_data, device)
+
+    def floor(self, data: Dataset) -> float:
+        """The test accuracy the chapter's claims expect on ``data``."""
+        return self.accuracy_floor[data.name]
+
+
+@dataclass(frozen=True)
+class IntroSettings(_ImageSettings):
+    """Chapter 00: a small CNN trained with :func:`revlib.fit`."""
+
+    channels: tuple[int, int] = (16, 32)
+    epochs: int = 15
+    batch_size: int = 64
+    learning_rate: float = 2e-3
+
+    def model(self, data: Dataset, device: torch.device | str | None = None) -> nn.Sequential:
+        """Two 3×3 convolutions (the second with stride 2) and a linear read-out, sized for ``data``'s images."""
+        in_channels, height, width = data.feature_shape
+        first, second = self.channels
+        return nn.Sequential(
+            nn.Conv2d(in_channels, first, kernel_size=3, padding=1), nn.ReLU(),  # (B, first, H, W)
+            nn.Conv2d(first, second, kernel_size=3, padding=1, stride=2), nn.ReLU(),  # (B, second, H/2, W/2)
+            nn.Flatten(), nn.Linear(second * ((height + 1) // 2) * ((width + 1) // 2), data.classes),  # (B, classes)
+        ).to(resolve_device(device))
+
+    def training_runs(self, device: torch.device | str | None = None) -> dict[str, TrainingRun]:
+        """The networks the chapter trains, by name, with their data."""
+        data = self.load_images(device)
+        return {"CNN": TrainingRun(lambda: self.model(data, device), data)}
+
+
+@dataclass(frozen=True)
+class BackpropSettings:
+    """Chapter 01: the hand-written MLP, and the sizes of the memory and timing measurements."""
+
+    hidden: tuple[int, ...] = (128, 64)
+    epochs: int = 20
+    batch_size: int = 32
+    learning_rate: float = 0.05
+    weight_decay: float = 1e-4
+    sweep_width: int = 256
+    sweep_batch: int = 512
+    sweep_depths: tuple[int, ...] = (1, 2, 4, 8, 12, 16)
+    peak_width: int = 512
+    peak_batch: int = 1024
+    peak_depths: tuple[int, ...] = (2, 4, 8, 12, 16)
+    timing_width: int = 512
+    timing_batch: int = 1024
+
+    def training_runs(self, device: torch.device | str | None = None) -> dict[str, TrainingRun]:
+        """The network the chapter trains (as the autograd twin of its hand-written MLP), with its data."""
+        from revlib.backprop import MLP
+
+        data = load_digits(flat=True, device=device)
+        sizes = [data.feature_shape[0], *self.hidden, data.classes]
+        return {"MLP": TrainingRun(lambda: MLP(sizes, "relu", weight_decay=self.weight_decay, device=device).to_module(), data)}
+
+
+@dataclass(frozen=True)
+class ResidualSettings:
+    """Chapter 02: plain and residual tanh MLPs over a range of depths."""
+
+    width: int = 64
+    depths: tuple[int, ...] = (1, 2, 4, 8, 16)
+    epochs: int = 15
+    learning_rate: float = 0.05
+    lesion_depth: int = 4
+
+    def network(self, data: Dataset, depth: int, residual: bool, device: torch.device | str | None = None) -> nn.Module:
+        """The chapter's network with ``depth`` blocks: :func:`revlib.residual.mlp_network` with tanh."""
+        from revlib.residual import mlp_network
+
+        return mlp_network(data.feature_shape[0], self.width, depth, data.classes, residual=residual, activation="tanh", device=device)
+
+    def training_runs(self, device: torch.device | str | None = None) -> dict[str, TrainingRun]:
+        """The networks the chapter trains, by name, with their data."""
+        data = load_digits(flat=True, device=device)
+        return {f"{'residual' if residual else 'plain'}, {depth} blocks":
+                TrainingRun(lambda depth=depth, residual=residual: self.network(data, depth, residual, device), data)
+                for residual in (False, True) for depth in self.depths}
+
+
+@dataclass(frozen=True)
+class ReversibleSettings(_ImageSettings):
+    """Chapter 03: RevNet against ResNet, the memory and time sweeps, and the reversible Transformer."""
+
+    widths: tuple[int, ...] = (32, 64)
+    revnet_blocks: int = 4
+    resnet_blocks: int = 2
+    epochs: int = 12
+    batch_size: int = 64
+    learning_rate: float = 2e-3
+    runs: int = 3
+    memory_channels: int = 32
+    memory_batch: int = 64
+    memory_depths: tuple[int, ...] = (4, 8, 16, 32, 64, 128)
+    peak_depths: tuple[int, ...] = (4, 16, 64)
+    timing_depths: tuple[int, int] = (8, 32)
+    transformer_features: int = 32
+    transformer_layers: int = 4
+    transformer_epochs: int = 10
+    transformer_floor: Mapping[str, float] = field(default_factory=lambda: {"digits": 0.9, "cifar10": 0.45})
+
+    def revnet(self, data: Dataset, device: torch.device | str | None = None) -> nn.Module:
+        """The RevNet with ``revnet_blocks`` reversible blocks per stage."""
+        from revlib.reversible import RevNet
+
+        return RevNet(self.widths, self.revnet_blocks, in_channels=data.feature_shape[0], classes=data.classes, device=device)
+
+    def resnet(self, data: Dataset, device: torch.device | str | None = None) -> nn.Module:
+        """The ResNet of about the RevNet's size (half as many blocks, each twice as wide inside)."""
+        from revlib.reversible import ResNet
+
+        return ResNet(self.widths, self.resnet_blocks, in_channels=data.feature_shape[0], classes=data.classes, device=device)
+
+    def transformer(self, sequences: Dataset, device: torch.device | str | None = None) -> nn.Module:
+        """The reversible Transformer for ``sequences`` (from :meth:`sequences`)."""
+        from revlib.reversible import ReversibleTransformer
+
+        length, token_features = sequences.feature_shape
+        return ReversibleTransformer(token_features, length, features=self.transformer_features, heads=4,
+                                     layers=self.transformer_layers, classes=sequences.classes, device=device)
+
+    def training_runs(self, device: torch.device | str | None = None) -> dict[str, TrainingRun]:
+        """The RevNet, the ResNet and the reversible Transformer (on image rows), with their data."""
+        images = self.load_images(device)
+        sequences = self.sequences(images)
+        return {
+            "RevNet": TrainingRun(lambda: self.revnet(images, device), images),
+            "ResNet": TrainingRun(lambda: self.resnet(images, device), images),
+            "reversible Transformer": TrainingRun(lambda: self.transformer(sequences, device), sequences),
+        }
+
+    @staticmethod
+    def sequences(data: Dataset) -> Dataset:
+        """The images as sequences for the Transformer: each image row is a token, ``(N, H, C·W)``."""
+
+        def rows(images: torch.Tensor) -> torch.Tensor:
+            count, channels, height, width = images.shape
+            return images.permute(0, 2, 1, 3).reshape(count, height, channels * width)  # (N, H, C·W)
+
+        return Dataset(f"{data.name} rows", rows(data.x_train), data.y_train, rows(data.x_test), data.y_test, data.classes)
+
+
+@dataclass(frozen=True)
+class ODESettings:
+    """Chapter 04: ODE-ResNets of tanh residual functions on the flat digits."""
+
+    width: int = 64
+    error_depths: tuple[int, ...] = (4, 8, 16, 32, 64, 128, 256)
+    interpolated_depths: tuple[int, ...] = (8, 16, 32, 64, 128, 256)
+    training_depths: tuple[int, ...] = (1, 2, 4, 8, 16)
+    epochs: int = 10
+    learning_rate: float = 1e-2
+    memory_depths: tuple[int, ...] = (4, 16, 64, 256)
+    comparison_depths: tuple[int, ...] = (8, 32, 128)
+
+    def classifier(self, data: Dataset, depth: int, *, gradient: GradientMode = "backprop", seed: int = 0,
+                   device: torch.device | str | None = None) -> nn.Sequential:
+        """A frozen random linear read-out after an :class:`~revlib.adjoint.ODEResNet` of ``depth`` tanh steps
+        initialised smooth in depth (:func:`~revlib.adjoint.smooth_in_depth_` with a generator seeded by
+        ``seed``), so that all learning happens in the ODE block. The read-out is created first, then the
+        residual functions, both from the global random state."""
+        from revlib.adjoint import ODEResNet, smooth_in_depth_, tanh_residuals
+
+        features = data.feature_shape[0]
+        readout = nn.Linear(features, data.classes).requires_grad_(False)
+        ode = ODEResNet(tanh_residuals(depth, features, hidden=self.width), gradient=gradient)
+        smooth_in_depth_(ode, generator=torch.Generator().manual_seed(seed))
+        return nn.Sequential(ode, readout).to(resolve_device(device))
+
+    def training_runs(self, device: torch.device | str | None = None) -> dict[str, TrainingRun]:
+        """The networks the chapter trains, by name, with their data."""
+        data = load_digits(flat=True, device=device)
+        return {f"N={depth}, {mode}": TrainingRun(lambda depth=depth, mode=mode: self.classifier(data, depth, gradient=mode, device=device), data)
+                for depth in self.training_depths for mode in ("backprop", "adjoint")}
+
+
+ACTIVATION_NAMES = ("relu", "tanh", "sigmoid")
+
+
+@dataclass(frozen=True)
+class LinearBackpropSettings(_ImageSettings):
+    """Chapter 05: the five-point problem, MLPs and a residual CNN under both rules, binary networks, timing."""
+
+    accuracy_floor: Mapping[str, float] = field(default_factory=lambda: {"digits": 0.9, "cifar10": 0.5})
+    five_point_inits: int = 50
+    five_point_steps: int = 300
+    mlp_width: int = 128
+    mlp_epochs: int = 15
+    cnn_channels: int = 16
+    cnn_blocks: int = 3
+    cnn_epochs: int = 8
+    binary_width: int = 256
+    binary_epochs: int = 10
+    timing_width: int = 1024
+    timing_batch: int = 512
+
+    def mlp(self, data: Dataset, activation: str, device: torch.device | str | None = None) -> nn.Sequential:
+        """Three hidden layers of ``mlp_width`` units with ``activation`` and a linear output."""
+        from revlib.residual import ACTIVATIONS
+
+        sizes = [data.feature_shape[0], self.mlp_width, self.mlp_width, self.mlp_width]
+        layers: list[nn.Module] = []
+        for fan_in, fan_out in zip(sizes, sizes[1:]):
+            layers += [nn.Linear(fan_in, fan_out), ACTIVATIONS[activation]()]
+        return nn.Sequential(*layers, nn.Linear(self.mlp_width, data.classes)).to(resolve_device(device))
+
+    def cnn(self, data: Dataset, activation: str, device: torch.device | str | None = None) -> nn.Module:
+        """The residual CNN with BatchNorm: :func:`revlib.residual.conv_network`."""
+        from revlib.residual import conv_network
+
+        return conv_network(data.feature_shape[0], self.cnn_channels, self.cnn_blocks, data.classes, residual=True, activation=activation, device=device)
+
+    def binary_network(self, data: Dataset, clip: float | None, device: torch.device | str | None = None) -> nn.Sequential:
+        """Two hidden layers of sign units (:class:`~revlib.linear_backprop.SignSTE`), each after BatchNorm."""
+        from revlib.linear_backprop import SignSTE
+
+        width = self.binary_width
+        return nn.Sequential(
+            nn.Linear(data.feature_shape[0], width), nn.BatchNorm1d(width), SignSTE(clip),
+            nn.Linear(width, width), nn.BatchNorm1d(width), SignSTE(clip), nn.Linear(width, data.classes),
+        ).to(resolve_device(device))
+
+    def training_runs(self, device: torch.device | str | None = None) -> dict[str, TrainingRun]:
+        """The networks the chapter trains on real data, by name, with their data: MLPs and binary networks on
+        the flat digits, residual CNNs on the chapter's images."""
+        vectors, images = load_digits(flat=True, device=device), self.load_images(device)
+        runs = {f"MLP {a}": TrainingRun(lambda a=a: self.mlp(vectors, a, device), vectors) for a in ACTIVATION_NAMES}
+        runs |= {f"residual CNN {a}": TrainingRun(lambda a=a: self.cnn(images, a, device), images) for a in ("relu", "tanh")}
+        runs |= {f"binary, clip {c}": TrainingRun(lambda c=c: self.binary_network(vectors, c, device), vectors) for c in (1.0, None)}
+        return runs
+
+
+Settings = IntroSettings | BackpropSettings | ResidualSettings | ReversibleSettings | ODESettings | LinearBackpropSettings
+
+CHAPTER_SETTINGS: dict[str, dict[str, Settings]] = {
+    "intro": {
+        "small": IntroSettings(),
+        "large": IntroSettings(image_data="cifar10", channels=(64, 128), epochs=30, batch_size=128),
+    },
+    "backprop": {
+        "small": BackpropSettings(),
+        "large": BackpropSettings(hidden=(1024, 512), epochs=40, sweep_width=1024, sweep_batch=4096, peak_width=2048,
+                                  peak_batch=8192, timing_width=2048, timing_batch=8192),
+    },
+    "residual": {
+        "small": ResidualSettings(),
+        "large": ResidualSettings(width=256, depths=(1, 2, 4, 8, 16, 32), epochs=30),
+    },
+    "reversible": {
+        "small": ReversibleSettings(),
+        "large": ReversibleSettings(image_data="cifar10", accuracy_floor={"digits": 0.95, "cifar10": 0.8}, widths=(64, 128, 256),
+                                    revnet_blocks=8, resnet_blocks=4, epochs=40, batch_size=128, memory_channels=64,
+                                    memory_batch=128, memory_depths=(4, 8, 16, 32, 64, 128, 256), peak_depths=(4, 16, 64, 256),
+                                    transformer_features=128, transformer_layers=8, transformer_epochs=20),
+    },
+    "odes": {
+        "small": ODESettings(),
+        "large": ODESettings(width=256, error_depths=(4, 8, 16, 32, 64, 128, 256, 512, 1024), interpolated_depths=(8, 16, 32, 64, 128, 256, 512, 1024),
+                             training_depths=(1, 2, 4, 8, 16, 32, 64), epochs=30, memory_depths=(4, 16, 64, 256, 1024),
+                             comparison_depths=(8, 32, 128, 512)),
+    },
+    "linear_backprop": {
+        "small": LinearBackpropSettings(),
+        "large": LinearBackpropSettings(image_data="cifar10", five_point_inits=200, mlp_width=512, mlp_epochs=40, cnn_channels=64,
+                                        cnn_blocks=6, cnn_epochs=30, binary_width=1024, binary_epochs=30, timing_width=4096,
+                                        timing_batch=4096),
+    },
+}
+
+
+def chapter_settings(chapter: str, scale: Scale | None = None) -> Settings:
+    """The settings of ``chapter`` at ``scale``.
+
+    Args:
+        chapter: one of ``"intro"``, ``"backprop"``, ``"residual"``, ``"reversible"``, ``"odes"``,
+            ``"linear_backprop"``.
+        scale: ``"small"`` or ``"large"``; ``None`` reads ``REVLIB_SCALE`` (:func:`revlib.runtime.book_scale`).
+
+    Raises:
+        ValueError: an unknown chapter or scale.
+    """
+    if chapter not in CHAPTER_SETTINGS:
+        raise ValueError(f"chapter must be one of {sorted(CHAPTER_SETTINGS)}, got {chapter!r}")
+    if scale is None:
+        scale = book_scale()
+    if scale not in ("small", "large"):
+        raise ValueError(f"scale must be 'small' or 'large', got {scale!r}")
+    return CHAPTER_SETTINGS[chapter][scale]
+
+
