@@ -214,6 +214,32 @@ def test_revnet_and_its_plain_and_checkpointed_twins_compute_the_same(device: to
     assert relative_error(gradients(checkpointed, x, weight), expected) < 1e-12
 
 
+@pytest.mark.parametrize("widths", [(8, 16), (8, 16, 32)])
+def test_checkpointed_revnet_checkpoints_its_blocks_only(widths: tuple[int, ...], monkeypatch: pytest.MonkeyPatch) -> None:
+    """checkpointed=True recomputes the reversible blocks; the downsampling transitions run as ordinary layers."""
+    import revlib.reversible
+
+    checkpointed_modules: list[nn.Module] = []
+    original = revlib.reversible.checkpoint
+
+    def recording_checkpoint(function: nn.Module, *args: object, **kwargs: object) -> torch.Tensor:
+        checkpointed_modules.append(function)
+        return original(function, *args, **kwargs)
+
+    monkeypatch.setattr(revlib.reversible, "checkpoint", recording_checkpoint)
+    model = RevNet(widths, 3, reversible=False, checkpointed=True, device="cpu")
+    model(torch.randn(4, 1, 8, 8)).sum().backward()
+    assert len(checkpointed_modules) == 3 * len(widths), "one checkpoint per reversible block"
+    assert all(isinstance(module, ReversibleBlock) for module in checkpointed_modules), "transitions are not checkpointed"
+    block_input = 4 * widths[0] * 8 * 8 * 4
+    plain = RevNet(widths, 3, reversible=False, device="cpu")
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(4, 1, 8, 8)
+    saved_checkpointed = saved_tensor_bytes(model, x, exclude=model.parameters())
+    assert saved_checkpointed < saved_tensor_bytes(plain, x, exclude=plain.parameters())
+    assert saved_checkpointed >= 3 * block_input, "each block of the first stage keeps its input"
+
+
 def test_revnet_stores_only_transition_activations() -> None:
     x = torch.randn(16, 1, 8, 8)
     shallow, deep = RevNet((8, 16), 1), RevNet((8, 16), 8)

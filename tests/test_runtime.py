@@ -75,3 +75,38 @@ def test_book_seed(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("REVLIB_SEED", bad)
         with pytest.raises(ValueError, match="REVLIB_SEED"):
             book_seed()
+
+
+def test_one_rule_for_device_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    """device=None: what revlib creates goes to default_device() (here REVLIB_DEVICE=meta, so nothing can hide on
+    the CPU by accident); what the caller passes in stays where it is."""
+    from torch import nn
+
+    import revlib
+    from revlib.adjoint import ODEResNet, tanh_residuals
+    from revlib.backprop import MLP
+    from revlib.residual import conv_network, mlp_network
+    from revlib.reversible import ResNet, ReversibleTransformer, RevNet
+
+    digits = revlib.load_digits(flat=True, device="cpu")
+    images = revlib.Dataset("images", torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long), torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long), 10)
+    monkeypatch.setenv("REVLIB_DEVICE", "meta")
+    built = {
+        "RevNet": RevNet((4, 8), 1),
+        "RevNet, plain": RevNet((4, 8), 1, reversible=False),
+        "ResNet": ResNet((4, 8), 1),
+        "ReversibleTransformer": ReversibleTransformer(3, 5, features=8, heads=2),
+        "mlp_network": mlp_network(3, 4, 2, 2, residual=True),
+        "conv_network": conv_network(1, 4, 2, 2, residual=False),
+        "MLP": MLP([3, 4, 2]).to_module(),
+        "chapter_settings": revlib.chapter_settings("intro", "small").model(images),
+    }
+    for name, module in built.items():
+        assert {p.device.type for p in module.parameters()} == {"meta"}, f"{name}: device=None must mean the default device"
+    assert revlib.load_digits().x_train.device.type == "meta" and revlib.make_spirals().x_train.device.type == "meta"
+    ode = ODEResNet(tanh_residuals(2, 3))
+    assert {p.device.type for p in ode.parameters()} == {"cpu"}, "ODEResNet leaves the residual functions it is given where they are"
+    model = nn.Linear(64, 10)
+    revlib.fit(model, digits, torch.optim.SGD(model.parameters(), lr=0.1), epochs=1, progress=False)
+    assert model.weight.device.type == "cpu", "fit trains on the data's device"
+    assert revlib.saved_tensor_bytes(model, digits.x_train[:4].clone()) > 0, "measurements run where their inputs are"

@@ -41,6 +41,9 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from revlib._recompute import ForwardState, check_parameters_unchanged
+from revlib.runtime import resolve_device
+
 Scheme = Literal["euler", "heun"]
 GradientMode = Literal["backprop", "adjoint"]
 SCHEMES = ("euler", "heun")
@@ -73,31 +76,38 @@ class _AdjointFunction(torch.autograd.Function):
     """Run the steps keeping only the output; rebuild each step's input backwards and back-propagate through it."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, residuals: Sequence[nn.Module], scheme: Scheme, *parameters: Tensor) -> Tensor:
+    def forward(ctx: Any, x: Tensor, residuals: Sequence[nn.Module], scheme: Scheme, preserve_rng: bool, *parameters: Tensor) -> Tensor:
         ctx.residuals, ctx.scheme = residuals, scheme  # modules and a name, not tensors: needed to recompute
-        ctx.parameter_ids = [id(p) for p in parameters]  # the order in which backward returns their gradients
+        ctx.states = []  # per step, the random, autocast and buffer states: a few KiB, no activations
         h = 1.0 / len(residuals)
         with torch.no_grad():
             for f in residuals:
-                x = _step(f, x, h, scheme)
-        ctx.save_for_backward(x)  # the only activation kept: x_N
+                state = ForwardState.capture(x.device, preserve_rng)
+                with state.recording(f):
+                    x = _step(f, x, h, scheme)
+                ctx.states.append(state)
+        # the only activation kept is x_N; the parameters are saved so that autograd's version check catches an
+        # in-place change to one of them before backward
+        ctx.save_for_backward(x, *parameters)
         return x
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        (x_next,) = ctx.saved_tensors
+        x_next, *parameters = ctx.saved_tensors
+        check_parameters_unchanged(tuple(parameters), list(dict.fromkeys(p for f in ctx.residuals for p in f.parameters())), "ODEResNet")
         h = 1.0 / len(ctx.residuals)
         adjoint = grad_output  # a_N = ∂L/∂x_N
         parameter_gradients: dict[int, Tensor] = {}  # by id, summed: a residual function may appear twice
-        for f in reversed(ctx.residuals):
-            with torch.no_grad():
-                x = _reverse_step(f, x_next, h, ctx.scheme)  # x̃_n from x̃_{n+1}
-            x = x.detach().requires_grad_(True)
-            wanted = [p for p in f.parameters() if p.requires_grad]
-            with torch.enable_grad():
-                recomputed = _step(f, x, h, ctx.scheme)  # the step at x̃_n, with its graph
-            found = torch.autograd.grad(recomputed, [x, *wanted], adjoint, allow_unused=True)
+        for f, state in zip(reversed(ctx.residuals), reversed(ctx.states)):
+            with state.buffers_restored():
+                with state.replayed(), torch.no_grad():  # the step's own dropout masks and precisions, run at −h
+                    x = _reverse_step(f, x_next, h, ctx.scheme)  # x̃_n from x̃_{n+1}
+                x = x.detach().requires_grad_(True)
+                wanted = [p for p in f.parameters() if p.requires_grad]
+                with state.replayed(), torch.enable_grad():
+                    recomputed = _step(f, x, h, ctx.scheme)  # the step at x̃_n, with its graph
+                found = torch.autograd.grad(recomputed, [x, *wanted], adjoint, allow_unused=True)
             adjoint = found[0]  # a_n = (∂x_{n+1}/∂x_n)ᵀ a_{n+1}, evaluated at x̃_n
             for p, gradient in zip(wanted, found[1:]):
                 if gradient is not None:
@@ -108,7 +118,8 @@ class _AdjointFunction(torch.autograd.Function):
             adjoint if ctx.needs_input_grad[0] else None,  # x
             None,  # residuals
             None,  # scheme
-            *(parameter_gradients.get(key) for key in ctx.parameter_ids),  # every parameter, in the order given
+            None,  # preserve_rng
+            *(parameter_gradients.get(id(p)) for p in parameters),  # every parameter, in the order given
         )
 
 
@@ -139,15 +150,24 @@ class ODEResNet(nn.Module):
     output and, in the backward pass, rebuilds each step's input by running the scheme with step
     :math:`-h` before back-propagating through that one step. Its memory for backward does not grow with
     :math:`N`; its gradients are approximate (exact in the limit :math:`N\to\infty` when the weights are
-    smooth in depth; see :func:`gradient_error`). Like :class:`revlib.reversible.ReversibleSequence` the
-    adjoint mode is ``once_differentiable`` and reads parameters from the modules when the backward pass
-    runs. It does not replay random state: residual functions with dropout need ``gradient="backprop"``.
+    smooth in depth; see :func:`gradient_error`). Like :class:`revlib.reversible.ReversibleSequence`, and
+    through the same mechanism, the adjoint mode replays each step's random state (dropout draws the masks
+    of the forward pass, in the rebuilding step and in the recomputed one), re-enters its autocast state,
+    and leaves BatchNorm's running statistics as the forward pass updated them. It is
+    ``once_differentiable``; it saves the parameters for backward (an in-place change to one fails with
+    autograd's error) and recomputes with the modules' own parameters, raising a clear error if they were
+    replaced in between. Tensors that a residual function captures by closure, rather than holds as
+    parameters or buffers, receive no gradient.
 
     Args:
         residuals: the functions :math:`f_0, \dots, f_{N-1}`, ``nn.Module`` objects that preserve the
             shape of their input.
         scheme: ``"euler"`` or ``"heun"``.
         gradient: ``"backprop"`` or ``"adjoint"``; can be changed later through the attribute.
+        preserve_rng_state: replay each step's random state in the adjoint backward pass (needed for
+            dropout; one copy of the generator state per step, a few KiB).
+        device: move the residual functions there; ``None`` leaves them where they are (they exist already).
+        dtype: cast their floating-point parameters to it; ``None`` leaves them as they are.
 
     Raises:
         ValueError: no residual function, or an unknown scheme or gradient mode. A residual function that
@@ -155,7 +175,16 @@ class ODEResNet(nn.Module):
         TypeError: a residual function is not an ``nn.Module``.
     """
 
-    def __init__(self, residuals: Sequence[nn.Module], scheme: Scheme = "euler", gradient: GradientMode = "backprop") -> None:
+    def __init__(
+        self,
+        residuals: Sequence[nn.Module],
+        scheme: Scheme = "euler",
+        gradient: GradientMode = "backprop",
+        *,
+        preserve_rng_state: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         if len(residuals) == 0:
             raise ValueError("residuals must hold at least one residual function")
@@ -165,6 +194,9 @@ class ODEResNet(nn.Module):
         self.residuals = nn.ModuleList(residuals)
         self.scheme = scheme
         self.gradient = gradient
+        self.preserve_rng_state = preserve_rng_state
+        if device is not None or dtype is not None:
+            self.to(device=None if device is None else resolve_device(device), dtype=dtype)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "scheme" and value not in SCHEMES:
@@ -185,7 +217,7 @@ class ODEResNet(nn.Module):
             for f in self.residuals:
                 x = _step(f, x, h, self.scheme)
             return x
-        return _AdjointFunction.apply(x, list(self.residuals), self.scheme, *self.parameters())
+        return _AdjointFunction.apply(x, list(self.residuals), self.scheme, self.preserve_rng_state, *self.parameters())
 
     def inverse(self, y: Tensor) -> Tensor:
         """The approximate input rebuilt from the output, as the adjoint backward pass rebuilds it."""

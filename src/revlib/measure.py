@@ -111,10 +111,13 @@ def peak_memory(fn: Callable[..., Any], *args: Any, device: torch.device | str |
       ``VmHWM − VmRSS`` around the measured call. Limits: resolution is one page (4 KiB); resident memory
       also counts the interpreter's and libraries' own pages touched during the call (typically well under
       a megabyte after warm-up), and small allocations served from glibc's heap may stay resident after
-      being freed; pages allocated but never written are not counted. On systems without
-      ``/proc/self/clear_refs`` the peak of the whole process since the warm-up's start is used, which
-      can only overstate. ``fn`` must be picklable: a module-level function (e.g. :func:`forward_backward`)
-      whose arguments are built from importable classes, not classes defined in a notebook.
+      being freed; pages allocated but never written are not counted. Where the peak cannot be reset
+      (no ``/proc/self/clear_refs``, e.g. macOS), the child skips the warm-up and reports its peak
+      (``ru_maxrss``) after one cold call less its resident memory before it: still a figure for the call,
+      not the process, but one that also counts one-off costs such as allocating the gradients, and any
+      earlier transient peak of the fresh process (tens of MiB, from importing PyTorch).
+      ``fn`` must be picklable: a module-level function (e.g. :func:`forward_backward`) whose arguments
+      are built from importable classes, not classes defined in a notebook.
 
     Args:
         fn: the step, e.g. :func:`forward_backward`.
@@ -150,7 +153,7 @@ def _peak_cuda(fn: Callable[..., Any], args: tuple[Any, ...], device: torch.devi
 def _peak_cpu_subprocess(fn: Callable[..., Any], args: tuple[Any, ...], timeout: float) -> int:
     payload = io.BytesIO()
     try:
-        torch.save({"fn": fn, "args": args, "threads": torch.get_num_threads()}, payload)
+        torch.save({"fn": fn, "args": args, "threads": torch.get_num_threads(), "reset_peak": _RESET_PEAK_RSS}, payload)
     except (pickle.PicklingError, AttributeError, TypeError) as error:
         raise TypeError(
             "peak_memory on the CPU runs fn(*args) in a fresh process, so fn and args must be picklable "
@@ -185,6 +188,14 @@ def _status_kib(field: str) -> int:
     return int(match.group(1))
 
 
+def _resident_bytes() -> int:
+    """This process's resident memory now: from /proc where there is one, else from ``ps`` (macOS, BSD)."""
+    if os.path.exists("/proc/self/status"):
+        return _status_kib("VmRSS") * BYTES_PER_KIB
+    output = subprocess.run(["ps", "-o", "rss=", "-p", str(os.getpid())], capture_output=True, text=True, check=True).stdout
+    return int(output.split()[0]) * BYTES_PER_KIB  # ps reports kilobytes
+
+
 def _reset_peak_rss() -> bool:
     """Reset Linux's high-water mark of resident memory; False where that is impossible."""
     try:
@@ -195,23 +206,31 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+# Whether the measuring process may reset its peak resident memory (Linux); tests turn it off to check the fallback.
+_RESET_PEAK_RSS = True
+
+
 def _peak_rss_child() -> None:
     """Entry point of the measuring process started by :func:`peak_memory` (reads its payload on stdin)."""
     payload = torch.load(io.BytesIO(sys.stdin.buffer.read()), weights_only=False)
     torch.set_num_threads(payload["threads"])
-    fn, args = payload["fn"], payload["args"]
-    fn(*args)
+    fn, args, may_reset = payload["fn"], payload["args"], payload["reset_peak"]
+    del payload
     gc.collect()
-    if _reset_peak_rss():
+    if may_reset:
+        fn(*args)  # warm-up: one-off costs (kernels, thread pools, .grad buffers) are paid here
+        gc.collect()
+    if may_reset and _reset_peak_rss():
         before = _status_kib("VmRSS")
         fn(*args)
         peak_bytes = (_status_kib("VmHWM") - before) * BYTES_PER_KIB
-    else:  # macOS and others: ru_maxrss is the whole process's peak (bytes on macOS, KiB on Linux)
+    else:  # the peak cannot be reset (macOS and others): the process's peak after one cold call, less what was resident before
         import resource  # POSIX only, so imported where it is needed: `import revlib` works on Windows
 
-        unit = 1 if sys.platform == "darwin" else 1024
+        unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, KiB on Linux
+        before = _resident_bytes()
         fn(*args)
-        peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit
+        peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit - before
     print(json.dumps({"bytes": max(peak_bytes, 0)}))
 
 

@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from revlib.runtime import resolve_device
+
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 """The activations the builders accept, by name."""
 
@@ -136,7 +138,7 @@ def mlp_network(
         residual: add identity shortcuts around the blocks.
         activation: ``"relu"``, ``"tanh"`` or ``"sigmoid"``.
         batch_norm: put a BatchNorm before every activation (He et al. 2016's setting).
-        device: where the parameters live.
+        device: where the parameters live (``None``: :func:`revlib.runtime.default_device`).
         dtype: their dtype.
 
     Raises:
@@ -150,7 +152,7 @@ def mlp_network(
         norm=(lambda: nn.BatchNorm1d(width)) if batch_norm else None,
         head=lambda: [nn.Linear(width, classes)],
         depth=depth, residual=residual, activation=activation,
-    ).to(device=device, dtype=dtype)
+    ).to(device=resolve_device(device), dtype=dtype)
 
 
 def conv_network(
@@ -179,7 +181,7 @@ def conv_network(
         residual: add identity shortcuts around the blocks.
         activation: ``"relu"``, ``"tanh"`` or ``"sigmoid"``.
         batch_norm: put a BatchNorm before every activation.
-        device: where the parameters live.
+        device: where the parameters live (``None``: :func:`revlib.runtime.default_device`).
         dtype: their dtype.
 
     Raises:
@@ -193,7 +195,7 @@ def conv_network(
         norm=(lambda: nn.BatchNorm2d(channels)) if batch_norm else None,
         head=lambda: [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, classes)],
         depth=depth, residual=residual, activation=activation,
-    ).to(device=device, dtype=dtype)
+    ).to(device=resolve_device(device), dtype=dtype)
 
 
 def _pre_activation_network(

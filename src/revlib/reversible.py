@@ -24,15 +24,16 @@ walks the blocks backwards, rebuilding and back-propagating through one block at
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
+
+from revlib._recompute import ForwardState, check_parameters_unchanged
+from revlib.runtime import resolve_device
 
 
 class ReversibleBlock(nn.Module):
@@ -92,55 +93,9 @@ class ReversibleBlock(nn.Module):
         return torch.cat((x1, x2), dim=self.dim)
 
 
-@dataclass(frozen=True)
-class _Replay:
-    """What a recomputation must reproduce of the forward pass: the random state and the autocast state.
-
-    Captured just before ``f`` (or ``g``) ran in the forward pass and restored, inside
-    ``torch.random.fork_rng``, just before it runs again in the backward pass, so that dropout draws the
-    same masks and autocast picks the same precisions, while the caller's random stream is untouched.
-    """
-
-    cpu_rng: Tensor | None
-    cuda_rng: Tensor | None
-    device: torch.device
-    autocast_enabled: bool
-    autocast_dtype: torch.dtype
-
-    @classmethod
-    def capture(cls, device: torch.device, preserve_rng: bool) -> _Replay:
-        kind = device.type
-        return cls(
-            cpu_rng=torch.get_rng_state() if preserve_rng else None,
-            # like torch.utils.checkpoint: only a device whose generator was already used has a state worth keeping
-            cuda_rng=torch.cuda.get_rng_state(device) if preserve_rng and kind == "cuda" and torch.cuda.is_initialized() else None,
-            device=device,
-            autocast_enabled=torch.is_autocast_enabled(kind),
-            autocast_dtype=torch.get_autocast_dtype(kind),
-        )
-
-    @contextmanager
-    def restored(self) -> Iterator[None]:
-        devices = [self.device] if self.cuda_rng is not None else []
-        with torch.random.fork_rng(devices=devices, enabled=self.cpu_rng is not None):
-            if self.cpu_rng is not None:
-                torch.set_rng_state(self.cpu_rng)
-            if self.cuda_rng is not None:
-                torch.cuda.set_rng_state(self.cuda_rng, self.device)
-            with torch.enable_grad(), torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_enabled):
-                yield
-
-
-@contextmanager
-def _buffers_preserved(module: nn.Module) -> Iterator[None]:
-    """Undo any buffer update (BatchNorm's running statistics) made while recomputing ``module``."""
-    saved = [buffer.clone() for buffer in module.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for buffer, value in zip(module.buffers(), saved):
-                buffer.copy_(value)
+def _distinct_parameters(modules: Sequence[nn.Module]) -> list[Tensor]:
+    """The parameters of ``modules`` in the order ``nn.Module.parameters()`` gives them, each once."""
+    return list(dict.fromkeys(p for module in modules for p in module.parameters()))
 
 
 class _ReversibleFunction(torch.autograd.Function):
@@ -149,49 +104,54 @@ class _ReversibleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, blocks: Sequence[ReversibleBlock], preserve_rng: bool, *parameters: Tensor) -> Tensor:
         ctx.blocks = blocks  # the modules themselves (not tensors): needed to recompute f and g
-        ctx.parameter_ids = [id(p) for p in parameters]  # the order in which backward returns their gradients
-        ctx.replays = []  # per block, the (f, g) random and autocast states: a few KiB, no activations
+        ctx.states = []  # per block, the (f, g) random, autocast and buffer states: a few KiB, no activations
         with torch.no_grad():
             x1, x2 = blocks[0].split(x)
             for block in blocks:  # the halves pass from block to block without being concatenated
-                replay_f = _Replay.capture(x.device, preserve_rng)
-                y1 = x1 + block._residual("f", block.f, x2)
-                replay_g = _Replay.capture(x.device, preserve_rng)
-                y2 = x2 + block._residual("g", block.g, y1)
+                state_f = ForwardState.capture(x.device, preserve_rng)
+                with state_f.recording(block.f):
+                    y1 = x1 + block._residual("f", block.f, x2)
+                state_g = ForwardState.capture(x.device, preserve_rng)
+                with state_g.recording(block.g):
+                    y2 = x2 + block._residual("g", block.g, y1)
                 x1, x2 = y1, y2
-                ctx.replays.append((replay_f, replay_g))
+                ctx.states.append((state_f, state_g))
             y = torch.cat((x1, x2), dim=blocks[-1].dim)
-        ctx.save_for_backward(y)  # the only activation kept: the output of the last block
+        # the only activation kept is the last block's output; the parameters are saved so that autograd's
+        # version check catches an in-place change to one of them before backward
+        ctx.save_for_backward(y, *parameters)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        (y,) = ctx.saved_tensors
+        y, *parameters = ctx.saved_tensors
+        check_parameters_unchanged(tuple(parameters), _distinct_parameters(ctx.blocks), "ReversibleSequence")
         last = ctx.blocks[-1]
         y1, y2 = last.split(y.detach())
         dy1, dy2 = last.split(grad_output)
         parameter_gradients: dict[int, Tensor] = {}  # by id, summed: a parameter may be shared between blocks
-        for block, (replay_f, replay_g) in zip(reversed(ctx.blocks), reversed(ctx.replays)):
-            with _buffers_preserved(block):
-                # z1 = y1; rebuild G(z1) with the graph of g only
-                z1 = y1.detach().requires_grad_(True)
-                with replay_g.restored():
+        for block, (state_f, state_g) in zip(reversed(ctx.blocks), reversed(ctx.states)):
+            # z1 = y1; rebuild G(z1) with the graph of g only
+            z1 = y1.detach().requires_grad_(True)
+            with state_g.buffers_restored():
+                with state_g.replayed(), torch.enable_grad():
                     g_out = block.g(z1)
                 dz1, g_parameter_grads = _vjp(g_out, z1, list(block.g.parameters()), dy2)
-                dz1 = dy1 + dz1  # dz1 = dy1 + G'(z1)ᵀ dy2
-                with torch.no_grad():
-                    x2 = y2 - g_out  # x2 = y2 − G(z1)
-                del g_out
-                # rebuild F(x2) with the graph of f only
-                x2 = x2.detach().requires_grad_(True)
-                with replay_f.restored():
+            dz1 = dy1 + dz1  # dz1 = dy1 + G'(z1)ᵀ dy2
+            with torch.no_grad():
+                x2 = y2 - g_out  # x2 = y2 − G(z1)
+            del g_out
+            # rebuild F(x2) with the graph of f only
+            x2 = x2.detach().requires_grad_(True)
+            with state_f.buffers_restored():
+                with state_f.replayed(), torch.enable_grad():
                     f_out = block.f(x2)
                 dx2, f_parameter_grads = _vjp(f_out, x2, list(block.f.parameters()), dz1)
-                dx2 = dy2 + dx2  # dx2 = dy2 + F'(x2)ᵀ dz1
-                with torch.no_grad():
-                    x1 = z1 - f_out  # x1 = z1 − F(x2)
-                del f_out
+            dx2 = dy2 + dx2  # dx2 = dy2 + F'(x2)ᵀ dz1
+            with torch.no_grad():
+                x1 = z1 - f_out  # x1 = z1 − F(x2)
+            del f_out
             for key, gradient in (*f_parameter_grads, *g_parameter_grads):
                 parameter_gradients[key] = parameter_gradients[key] + gradient if key in parameter_gradients else gradient
             y1, y2 = x1, x2.detach()  # this block's input is the previous block's output
@@ -200,7 +160,7 @@ class _ReversibleFunction(torch.autograd.Function):
             torch.cat((dy1, dy2), dim=last.dim) if ctx.needs_input_grad[0] else None,  # x
             None,  # blocks
             None,  # preserve_rng
-            *(parameter_gradients.get(key) for key in ctx.parameter_ids),  # every parameter, in the order given
+            *(parameter_gradients.get(id(p)) for p in parameters),  # every parameter, in the order given
         )
 
 
@@ -223,7 +183,8 @@ class ReversibleSequence(nn.Module):
 
     Built like ``nn.Sequential``: ``ReversibleSequence(block1, block2, ...)``. With gradients enabled the
     forward pass keeps only the final output; the backward pass walks the blocks in reverse, rebuilding
-    each block's input with :meth:`ReversibleBlock.inverse` and back-propagating through that one block
+    each block's input from its output — the arithmetic of :meth:`ReversibleBlock.inverse`, interleaved with the
+    recomputation of :math:`\mathcal G` and :math:`\mathcal F` that the gradients need anyway — and back-propagating through that one block
     (Gomez et al. 2017, Algorithm 1). Memory for activations is therefore constant in the number of
     blocks, at the price of recomputing :math:`\mathcal F` and :math:`\mathcal G` once more each (about
     4 instead of 3 forward-pass equivalents of compute).
@@ -232,10 +193,15 @@ class ReversibleSequence(nn.Module):
     inputs differ from the originals by floating-point error, which grows with depth; see the chapter).
     Randomness inside ``f`` and ``g`` is replayed (``preserve_rng_state``), buffers updated in the
     forward pass (BatchNorm running statistics) are updated once, and ``torch.autocast`` settings are
-    replayed. Under ``torch.no_grad()``, or when neither the input nor any parameter requires grad, the
-    blocks simply run one after another. Parameters are read from the blocks when the backward pass runs,
-    so ``torch.func`` transforms that swap them temporarily (``functional_call``, ``vmap``) are not
-    supported, and a double backward (``create_graph=True``) raises an error.
+    replayed (one mechanism, shared with the adjoint ODE-ResNet). Under ``torch.no_grad()``, or when
+    neither the input nor any parameter requires grad, the blocks simply run one after another.
+
+    The parameters are saved for backward, so an in-place change to one of them between forward and
+    backward (an optimiser step, say) fails with autograd's usual error; the backward pass recomputes with
+    the blocks' own parameters and raises a clear error if they were replaced in between, so ``torch.func``
+    transforms that swap them temporarily (``functional_call``, ``vmap``) are not supported. Tensors that
+    ``f`` or ``g`` capture by closure rather than hold as parameters or buffers receive no gradient: make
+    them parameters. A double backward (``create_graph=True``) raises an error.
 
     Args:
         *blocks: the reversible blocks, all splitting the same dimension.
@@ -351,7 +317,7 @@ class RevNet(nn.Module):
         classes: number of output classes.
         reversible: use :class:`ReversibleSequence` (default) or a plain ``nn.Sequential``.
         checkpointed: with ``reversible=False``, recompute each block in the backward pass.
-        device: where the parameters live.
+        device: where the parameters live (``None``: :func:`revlib.runtime.default_device`).
         dtype: their dtype.
     """
 
@@ -373,18 +339,23 @@ class RevNet(nn.Module):
             raise ValueError("checkpointed=True applies to the plain network; pass reversible=False with it")
         self.checkpointed = checkpointed
 
+        block_stages: list[nn.Module] = []
+
         def stage(width: int) -> nn.Module:
             blocks = [ReversibleBlock(conv_residual(width // 2), conv_residual(width // 2)) for _ in range(blocks_per_stage)]
-            return ReversibleSequence(*blocks) if reversible else nn.Sequential(*blocks)
+            block_stages.append(ReversibleSequence(*blocks) if reversible else nn.Sequential(*blocks))
+            return block_stages[-1]
 
         self.stem, stages, self.head = _classifier_layers(widths, in_channels, classes, stage)
         self.stages = nn.ModuleList(stages)
-        self.to(device=device, dtype=dtype)
+        # positions of the stages of reversible blocks in self.stages (the others are the downsampling transitions)
+        self.block_stage_indices = tuple(index for index, module in enumerate(stages) if any(module is s for s in block_stages))
+        self.to(device=resolve_device(device), dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.stem(x)  # (B, widths[0], H, W)
-        for stage in self.stages:
-            if self.checkpointed and isinstance(stage, nn.Sequential) and torch.is_grad_enabled():
+        for index, stage in enumerate(self.stages):
+            if self.checkpointed and index in self.block_stage_indices and torch.is_grad_enabled():
                 for block in stage:  # store each block's input, recompute its inside during backward
                     x = checkpoint(block, x, use_reentrant=False)
             else:
@@ -407,7 +378,7 @@ class ResNet(nn.Module):
         blocks_per_stage: residual blocks in each stage.
         in_channels: channels of the input images.
         classes: number of output classes.
-        device: where the parameters live.
+        device: where the parameters live (``None``: :func:`revlib.runtime.default_device`).
         dtype: their dtype.
     """
 
@@ -429,7 +400,7 @@ class ResNet(nn.Module):
 
         self.stem, stages, self.head = _classifier_layers(widths, in_channels, classes, stage)
         self.stages = nn.Sequential(*stages)
-        self.to(device=device, dtype=dtype)
+        self.to(device=resolve_device(device), dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.stages(self.stem(x)))
@@ -479,7 +450,7 @@ class ReversibleTransformer(nn.Module):
         classes: number of output classes.
         dropout: dropout inside attention and feed-forward.
         reversible: use :class:`ReversibleSequence` or a plain ``nn.Sequential``.
-        device: where the parameters live.
+        device: where the parameters live (``None``: :func:`revlib.runtime.default_device`).
         dtype: their dtype.
     """
 
@@ -510,7 +481,7 @@ class ReversibleTransformer(nn.Module):
         ]
         self.layers = ReversibleSequence(*blocks) if reversible else nn.Sequential(*blocks)
         self.head = nn.Sequential(nn.LayerNorm(features), nn.Linear(features, classes))
-        self.to(device=device, dtype=dtype)
+        self.to(device=resolve_device(device), dtype=dtype)
 
     def forward(self, tokens: Tensor) -> Tensor:
         x = self.embed(tokens) + self.position  # (B, T, D)

@@ -1,0 +1,107 @@
+"""Replaying part of a forward pass in the backward pass: the one mechanism every recomputing Function shares.
+
+A backward pass that recomputes (reversible blocks, adjoint steps, checkpointed segments) must run each
+piece of the network again *as it ran the first time*: the same dropout masks, the same autocast precisions,
+and without updating BatchNorm's running statistics a second time. :class:`ForwardState` records what that
+takes while the piece runs forward, and :meth:`ForwardState.replayed` and :meth:`ForwardState.buffers_restored` restore it around
+the recomputation, in the manner of ``torch.utils.checkpoint``:
+
+* the CPU random state, and a CUDA device's only if that device's generator had already been initialised,
+  restored inside ``torch.random.fork_rng`` so that the caller's random stream is untouched;
+* the autocast state of the device type (enabled or not, and the dtype), re-entered;
+* the buffers that the piece updated in forward — detected per module by their version counters (BatchNorm
+  in training mode counts its batches in place) — copied before the recomputation and put back after it.
+  Constant buffers are not copied. A module that overwrote a buffer without bumping its version counter
+  would not be detected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class ForwardState:
+    """What recomputing one piece of a forward pass must reproduce (a few KiB: no activations)."""
+
+    device: torch.device
+    cpu_rng: Tensor | None
+    cuda_rng: Tensor | None
+    autocast_enabled: bool
+    autocast_dtype: torch.dtype
+    updated_buffers: list[Tensor] = field(default_factory=list)  # references to the module's own buffers
+
+    @classmethod
+    def capture(cls, device: torch.device, preserve_rng: bool) -> ForwardState:
+        """The random and autocast state now, just before the piece runs on ``device``."""
+        kind = device.type
+        return cls(
+            device=device,
+            cpu_rng=torch.get_rng_state() if preserve_rng else None,
+            # like torch.utils.checkpoint: only a device whose generator was already used has a state worth keeping
+            cuda_rng=torch.cuda.get_rng_state(device) if preserve_rng and kind == "cuda" and torch.cuda.is_initialized() else None,
+            autocast_enabled=torch.is_autocast_enabled(kind),
+            autocast_dtype=torch.get_autocast_dtype(kind),
+        )
+
+    @contextmanager
+    def recording(self, module: nn.Module) -> Iterator[None]:
+        """Run the piece's forward inside this block: notes which of ``module``'s submodules update buffers."""
+        versions = [(child, [buffer._version for buffer in child.buffers(recurse=False)]) for child in module.modules()]
+        yield
+        for child, before in versions:
+            if [buffer._version for buffer in child.buffers(recurse=False)] != before:
+                self.updated_buffers.extend(child.buffers(recurse=False))
+
+    @contextmanager
+    def replayed(self) -> Iterator[None]:
+        """Recompute the piece inside this block: the random state and autocast state of its first run.
+
+        The grad mode is the caller's to choose (``torch.enable_grad()`` to build the piece's graph).
+        """
+        devices = [self.device] if self.cuda_rng is not None else []
+        with torch.random.fork_rng(devices=devices, enabled=self.cpu_rng is not None):
+            if self.cpu_rng is not None:
+                torch.set_rng_state(self.cpu_rng)
+            if self.cuda_rng is not None:
+                torch.cuda.set_rng_state(self.cuda_rng, self.device)
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_enabled):
+                yield
+
+    @contextmanager
+    def buffers_restored(self) -> Iterator[None]:
+        """Put back, on leaving, the buffers the piece updated in its first run (BatchNorm's statistics).
+
+        Wrap the recomputation *and* the backward pass through it: autograd saves the running statistics
+        with BatchNorm's graph, and writing them back before that graph is used would fail its version check.
+        """
+        saved = [buffer.clone() for buffer in self.updated_buffers]
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for buffer, value in zip(self.updated_buffers, saved):
+                    buffer.copy_(value)
+
+
+def check_parameters_unchanged(saved: tuple[Tensor, ...], current: list[Tensor], owner: str) -> None:
+    """Raise a clear error when the parameters a backward pass finds are not the ones its forward pass used.
+
+    ``saved`` come from ``ctx.saved_tensors`` (so autograd has already refused any that were modified in
+    place); ``current`` are the modules' parameters now, in the same order.
+
+    Raises:
+        RuntimeError: a parameter was replaced, added or removed between forward and backward.
+    """
+    if len(saved) != len(current) or any(a is not b for a, b in zip(saved, current)):
+        raise RuntimeError(
+            f"the parameters of the {owner} changed between its forward and backward pass (a parameter was "
+            "replaced, added or removed). The backward pass recomputes the forward one with the modules' "
+            "parameters, so they must stay the same objects until backward has run: replace parameters "
+            "(load_state_dict(..., assign=True), torch.func.functional_call, re-registering) only after it."
+        )

@@ -1,0 +1,145 @@
+"""The recompute mechanism shared by the reversible sequence and the adjoint ODE-ResNet (revlib._recompute):
+random state, autocast and BatchNorm statistics replayed alike, parameters checked between forward and backward."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+from revlib.adjoint import ODEResNet, tanh_residuals
+from revlib.backprop import relative_error
+from revlib.reversible import ReversibleBlock, ReversibleSequence
+
+
+class AutocastRecorder(nn.Module):
+    """A residual function that notes, at every call, whether autocast was on."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(features, features)
+        self.autocast_seen: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.autocast_seen.append(torch.is_autocast_enabled("cpu"))
+        return torch.tanh(self.linear(x))
+
+
+def reversible(make: Callable[[], nn.Module], blocks: int = 3) -> ReversibleSequence:
+    return ReversibleSequence(*[ReversibleBlock(make(), make()) for _ in range(blocks)])
+
+
+def adjoint(make: Callable[[], nn.Module], steps: int = 3, scheme: str = "euler") -> ODEResNet:
+    return ODEResNet([make() for _ in range(steps)], scheme=scheme, gradient="adjoint")  # type: ignore[arg-type]
+
+
+BUILDERS = {
+    "reversible": (lambda make: reversible(make), 8),  # (builder, input features: the halves have 4)
+    "adjoint-euler": (lambda make: adjoint(make), 4),
+    "adjoint-heun": (lambda make: adjoint(make, scheme="heun"), 4),
+}
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_autocast_is_re_entered_in_every_recomputation(name: str) -> None:
+    build, features = BUILDERS[name]
+    torch.manual_seed(0)
+    model = build(lambda: AutocastRecorder(4))
+    x = torch.randn(5, features, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    calls_in_forward = {id(m): len(m.autocast_seen) for m in model.modules() if isinstance(m, AutocastRecorder)}
+    out.float().sum().backward()  # outside autocast, as recommended: the recomputation must re-enter it
+    recorders = [m for m in model.modules() if isinstance(m, AutocastRecorder)]
+    assert all(len(m.autocast_seen) > calls_in_forward[id(m)] for m in recorders), "every function is recomputed"
+    assert all(all(m.autocast_seen) for m in recorders), "autocast must be on in the recomputation as it was in forward"
+
+
+@pytest.mark.parametrize("scheme, calls", [("euler", 1), ("heun", 2)])
+def test_adjoint_updates_batchnorm_statistics_once_per_forward(scheme: str, calls: int) -> None:
+    torch.manual_seed(0)
+    make = lambda: nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 4), nn.Tanh())  # noqa: E731
+    model = adjoint(make, steps=4, scheme=scheme).double()
+    twin = ODEResNet([make() for _ in range(4)], scheme=scheme).double()  # backprop: runs each step once
+    twin.load_state_dict(model.state_dict())
+    x = torch.randn(16, 4, dtype=torch.float64, requires_grad=True)
+    model(x).pow(2).sum().backward()
+    twin(x).pow(2).sum().backward()
+    for key, value in model.state_dict().items():
+        assert torch.allclose(value, twin.state_dict()[key]), f"{key} differs from one forward pass's update"
+    assert all(int(m.num_batches_tracked) == calls for m in model.modules() if isinstance(m, nn.BatchNorm1d))
+
+
+def test_adjoint_replays_dropout_masks() -> None:
+    """With dropout, the adjoint's gradient approximates backprop's through the same masks; without the replay
+    it back-propagates through other masks and is far off."""
+
+    def error(preserve_rng_state: bool) -> float:
+        torch.manual_seed(0)
+        residuals = [nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Dropout(0.3)) for _ in range(32)]
+        model = ODEResNet(residuals, gradient="adjoint", preserve_rng_state=preserve_rng_state).double()
+        x = torch.randn(8, 6, dtype=torch.float64)
+        gradients = []
+        for mode in ("backprop", "adjoint"):
+            model.gradient = mode
+            model.zero_grad(set_to_none=True)
+            torch.manual_seed(1)  # the same masks in both forward passes
+            model(x).pow(2).sum().backward()
+            gradients.append([p.grad.clone() for p in model.parameters()])
+        return relative_error(gradients[1], gradients[0])
+
+    replayed, not_replayed = error(True), error(False)
+    assert replayed < 0.05, f"replayed masks: gradient error {replayed:.3g}"
+    assert not_replayed > 5 * replayed, f"without the replay the error should be much larger: {not_replayed:.3g} vs {replayed:.3g}"
+
+
+def test_adjoint_with_dropout_leaves_the_callers_random_stream_alone() -> None:
+    torch.manual_seed(0)
+    model = ODEResNet([nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5)) for _ in range(4)], gradient="adjoint")
+    torch.manual_seed(5)
+    model(torch.randn(2, 3)).sum().backward()
+    after_backward = torch.rand(3)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        model(torch.randn(2, 3))
+    assert torch.equal(torch.rand(3), after_backward), "backward must not advance the global generator"
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_parameters_replaced_between_forward_and_backward_are_refused(name: str) -> None:
+    build, features = BUILDERS[name]
+    torch.manual_seed(0)
+    model = build(lambda: nn.Sequential(nn.Linear(4, 4), nn.Tanh()))
+    out = model(torch.randn(3, features, requires_grad=True))
+    first_linear = next(m for m in model.modules() if isinstance(m, nn.Linear))
+    first_linear.weight = nn.Parameter(first_linear.weight.detach().clone())
+    with pytest.raises(RuntimeError, match="changed between its forward and backward"):
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_parameters_changed_in_place_between_forward_and_backward_are_refused(name: str) -> None:
+    build, features = BUILDERS[name]
+    torch.manual_seed(0)
+    model = build(lambda: nn.Sequential(nn.Linear(4, 4), nn.Tanh()))
+    out = model(torch.randn(3, features, requires_grad=True))
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)  # e.g. an optimiser step before backward
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+def test_only_buffers_updated_in_forward_are_kept_for_restoring() -> None:
+    from revlib._recompute import ForwardState
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Tanh())
+    model.register_buffer("constant", torch.ones(1000))  # never written: must not be copied at every backward
+    for training, expected in ((True, 3), (False, 0)):
+        model.train(training)
+        state = ForwardState.capture(torch.device("cpu"), preserve_rng=False)
+        with state.recording(model):
+            model(torch.randn(5, 4))
+        assert len(state.updated_buffers) == expected, f"training={training}: {len(state.updated_buffers)} buffers kept"
+        assert all(buffer is not model.constant for buffer in state.updated_buffers)
