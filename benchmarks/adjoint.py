@@ -26,16 +26,17 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from revlib.adjoint import ODEResNet, TorchdiffeqResNet, flat_gradient, gradient_error, smooth_in_depth_, tanh_residuals
+from revlib.adjoint import ODEResNet, TorchdiffeqResNet, gradient_error, smooth_in_depth_, tanh_residuals
 from revlib.measure import compare_times, forward_backward, peak_memory, saved_tensor_bytes
 from revlib.runtime import resolve_device
+from revlib.verify import flat_gradient, relative_error
 
 
 def torchdiffeq_error(model: ODEResNet, inputs: Tensor, loss_fn: Callable[[Tensor], Tensor]) -> float:
     """Relative error of ``odeint_adjoint``'s parameter gradient against backprop through ``model``."""
     parameters = list(model.parameters())
     exact, theirs = (flat_gradient(network, inputs, loss_fn, parameters) for network in (model, TorchdiffeqResNet(model)))
-    return ((theirs - exact).norm() / exact.norm()).item()
+    return relative_error(theirs, exact)
 
 
 def main() -> None:

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from revlib.backprop import ACTIVATIONS, MLP, finite_difference_gradient, loss_and_gradient, relative_error
+from revlib.backprop import ACTIVATIONS, MLP, loss_and_gradient
+from revlib.verify import finite_difference_gradient, relative_error
 from revlib.data import Dataset, load_digits
 from revlib.training import fit
 

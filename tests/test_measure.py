@@ -82,8 +82,8 @@ def test_peak_memory_without_a_resettable_peak_still_measures_one_call(monkeypat
     monkeypatch.setattr(revlib.measure, "_RESET_PEAK_RSS", False)
     sixty_four_mib = functools.partial(torch.ones, 16 * 2**20)  # 16 Mi float32 numbers, all written
     measured = peak_memory(sixty_four_mib, device="cpu")
-    assert 60 * 2**20 < measured < 128 * 2**20, f"measured {measured / 2**20:.1f} MiB for a 64 MiB allocation"
-    assert peak_memory(torch.Tensor.zero_, torch.zeros(10), device="cpu") < 64 * 2**20, "only the fresh process's earlier transient peak"
+    assert 60 * 2**20 < measured < 72 * 2**20, f"measured {measured / 2**20:.1f} MiB for a 64 MiB allocation"
+    assert peak_memory(torch.Tensor.zero_, torch.zeros(10), device="cpu") < 4 * 2**20
 
 
 def test_peak_memory_explains_unpicklable_steps() -> None:

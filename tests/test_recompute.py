@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from revlib.adjoint import ODEResNet, tanh_residuals
-from revlib.backprop import relative_error
+from revlib.verify import relative_error
 from revlib.reversible import ReversibleBlock, ReversibleSequence
 
 

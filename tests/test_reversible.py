@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from revlib.backprop import finite_difference_gradient, relative_error
+from revlib.verify import finite_difference_gradient, relative_error
 from revlib.measure import saved_tensor_bytes
 from revlib.reversible import ResNet, ReversibleBlock, ReversibleSequence, ReversibleTransformer, RevNet
 

@@ -8,6 +8,7 @@ The companion library of the book. One module per chapter, plus shared infrastru
 * :mod:`revlib.data` — data sets that need no network (and CIFAR-10 from a local copy);
 * :mod:`revlib.training` — the training loop and its history;
 * :mod:`revlib.measure` — bytes saved for backward, peak memory, timing;
+* :mod:`revlib.verify` — relative errors, finite differences, flat gradients: the checks of every gradient;
 * :mod:`revlib.plotting` — the book's figure style (imported on first use, as it loads matplotlib).
 """
 

@@ -43,6 +43,7 @@ from torch.autograd.function import once_differentiable
 
 from revlib._recompute import ForwardState, check_parameters_unchanged
 from revlib.runtime import resolve_device
+from revlib.verify import flat_gradient, relative_error  # flat_gradient re-exported: chapter 04 imports it from here
 
 Scheme = Literal["euler", "heun"]
 GradientMode = Literal["backprop", "adjoint"]
@@ -310,14 +311,6 @@ def interpolate_depth(model: ODEResNet, depth: int) -> ODEResNet:
     return ODEResNet(residuals, scheme=model.scheme, gradient=model.gradient)
 
 
-def flat_gradient(network: nn.Module, inputs: Tensor, loss_fn: Callable[[Tensor], Tensor], parameters: Sequence[Tensor]) -> Tensor:
-    """The gradient of ``loss_fn(network(inputs))`` with respect to ``parameters``, concatenated into one
-    vector (computed with :func:`torch.autograd.grad`; ``.grad`` fields are untouched)."""
-    with torch.enable_grad():
-        loss = loss_fn(network(inputs))
-    return torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(parameters))])
-
-
 def gradient_error(model: ODEResNet, inputs: Tensor, loss_fn: Callable[[Tensor], Tensor]) -> float:
     r"""The relative error of the adjoint gradient against the exact one, for one batch:
 
@@ -344,7 +337,7 @@ def gradient_error(model: ODEResNet, inputs: Tensor, loss_fn: Callable[[Tensor],
     finally:
         model.gradient = original
     exact = gradients["backprop"]
-    return ((gradients["adjoint"] - exact).norm() / exact.norm()).item()
+    return relative_error(gradients["adjoint"], exact)
 
 
 class DepthVectorField(nn.Module):

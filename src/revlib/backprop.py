@@ -36,6 +36,7 @@ from revlib.data import Dataset
 from revlib.linear_backprop import LinearBackprop
 from revlib.runtime import resolve_device
 from revlib.training import History, train_epochs
+from revlib.verify import finite_difference_gradient, relative_error  # re-exported: the names chapter 01 uses
 
 LossName = Literal["cross_entropy", "squared"]
 
@@ -312,49 +313,3 @@ class MLP:
             return value.item(), accuracy
 
         return train_epochs(step, assess, data, epochs, batch_size=batch_size, seed=seed, progress=progress)
-
-
-def finite_difference_gradient(function: Callable[[], Tensor], tensor: Tensor, epsilon: float = 1e-6) -> Tensor:
-    r"""Central finite differences of a scalar function with respect to every entry of ``tensor``:
-
-    .. math:: \frac{\partial f}{\partial \theta_i} \approx \frac{f(\theta + \varepsilon e_i) - f(\theta - \varepsilon e_i)}{2\varepsilon},
-
-    with an error of order :math:`\varepsilon^2` (use float64). ``tensor`` is perturbed in place and
-    restored; ``function`` must read it.
-
-    Raises:
-        ValueError: ``epsilon`` is not positive.
-    """
-    if epsilon <= 0:
-        raise ValueError(f"epsilon must be positive, got {epsilon}")
-    gradient = torch.zeros_like(tensor)
-    flat, flat_gradient = tensor.view(-1), gradient.view(-1)
-    with torch.no_grad():
-        for index in range(flat.numel()):
-            original = flat[index].item()
-            flat[index] = original + epsilon
-            above = function().item()
-            flat[index] = original - epsilon
-            below = function().item()
-            flat[index] = original
-            flat_gradient[index] = (above - below) / (2 * epsilon)
-    return gradient
-
-
-def relative_error(computed: Sequence[Tensor], reference: Sequence[Tensor]) -> float:
-    r"""The largest relative error between two lists of tensors, tensor by tensor:
-
-    .. math:: \max_k \frac{\lVert a_k - b_k\rVert}{\max(\lVert b_k\rVert, \epsilon)}, \quad \epsilon = 10^{-30}.
-
-    Raises:
-        ValueError: the lists differ in length or a pair differs in shape.
-    """
-    if len(computed) != len(reference):
-        raise ValueError(f"computed has {len(computed)} tensors, reference {len(reference)}")
-    worst = 0.0
-    for a, b in zip(computed, reference):
-        if a.shape != b.shape:
-            raise ValueError(f"shapes differ: {tuple(a.shape)} and {tuple(b.shape)}")
-        difference = (a.double() - b.double()).norm().item()
-        worst = max(worst, difference / max(b.double().norm().item(), 1e-30))
-    return worst

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -112,10 +113,9 @@ def peak_memory(fn: Callable[..., Any], *args: Any, device: torch.device | str |
       also counts the interpreter's and libraries' own pages touched during the call (typically well under
       a megabyte after warm-up), and small allocations served from glibc's heap may stay resident after
       being freed; pages allocated but never written are not counted. Where the peak cannot be reset
-      (no ``/proc/self/clear_refs``, e.g. macOS), the child skips the warm-up and reports its peak
-      (``ru_maxrss``) after one cold call less its resident memory before it: still a figure for the call,
-      not the process, but one that also counts one-off costs such as allocating the gradients, and any
-      earlier transient peak of the fresh process (tens of MiB, from importing PyTorch).
+      (no ``/proc/self/clear_refs``, e.g. macOS), the child fills the gap between its resident memory and
+      its peak so far (``ru_maxrss``) with a written ballast buffer before the measured call, so that only
+      the call can raise the peak, and reports the peak after the call less the resident memory before it.
       ``fn`` must be picklable: a module-level function (e.g. :func:`forward_backward`) whose arguments
       are built from importable classes, not classes defined in a notebook.
 
@@ -216,21 +216,22 @@ def _peak_rss_child() -> None:
     torch.set_num_threads(payload["threads"])
     fn, args, may_reset = payload["fn"], payload["args"], payload["reset_peak"]
     del payload
+    fn(*args)  # warm-up: one-off costs (kernels, thread pools, .grad buffers) are paid here
     gc.collect()
-    if may_reset:
-        fn(*args)  # warm-up: one-off costs (kernels, thread pools, .grad buffers) are paid here
-        gc.collect()
     if may_reset and _reset_peak_rss():
-        before = _status_kib("VmRSS")
+        before = _status_kib("VmRSS") * BYTES_PER_KIB
         fn(*args)
-        peak_bytes = (_status_kib("VmHWM") - before) * BYTES_PER_KIB
-    else:  # the peak cannot be reset (macOS and others): the process's peak after one cold call, less what was resident before
+        peak_bytes = _status_kib("VmHWM") * BYTES_PER_KIB - before
+    else:  # the peak cannot be reset (macOS and others): lift resident memory up to it, so that only the call raises it
         import resource  # POSIX only, so imported where it is needed: `import revlib` works on Windows
 
         unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, KiB on Linux
+        gap = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit - _resident_bytes()
+        ballast = np.ones(max(gap, 0), dtype=np.uint8)  # written, so resident: the earlier peak, now occupied
         before = _resident_bytes()
         fn(*args)
         peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit - before
+        del ballast
     print(json.dumps({"bytes": max(peak_bytes, 0)}))
 
 

@@ -33,18 +33,37 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from revlib.backprop import ACTIVATIONS
 from revlib.runtime import resolve_device
-
-ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
-"""The activations the builders accept, by name."""
-
-LossFunction = Callable[[Tensor, Tensor], Tensor]
+from revlib.training import LossFunction
 
 
 def _activation(name: str) -> nn.Module:
+    """A fresh module of the activation called ``name`` in :data:`revlib.backprop.ACTIVATIONS`."""
     if name not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {name!r}")
-    return ACTIVATIONS[name]()
+    return ACTIVATIONS[name].module()
+
+
+def pre_activation_residual(
+    layer: Callable[[], nn.Module], *, activation: str = "relu", norm: Callable[[], nn.Module] | None = None
+) -> nn.Sequential:
+    r"""The residual function of pre-activation ResNets (He et al. 2016b),
+
+    .. math:: \mathcal F(x) = L_2\Big(\sigma\big(N_2(L_1(\sigma(N_1(x))))\big)\Big),
+
+    that is [norm →] σ → layer → [norm →] σ → layer, the modules created in that order. ``layer()`` and
+    ``norm()`` make a fresh layer (a linear map or a convolution) and normalisation; with ``norm=None``
+    there is none.
+
+    Raises:
+        ValueError: the activation is unknown.
+    """
+
+    def normalised_activation() -> list[nn.Module]:
+        return [norm(), _activation(activation)] if norm is not None else [_activation(activation)]
+
+    return nn.Sequential(*normalised_activation(), layer(), *normalised_activation(), layer())
 
 
 class SkipBlock(nn.Module):
@@ -136,7 +155,7 @@ def mlp_network(
         depth: number of blocks.
         classes: outputs.
         residual: add identity shortcuts around the blocks.
-        activation: ``"relu"``, ``"tanh"`` or ``"sigmoid"``.
+        activation: a name in :data:`revlib.backprop.ACTIVATIONS` (``"relu"``, ``"tanh"``, ``"sigmoid"``, ``"identity"``).
         batch_norm: put a BatchNorm before every activation (He et al. 2016's setting).
         device: where the parameters live (``None``: :func:`revlib.runtime.default_device`).
         dtype: their dtype.
@@ -179,7 +198,7 @@ def conv_network(
         depth: number of blocks.
         classes: outputs.
         residual: add identity shortcuts around the blocks.
-        activation: ``"relu"``, ``"tanh"`` or ``"sigmoid"``.
+        activation: a name in :data:`revlib.backprop.ACTIVATIONS` (``"relu"``, ``"tanh"``, ``"sigmoid"``, ``"identity"``).
         batch_norm: put a BatchNorm before every activation.
         device: where the parameters live (``None``: :func:`revlib.runtime.default_device`).
         dtype: their dtype.
@@ -213,14 +232,9 @@ def _pre_activation_network(
     Layers are created in that order (stem, blocks, head), so seeded initialisations are reproducible.
     """
 
-    def normalised_activation() -> list[nn.Module]:
-        return [norm(), _activation(activation)] if norm is not None else [_activation(activation)]
-
-    blocks = [
-        SkipBlock(nn.Sequential(*normalised_activation(), layer(), *normalised_activation(), layer()), residual)
-        for _ in range(depth)
-    ]
-    return DeepNetwork(stem, blocks, nn.Sequential(*normalised_activation(), *head()))
+    blocks = [SkipBlock(pre_activation_residual(layer, activation=activation, norm=norm), residual) for _ in range(depth)]
+    head_layers = [norm(), _activation(activation)] if norm is not None else [_activation(activation)]
+    return DeepNetwork(stem, blocks, nn.Sequential(*head_layers, *head()))
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from revlib._recompute import ForwardState, check_parameters_unchanged
+from revlib.residual import SkipBlock, pre_activation_residual
 from revlib.runtime import resolve_device
 
 
@@ -250,23 +251,9 @@ class ReversibleSequence(nn.Module):
 
 
 def conv_residual(channels: int) -> nn.Sequential:
-    """The residual function of the convolutional networks, pre-activation style (He et al. 2016b):
-    BatchNorm → ReLU → 3×3 conv → BatchNorm → ReLU → 3×3 conv, preserving ``(B, channels, H, W)``."""
-    return nn.Sequential(
-        nn.BatchNorm2d(channels), nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1, bias=False),
-        nn.BatchNorm2d(channels), nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1, bias=False),
-    )
-
-
-class ResidualBlock(nn.Module):
-    r"""The ordinary residual block :math:`y = x + \mathcal F(x)`."""
-
-    def __init__(self, residual: nn.Module) -> None:
-        super().__init__()
-        self.residual = residual
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.residual(x)
+    """The residual function of the convolutional networks: :func:`revlib.residual.pre_activation_residual`
+    with BatchNorm, ReLU and 3×3 convolutions without bias, preserving ``(B, channels, H, W)``."""
+    return pre_activation_residual(lambda: nn.Conv2d(channels, channels, 3, padding=1, bias=False), norm=lambda: nn.BatchNorm2d(channels))
 
 
 def _downsample(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -396,7 +383,7 @@ class ResNet(nn.Module):
         _check_widths(widths, blocks_per_stage)
 
         def stage(width: int) -> nn.Module:
-            return nn.Sequential(*[ResidualBlock(conv_residual(width)) for _ in range(blocks_per_stage)])
+            return nn.Sequential(*[SkipBlock(conv_residual(width), residual=True) for _ in range(blocks_per_stage)])
 
         self.stem, stages, self.head = _classifier_layers(widths, in_channels, classes, stage)
         self.stages = nn.Sequential(*stages)

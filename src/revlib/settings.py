@@ -256,12 +256,12 @@ class LinearBackpropSettings(_ImageSettings):
 
     def mlp(self, data: Dataset, activation: str, device: torch.device | str | None = None) -> nn.Sequential:
         """Three hidden layers of ``mlp_width`` units with ``activation`` and a linear output."""
-        from revlib.residual import ACTIVATIONS
+        from revlib.backprop import ACTIVATIONS
 
         sizes = [data.feature_shape[0], self.mlp_width, self.mlp_width, self.mlp_width]
         layers: list[nn.Module] = []
         for fan_in, fan_out in zip(sizes, sizes[1:]):
-            layers += [nn.Linear(fan_in, fan_out), ACTIVATIONS[activation]()]
+            layers += [nn.Linear(fan_in, fan_out), ACTIVATIONS[activation].module()]
         return nn.Sequential(*layers, nn.Linear(self.mlp_width, data.classes)).to(resolve_device(device))
 
     def cnn(self, data: Dataset, activation: str, device: torch.device | str | None = None) -> nn.Module:

@@ -1,0 +1,80 @@
+"""Verification: the checks every chapter and test uses to show that a gradient is right.
+
+* :func:`relative_error` — how far computed tensors are from reference ones, relative to the reference;
+* :func:`finite_difference_gradient` — a gradient by central differences, to check backprop against;
+* :func:`flat_gradient` — a network's parameter gradient as one vector, to compare two ways of computing it.
+
+They were first written for the chapters on backpropagation and Neural ODEs, and are still importable from
+:mod:`revlib.backprop` and :mod:`revlib.adjoint` under the same names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+_TINY = 1e-30  # keeps the relative error finite when the reference is zero
+
+
+def relative_error(computed: Tensor | Sequence[Tensor], reference: Tensor | Sequence[Tensor]) -> float:
+    r"""The relative error of ``computed`` against ``reference``, in float64:
+
+    .. math:: \frac{\lVert a - b\rVert}{\max(\lVert b\rVert, \epsilon)} \quad\text{for two tensors,}\qquad
+              \max_k \frac{\lVert a_k - b_k\rVert}{\max(\lVert b_k\rVert, \epsilon)} \quad\text{for two lists,}
+
+    with :math:`\epsilon = 10^{-30}` and Frobenius norms.
+
+    Raises:
+        TypeError: one argument is a tensor and the other a list.
+        ValueError: the lists differ in length or a pair differs in shape.
+    """
+    if isinstance(computed, Tensor) != isinstance(reference, Tensor):
+        raise TypeError("computed and reference must both be tensors or both be sequences of tensors")
+    if isinstance(computed, Tensor):
+        computed, reference = [computed], [reference]  # type: ignore[list-item]
+    if len(computed) != len(reference):
+        raise ValueError(f"computed has {len(computed)} tensors, reference {len(reference)}")
+    worst = 0.0
+    for a, b in zip(computed, reference):
+        if a.shape != b.shape:
+            raise ValueError(f"shapes differ: {tuple(a.shape)} and {tuple(b.shape)}")
+        difference = (a.double() - b.double()).norm().item()
+        worst = max(worst, difference / max(b.double().norm().item(), _TINY))
+    return worst
+
+
+def finite_difference_gradient(function: Callable[[], Tensor], tensor: Tensor, epsilon: float = 1e-6) -> Tensor:
+    r"""Central finite differences of a scalar function with respect to every entry of ``tensor``:
+
+    .. math:: \frac{\partial f}{\partial \theta_i} \approx \frac{f(\theta + \varepsilon e_i) - f(\theta - \varepsilon e_i)}{2\varepsilon},
+
+    with an error of order :math:`\varepsilon^2` (use float64). ``tensor`` is perturbed in place and
+    restored; ``function`` must read it.
+
+    Raises:
+        ValueError: ``epsilon`` is not positive.
+    """
+    if epsilon <= 0:
+        raise ValueError(f"epsilon must be positive, got {epsilon}")
+    gradient = torch.zeros_like(tensor)
+    flat, flat_gradient = tensor.view(-1), gradient.view(-1)
+    with torch.no_grad():
+        for index in range(flat.numel()):
+            original = flat[index].item()
+            flat[index] = original + epsilon
+            above = function().item()
+            flat[index] = original - epsilon
+            below = function().item()
+            flat[index] = original
+            flat_gradient[index] = (above - below) / (2 * epsilon)
+    return gradient
+
+
+def flat_gradient(network: nn.Module, inputs: Tensor, loss_fn: Callable[[Tensor], Tensor], parameters: Sequence[Tensor]) -> Tensor:
+    """The gradient of ``loss_fn(network(inputs))`` with respect to ``parameters``, concatenated into one
+    vector (computed with :func:`torch.autograd.grad`; ``.grad`` fields are untouched)."""
+    with torch.enable_grad():
+        loss = loss_fn(network(inputs))
+    return torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(parameters))])

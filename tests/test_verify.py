@@ -1,0 +1,37 @@
+"""Tests of revlib.verify, the one home of the gradient checks (old import paths still work)."""
+
+import pytest
+import torch
+from torch import nn
+
+import revlib.adjoint
+import revlib.backprop
+from revlib import verify
+from revlib.verify import flat_gradient, relative_error
+
+
+def test_relative_error_of_tensors_and_of_lists() -> None:
+    reference = torch.tensor([3.0, 4.0])  # norm 5
+    assert relative_error(torch.tensor([3.0, 4.5]), reference) == pytest.approx(0.1)
+    assert relative_error([reference, torch.ones(2)], [reference, 2 * torch.ones(2)]) == pytest.approx(0.5), "the largest pair"
+    assert relative_error(torch.zeros(3), torch.zeros(3)) == 0.0
+    assert relative_error(torch.ones(1, dtype=torch.bfloat16), torch.ones(1, dtype=torch.float64)) == 0.0
+    with pytest.raises(TypeError, match="both be tensors"):
+        relative_error(torch.zeros(2), [torch.zeros(2)])
+    with pytest.raises(ValueError, match="tensors, reference"):
+        relative_error([torch.zeros(2)], [])
+
+
+def test_flat_gradient_concatenates_parameter_gradients_and_leaves_grad_alone() -> None:
+    layer = nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    gradient = flat_gradient(layer, x, lambda out: out.sum(), list(layer.parameters()))
+    assert gradient.shape == (3 * 2 + 2,)
+    assert torch.allclose(gradient[:6], x.sum(0).repeat(2)) and torch.allclose(gradient[6:], torch.full((2,), 4.0))
+    assert layer.weight.grad is None
+
+
+def test_the_chapters_import_paths_still_work() -> None:
+    assert revlib.backprop.relative_error is verify.relative_error
+    assert revlib.backprop.finite_difference_gradient is verify.finite_difference_gradient
+    assert revlib.adjoint.flat_gradient is verify.flat_gradient
