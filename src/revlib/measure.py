@@ -4,12 +4,15 @@ Three instruments, from the most to the least abstract:
 
 * :func:`saved_tensor_bytes` counts the bytes autograd keeps for the backward pass during one forward
   pass. It sees every tensor handed to autograd (``ctx.save_for_backward`` included) through
-  ``torch.autograd.graph.saved_tensors_hooks`` and counts each underlying storage once, so a weight saved
-  twice, or a view of an input, costs nothing extra. It does not see tensors a custom function keeps as
-  plain attributes of ``ctx``. It is exact and identical on every machine.
+  ``torch.autograd.graph.saved_tensors_hooks`` and counts each underlying storage once, at its full size: a
+  tensor saved twice costs nothing extra, and neither does a view of a storage already counted, but a view
+  is charged for the whole storage it looks into (save a slice of a large batch and the whole batch is
+  counted: ``.clone()`` the slice). It does not see tensors a custom function keeps as plain attributes of
+  ``ctx``. It is exact and identical on every machine.
 * :func:`peak_memory` measures the real extra memory of a step (e.g. forward + backward). On CUDA it
   reads the caching allocator's peak statistics. On the CPU it runs the step in a fresh Python process and
-  reads the peak resident set size of that process (Linux's ``VmHWM``, reset just before the step).
+  reads the peak resident set size of that process (Linux's ``VmHWM``, reset just before the step; where
+  it cannot be reset, the peak so far is first occupied by a ballast buffer).
 * :func:`time_call` times a call with warm-up, repeats and the median, synchronising CUDA.
 """
 
@@ -92,7 +95,7 @@ def _device_of(args: tuple[Any, ...]) -> torch.device:
         if isinstance(value, nn.Module):
             for parameter in value.parameters():
                 return parameter.device
-    return torch.device("cpu")
+    return resolve_device(None)  # nothing to follow: the default device
 
 
 def peak_memory(fn: Callable[..., Any], *args: Any, device: torch.device | str | None = None, timeout: float = 600.0) -> int:
@@ -122,7 +125,8 @@ def peak_memory(fn: Callable[..., Any], *args: Any, device: torch.device | str |
     Args:
         fn: the step, e.g. :func:`forward_backward`.
         *args: its arguments, e.g. ``(model, inputs)``.
-        device: ``"cuda"`` or ``"cpu"``; ``None`` takes the device of the first tensor or module in ``args``.
+        device: ``"cuda"`` or ``"cpu"``; ``None`` takes the device of the first tensor or module in ``args``
+            (:func:`revlib.runtime.default_device` when there is none).
         timeout: on the CPU, seconds the measuring process may run (both calls and its start) before it is
             stopped.
 
@@ -347,7 +351,8 @@ def compare_times(
         calls: zero-argument calls by name.
         warmup: untimed rounds first.
         repeats: timed rounds.
-        device: the device to synchronise (``None``: the CPU, or CUDA when it is the default device).
+        device: the device to synchronise (``None``: :func:`revlib.runtime.default_device`, since the calls'
+            tensors are not visible here).
 
     Raises:
         ValueError: ``calls`` is empty, ``warmup`` is negative or ``repeats`` is not positive.
