@@ -7,7 +7,8 @@ saved for backward, the measured peak memory of one forward+backward step, and t
 step, for three ways of running the *same* blocks with the *same* weights:
 
 * plain      — ``nn.Sequential``, ordinary autograd (stores every block's activations);
-* checkpoint — ``torch.utils.checkpoint`` on the stage (stores its input, recomputes it in backward);
+* checkpoint — :class:`revlib.checkpoint.CheckpointedSequence` checkpointing every block (stores each block's
+  input, recomputes the block in backward);
 * reversible — :class:`revlib.reversible.ReversibleSequence` (stores the output, rebuilds the inputs).
 
 The time ratios are reversible / plain and checkpoint / plain; theory says about 4/3 for both.

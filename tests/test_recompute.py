@@ -1,4 +1,4 @@
-"""The recompute mechanism shared by the reversible sequence and the adjoint ODE-ResNet (revlib._recompute):
+"""The recompute mechanism shared by the reversible, adjoint and checkpointed sequences (revlib._recompute):
 random state, autocast and BatchNorm statistics replayed alike, parameters checked between forward and backward."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from revlib.adjoint import ODEResNet, tanh_residuals
+from revlib.checkpoint import CheckpointedSequence
 from revlib.verify import relative_error
 from revlib.reversible import ReversibleBlock, ReversibleSequence
 
@@ -39,6 +40,7 @@ BUILDERS = {
     "reversible": (lambda make: reversible(make), 8),  # (builder, input features: the halves have 4)
     "adjoint-euler": (lambda make: adjoint(make), 4),
     "adjoint-heun": (lambda make: adjoint(make, scheme="heun"), 4),
+    "checkpointed-revolve": (lambda make: CheckpointedSequence(*[make() for _ in range(3)], schedule="revolve", slots=2), 4),
 }
 
 

@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
-from torch.utils.checkpoint import checkpoint
 
 from revlib._recompute import ForwardState, check_parameters_unchanged
+from revlib.checkpoint import CheckpointedSequence
 from revlib.residual import SkipBlock, pre_activation_residual
 from revlib.runtime import resolve_device
 
@@ -293,9 +293,10 @@ class RevNet(nn.Module):
     the shape, so they are ordinary layers: their inputs are the only activations autograd stores.
 
     With ``reversible=False`` the same blocks run as a plain ``nn.Sequential`` with ordinary autograd —
-    the same function and parameters, the ordinary memory bill — and with ``checkpointed=True`` each
-    block of those stages runs under ``torch.utils.checkpoint`` (Chen et al. 2016), which stores every
-    block's input but none of its internal activations.
+    the same function and parameters, the ordinary memory bill — and with ``checkpointed=True`` those
+    stages are :class:`~revlib.checkpoint.CheckpointedSequence` with ``schedule="every"`` (Chen et al.
+    2016): each block's input is kept but none of its internal activations, and the downsampling
+    transitions run as ordinary layers.
 
     Args:
         widths: channels of each stage (even numbers), e.g. ``(32, 64)``.
@@ -324,30 +325,19 @@ class RevNet(nn.Module):
         _check_widths(widths, blocks_per_stage)
         if reversible and checkpointed:
             raise ValueError("checkpointed=True applies to the plain network; pass reversible=False with it")
-        self.checkpointed = checkpointed
-
-        block_stages: list[nn.Module] = []
 
         def stage(width: int) -> nn.Module:
             blocks = [ReversibleBlock(conv_residual(width // 2), conv_residual(width // 2)) for _ in range(blocks_per_stage)]
-            block_stages.append(ReversibleSequence(*blocks) if reversible else nn.Sequential(*blocks))
-            return block_stages[-1]
+            if reversible:
+                return ReversibleSequence(*blocks)
+            return CheckpointedSequence(*blocks, schedule="every") if checkpointed else nn.Sequential(*blocks)
 
         self.stem, stages, self.head = _classifier_layers(widths, in_channels, classes, stage)
-        self.stages = nn.ModuleList(stages)
-        # positions of the stages of reversible blocks in self.stages (the others are the downsampling transitions)
-        self.block_stage_indices = tuple(index for index, module in enumerate(stages) if any(module is s for s in block_stages))
+        self.stages = nn.Sequential(*stages)
         self.to(device=resolve_device(device), dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.stem(x)  # (B, widths[0], H, W)
-        for index, stage in enumerate(self.stages):
-            if self.checkpointed and index in self.block_stage_indices and torch.is_grad_enabled():
-                for block in stage:  # store each block's input, recompute its inside during backward
-                    x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = stage(x)
-        return self.head(x)  # (B, classes)
+        return self.head(self.stages(self.stem(x)))  # (B, classes)
 
 
 class ResNet(nn.Module):

@@ -1,0 +1,237 @@
+"""Tests of revlib.checkpoint: the optimal number of recomputations, the plans, and CheckpointedSequence."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from functools import lru_cache
+
+import pytest
+import torch
+from torch import nn
+
+from revlib.checkpoint import CheckpointedSequence, checkpoint_plan, griewank_steps, optimal_recomputations
+from revlib.measure import saved_tensor_bytes
+from revlib.verify import relative_error
+
+
+def exhaustive_fewest_advances(steps: int, slots: int) -> int:
+    """The fewest advances over *all* schedules, by a shortest-path search over every state of the problem.
+
+    A state is (kept inputs, current input or None, blocks still to reverse). The forward pass may keep any
+    set of at most ``slots`` inputs that includes x_0; the backward pass may restore, keep (up to ``slots``),
+    drop, advance (cost 1) and turn the last unreversed block when its input is current.
+    """
+    start = [(frozenset(kept), None, steps) for size in range(1, slots + 1)
+             for kept in ({0, *rest} for rest in itertools.combinations(range(1, steps), size - 1))]
+    queue = [(0, index, state) for index, state in enumerate(start)]
+    counter = itertools.count(len(queue))
+    seen: set = set()
+    while queue:
+        cost, _, (kept, current, left) = heapq.heappop(queue)
+        if left == 0:
+            return cost
+        if (kept, current, left) in seen:
+            continue
+        seen.add((kept, current, left))
+        moves = [(0, (kept, position, left)) for position in kept]  # restore
+        if current is not None:
+            if current == left - 1:
+                moves.append((0, (kept, None, left - 1)))  # turn the last unreversed block
+            if current + 1 < left:
+                moves.append((1, (kept, current + 1, left)))  # advance
+            if current not in kept and len(kept) < slots:
+                moves.append((0, (kept | {current}, current, left)))  # keep
+        moves += [(0, (kept - {position}, current, left)) for position in kept if position != 0]  # drop
+        for step, state in moves:
+            heapq.heappush(queue, (cost + step, next(counter), state))
+    raise AssertionError("no schedule reverses the blocks")
+
+
+@lru_cache(maxsize=None)
+def griewank_recursion(steps: int, checkpoints: int) -> int:
+    """t(l, s) by its defining recursion: advance j, checkpoint, reverse the tail with s−1, the head with s."""
+    if steps == 1:
+        return 0
+    if checkpoints == 1:
+        return steps * (steps - 1) // 2
+    return min(j + griewank_recursion(steps - j, checkpoints - 1) + griewank_recursion(j, checkpoints) for j in range(1, steps))
+
+
+@pytest.mark.parametrize("steps, slots", [(n, s) for n in range(1, 8) for s in range(1, 5)])
+def test_optimal_recomputations_is_the_exhaustive_optimum(steps: int, slots: int) -> None:
+    assert optimal_recomputations(steps, slots) == exhaustive_fewest_advances(steps, slots)
+
+
+def test_griewank_closed_form_matches_its_recursion() -> None:
+    for steps, checkpoints in itertools.product(range(1, 80), range(1, 9)):
+        assert griewank_steps(steps, checkpoints) == griewank_recursion(steps, checkpoints), (steps, checkpoints)
+
+
+def test_limits_of_the_optimum() -> None:
+    assert optimal_recomputations(10, 1) == 45, "one slot: rebuild every input from x_0, N(N-1)/2"
+    assert optimal_recomputations(10, 10) == optimal_recomputations(10, 50) == 0, "a slot per block: no advance"
+    assert [optimal_recomputations(64, s) for s in (2, 3, 4, 6)] == sorted([optimal_recomputations(64, s) for s in (2, 3, 4, 6)], reverse=True)
+    assert 2 * 1024 < optimal_recomputations(1024, 10) < 3 * 1024, "ten slots for 1024 blocks: under three extra runs per block"
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5, 16, 33])
+@pytest.mark.parametrize("schedule, slots", [("every", None), ("sqrt", None), ("revolve", 1), ("revolve", 2), ("revolve", 3), ("revolve", 5)])
+def test_plans_keep_their_budget_and_reverse_every_block_once(steps: int, schedule: str, slots: int | None) -> None:
+    plan = checkpoint_plan(steps, schedule, slots)  # type: ignore[arg-type]
+    turns = [index for action, index in plan.backward if action == "turn"]
+    assert turns == list(reversed(range(steps)))
+    assert plan.forward_checkpoints[0] == 0
+    if schedule == "revolve":
+        assert plan.most_stored <= slots and plan.advances == optimal_recomputations(steps, slots)
+    if schedule == "every":
+        assert plan.advances == 0 and plan.most_stored == steps
+    if schedule == "sqrt":
+        assert plan.advances == steps - len(plan.forward_checkpoints)
+        assert plan.most_stored <= 2 * int(steps**0.5) + 2
+
+
+def blocks(count: int, width: int = 5, dropout: float = 0.0, batch_norm: bool = False) -> list[nn.Module]:
+    made = []
+    for _ in range(count):
+        layers: list[nn.Module] = [nn.Linear(width, width)]
+        if batch_norm:
+            layers.append(nn.BatchNorm1d(width))
+        layers += [nn.Tanh(), nn.Dropout(dropout)]
+        made.append(nn.Sequential(*layers))
+    return made
+
+
+SCHEDULES = [("every", None), ("sqrt", None), ("revolve", 1), ("revolve", 3)]
+
+
+def gradients(model: nn.Module, x: torch.Tensor, seed: int = 0) -> list[torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    torch.manual_seed(seed)
+    model(x).pow(2).sum().backward()
+    return [x.grad] + [p.grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize("schedule, slots", SCHEDULES)
+def test_gradients_equal_plain_autograd(schedule: str, slots: int | None, device: torch.device) -> None:
+    torch.manual_seed(0)
+    made = blocks(9)
+    checkpointed = CheckpointedSequence(*made, schedule=schedule, slots=slots).to(device, torch.float64)  # type: ignore[arg-type]
+    plain = nn.Sequential(*made)
+    x = torch.randn(4, 5, dtype=torch.float64, device=device)
+    assert relative_error(gradients(checkpointed, x), gradients(plain, x)) < 1e-13
+
+
+def test_gradcheck_in_float64() -> None:
+    torch.manual_seed(0)
+    sequence = CheckpointedSequence(*blocks(4, width=3), schedule="revolve", slots=2).double()
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, *ps: sequence(x), (x, *sequence.parameters()))
+
+
+@pytest.mark.parametrize("schedule, slots", SCHEDULES)
+def test_block_evaluations_and_saved_bytes_are_the_plans(schedule: str, slots: int | None) -> None:
+    torch.manual_seed(0)
+    sequence = CheckpointedSequence(*blocks(12), schedule=schedule, slots=slots)  # type: ignore[arg-type]
+    calls = [0]
+    for block in sequence:
+        block.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    x = torch.randn(8, 5, requires_grad=True)
+    sequence(x).sum().backward()
+    assert calls[0] == sequence.plan.evaluations == 2 * 12 + sequence.plan.advances
+    saved = saved_tensor_bytes(sequence, x, exclude=sequence.parameters())
+    assert saved == len(sequence.plan.forward_checkpoints) * x.numel() * x.element_size()
+    if slots is not None:
+        assert saved <= slots * x.numel() * x.element_size()
+
+
+def test_dropout_masks_are_replayed_and_the_callers_stream_is_untouched() -> None:
+    torch.manual_seed(0)
+    made = blocks(6, dropout=0.3)
+    checkpointed = CheckpointedSequence(*made, schedule="revolve", slots=2).double()
+    plain = nn.Sequential(*made)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    assert relative_error(gradients(checkpointed, x, seed=3), gradients(plain, x, seed=3)) < 1e-13
+    unreplayed = CheckpointedSequence(*made, schedule="revolve", slots=2, preserve_rng_state=False).double()
+    assert relative_error(gradients(unreplayed, x, seed=3), gradients(plain, x, seed=3)) > 1e-3, "without replay the masks differ"
+    torch.manual_seed(7)
+    checkpointed(x.requires_grad_(True)).sum().backward()
+    after_backward = torch.rand(2)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        checkpointed(x)
+    assert torch.equal(torch.rand(2), after_backward)
+
+
+def test_batchnorm_statistics_are_updated_once() -> None:
+    torch.manual_seed(0)
+    made = blocks(5, batch_norm=True)
+    checkpointed = CheckpointedSequence(*made, schedule="revolve", slots=2).double()
+    twin = nn.Sequential(*blocks(5, batch_norm=True)).double()
+    twin.load_state_dict(checkpointed.state_dict())
+    x = torch.randn(8, 5, dtype=torch.float64)
+    assert relative_error(gradients(checkpointed, x), gradients(twin, x)) < 1e-12
+    for key, value in checkpointed.state_dict().items():
+        assert torch.equal(value, twin.state_dict()[key]), key
+
+
+def test_shape_changing_blocks_and_input_without_grad() -> None:
+    torch.manual_seed(0)
+    made = [nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3), nn.Tanh(), nn.Linear(3, 2)]
+    sequence = CheckpointedSequence(*made, schedule="revolve", slots=2).double()
+    plain = nn.Sequential(*made)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    original = x.clone()
+    sequence.zero_grad()
+    sequence(x).pow(2).sum().backward()  # x does not require grad: the parameters still train
+    from_checkpointed = [p.grad.clone() for p in sequence.parameters()]
+    plain.zero_grad()
+    plain(x).pow(2).sum().backward()
+    assert relative_error(from_checkpointed, [p.grad for p in plain.parameters()]) < 1e-13
+    assert torch.equal(x, original), "the caller's input is untouched"
+
+
+def test_autocast_is_replayed() -> None:
+    torch.manual_seed(0)
+    sequence = CheckpointedSequence(*blocks(4, width=16), schedule="sqrt")
+    plain = nn.Sequential(*sequence)
+    x, weight = torch.randn(8, 16), torch.randn(8, 16)
+
+    def autocast_gradients(model: nn.Module) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        (out.float() * weight).sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    assert relative_error(autocast_gradients(sequence), autocast_gradients(plain)) < 1e-6
+
+
+def test_no_grad_and_state_dict_as_sequential() -> None:
+    made = blocks(3)
+    sequence = CheckpointedSequence(*made, schedule="every")
+    assert list(sequence.state_dict()) == list(nn.Sequential(*made).state_dict())
+    with torch.no_grad():
+        assert torch.equal(sequence(torch.ones(2, 5)), nn.Sequential(*made)(torch.ones(2, 5)))
+    assert "schedule='every'" in repr(sequence)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"schedule": "optimal"}, ValueError, "schedule must be one of"),
+    ({"schedule": "revolve"}, ValueError, "needs a budget"),
+    ({"schedule": "revolve", "slots": 0}, ValueError, "slots must be a positive integer"),
+    ({"schedule": "sqrt", "slots": 3}, ValueError, "leave slots out"),
+])
+def test_bad_arguments(kwargs: dict, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        CheckpointedSequence(nn.Linear(2, 2), **kwargs)
+
+
+def test_bad_blocks_and_counts() -> None:
+    with pytest.raises(ValueError, match="at least one block"):
+        CheckpointedSequence()
+    with pytest.raises(TypeError, match="block 1 must be an nn.Module"):
+        CheckpointedSequence(nn.Linear(2, 2), torch.tanh)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        optimal_recomputations(0, 2)
