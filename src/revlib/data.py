@@ -120,19 +120,35 @@ def load_digits(
     train_pixels, test_pixels, train_labels, test_labels = train_test_split(
         pixels, labels, test_size=test_fraction, random_state=split_seed, stratify=labels
     )
-    mean, std = train_pixels.mean(), train_pixels.std()
     shape = (-1, 64) if flat else (-1, 1, 8, 8)
+    train_pixels, test_pixels = train_pixels.reshape(shape), test_pixels.reshape(shape)
+    return _standardised("digits", (train_pixels, train_labels), (test_pixels, test_labels), axis=None, dtype=dtype, device=device)
+
+
+def _standardised(
+    name: str,
+    train: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    *,
+    axis: tuple[int, ...] | None,
+    dtype: torch.dtype,
+    device: torch.device | str | None,
+) -> Dataset:
+    """A 10-class :class:`Dataset` of ``(inputs, labels)`` arrays, the inputs standardised with the training
+    set's mean and standard deviation over ``axis`` (``None``: one scalar each)."""
+    mean = train[0].mean(axis=axis, keepdims=axis is not None)
+    std = train[0].std(axis=axis, keepdims=axis is not None)
     device = resolve_device(device)
 
     def inputs(array: np.ndarray) -> Tensor:
-        return torch.as_tensor(((array - mean) / std).reshape(shape), dtype=dtype, device=device)
+        return torch.as_tensor((array - mean) / std, dtype=dtype, device=device)
 
     return Dataset(
-        name="digits",
-        x_train=inputs(train_pixels),
-        y_train=torch.as_tensor(train_labels, device=device),
-        x_test=inputs(test_pixels),
-        y_test=torch.as_tensor(test_labels, device=device),
+        name=name,
+        x_train=inputs(train[0]),
+        y_train=torch.as_tensor(train[1], device=device),
+        x_test=inputs(test[0]),
+        y_test=torch.as_tensor(test[1], device=device),
         classes=10,
     )
 
@@ -267,18 +283,5 @@ def load_cifar10(
     train_pixels = np.concatenate([pixels for pixels, _ in parts])
     train_labels = np.concatenate([labels for _, labels in parts])
     test_pixels, test_labels = _read_cifar_batch(folder / "test_batch")
-    mean = train_pixels.mean(axis=(0, 2, 3), keepdims=True)  # (1, 3, 1, 1)
-    std = train_pixels.std(axis=(0, 2, 3), keepdims=True)
-    device = resolve_device(device)
-
-    def inputs(pixels: np.ndarray) -> Tensor:
-        return torch.as_tensor((pixels - mean) / std, dtype=dtype, device=device)
-
-    return Dataset(
-        name="cifar10",
-        x_train=inputs(train_pixels),
-        y_train=torch.as_tensor(train_labels, device=device),
-        x_test=inputs(test_pixels),
-        y_test=torch.as_tensor(test_labels, device=device),
-        classes=10,
-    )
+    per_channel = (0, 2, 3)  # statistics of (1, 3, 1, 1)
+    return _standardised("cifar10", (train_pixels, train_labels), (test_pixels, test_labels), axis=per_channel, dtype=dtype, device=device)
