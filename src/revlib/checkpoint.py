@@ -34,7 +34,7 @@ search over all schedules). With :math:`s = 1` only :math:`x_0` is kept and :mat
 
 :func:`checkpoint_plan` turns a schedule into the list of actions both passes perform, and
 :class:`CheckpointedSequence` runs it, replaying each block's random state, autocast state and BatchNorm
-statistics through the same mechanism as the reversible and adjoint networks (:mod:`revlib._recompute`).
+statistics through the same mechanism as the reversible and adjoint networks (``revlib._recompute``).
 """
 
 from __future__ import annotations
@@ -134,7 +134,8 @@ class CheckpointPlan:
 
     @property
     def evaluations(self) -> int:
-        """Block evaluations in one forward and backward pass: :math:`N` + :math:`N` turns + the advances."""
+        """Block evaluations in one forward and backward pass, :math:`2N` plus the advances (the forward
+        pass and the turns evaluate every block once each)."""
         return 2 * self.steps + self.advances
 
     @property

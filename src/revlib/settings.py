@@ -46,7 +46,7 @@ def _image_data(preferred: ImageData, device: torch.device | str | None) -> Data
 
 
 @dataclass(frozen=True)
-class _ImageSettings:
+class ImageSettings:
     """Settings whose experiments classify images, and the accuracy each data set must reach."""
 
     image_data: ImageData = "digits"
@@ -63,8 +63,8 @@ class _ImageSettings:
 
 
 @dataclass(frozen=True)
-class IntroSettings(_ImageSettings):
-    """Chapter 00: a small CNN trained with :func:`revlib.fit`."""
+class IntroSettings(ImageSettings):
+    """Chapter 00: a small CNN trained with :func:`revlib.training.fit`."""
 
     channels: tuple[int, int] = (16, 32)
     epochs: int = 15
@@ -139,7 +139,7 @@ class ResidualSettings:
 
 
 @dataclass(frozen=True)
-class ReversibleSettings(_ImageSettings):
+class ReversibleSettings(ImageSettings):
     """Chapter 03: RevNet against ResNet, the memory and time sweeps, and the reversible Transformer."""
 
     widths: tuple[int, ...] = (32, 64)
@@ -238,7 +238,7 @@ ACTIVATION_NAMES = ("relu", "tanh", "sigmoid")
 
 
 @dataclass(frozen=True)
-class LinearBackpropSettings(_ImageSettings):
+class LinearBackpropSettings(ImageSettings):
     """Chapter 05: the five-point problem, MLPs and a residual CNN under both rules, binary networks, timing."""
 
     accuracy_floor: Mapping[str, float] = field(default_factory=lambda: {"digits": 0.9, "cifar10": 0.5})
