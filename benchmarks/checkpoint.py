@@ -10,12 +10,18 @@ under each memory mechanism:
 * every       — :class:`revlib.checkpoint.CheckpointedSequence`, ``schedule="every"``: every block input;
 * sqrt        — ``schedule="sqrt"``: ⌈√N⌉ segment inputs, one segment rebuilt at a time;
 * revolve-s   — ``schedule="revolve", slots=s`` for s = ⌈log2 N⌉ and s = 2: the optimal schedule;
-* reversible  — :class:`revlib.reversible.ReversibleSequence`: only the output, inputs rebuilt by inversion.
+* reversible  — :class:`revlib.reversible.ReversibleSequence`: only the output, inputs rebuilt by inversion;
+* torch-sqrt  — PyTorch's ``checkpoint_sequential`` with ⌈√N⌉ segments (its last segment runs normally);
+* torch-sac   — PyTorch's selective activation checkpointing on every block: the convolutions' outputs are
+  kept, the pointwise operations (BatchNorm, ReLU, additions) recomputed;
+* offload     — on CUDA only, ordinary autograd with every saved tensor moved to pinned host memory
+  (``torch.autograd.graph.save_on_cpu``).
 
 It prints MiB saved for backward, MiB peak memory of the step (CUDA allocator, or the peak resident memory of
-a fresh process on the CPU), the median milliseconds per step (variants timed in turns), the block
-evaluations the backward pass adds besides one per block (advances; counted, and checked against the
-plan), and the time relative to plain.
+a fresh process on the CPU), the median milliseconds per step (variants timed in turns), the evaluations
+of each block in one step (counted with hooks; for revlib's schedules also the plan's prediction), and the
+time relative to plain. Saved bytes are what autograd's saved-tensor hooks see: selective checkpointing keeps
+its saved operator outputs in a cache of its own, so for torch-sac only the peak tells the truth.
 """
 
 from __future__ import annotations
@@ -27,13 +33,13 @@ import math
 import torch
 from torch import nn
 
-from revlib.checkpoint import CheckpointedSequence
+from revlib.checkpoint import CheckpointedSequence, Offloaded, TorchSegmentCheckpointed, TorchSelectiveCheckpointed
 from revlib.measure import compare_times, forward_backward, peak_memory, saved_tensor_bytes
 from revlib.reversible import ReversibleBlock, ReversibleSequence, conv_residual
 from revlib.runtime import resolve_device
 
 
-def variants(depth: int, width: int) -> dict[str, nn.Module]:
+def variants(depth: int, width: int, device: torch.device) -> dict[str, nn.Module]:
     """The mechanisms, all over one set of blocks (so the same weights)."""
     torch.manual_seed(0)
     blocks = [ReversibleBlock(conv_residual(width // 2), conv_residual(width // 2)) for _ in range(depth)]
@@ -43,18 +49,22 @@ def variants(depth: int, width: int) -> dict[str, nn.Module]:
     made["sqrt"] = CheckpointedSequence(*blocks, schedule="sqrt")
     made |= {f"revolve-{slots}": CheckpointedSequence(*blocks, schedule="revolve", slots=slots) for slots in budgets}
     made["reversible"] = ReversibleSequence(*blocks)
+    made["torch-sqrt"] = TorchSegmentCheckpointed(*blocks)
+    made["torch-sac"] = TorchSelectiveCheckpointed(*blocks)
+    if device.type == "cuda":
+        made["offload"] = Offloaded(*blocks)
     return made
 
 
-def counted_advances(model: nn.Module, inputs: torch.Tensor, depth: int) -> int:
-    """Block evaluations in one step beyond two per block (the forward pass and the turn), counted by hooks."""
+def evaluations(model: nn.Module, inputs: torch.Tensor) -> int:
+    """Evaluations of the blocks' F in one forward+backward step, counted with hooks."""
     blocks = [module for module in model.modules() if isinstance(module, ReversibleBlock)]
     calls = [0]
     hooks = [block.f.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1)) for block in blocks]
     forward_backward(model, inputs)
     for hook in hooks:
         hook.remove()
-    return calls[0] - 2 * depth
+    return calls[0]
 
 
 def main() -> None:
@@ -68,20 +78,19 @@ def main() -> None:
     device = resolve_device(arguments.device)
     inputs = torch.randn(arguments.batch, arguments.width, 8, 8, generator=torch.Generator().manual_seed(0)).to(device)
     print(f"device {device}, batch {arguments.batch}, {arguments.width} channels on 8x8 inputs, {torch.get_num_threads()} threads")
-    print(f"{'blocks':>6} {'variant':>12} {'saved MiB':>10} {'peak MiB':>9} {'ms':>8} {'advances':>9} {'planned':>8} {'time/plain':>11}")
+    print(f"{'blocks':>6} {'variant':>12} {'saved MiB':>10} {'peak MiB':>9} {'ms':>8} {'evals/block':>12} {'planned':>8} {'time/plain':>11}")
     for depth in arguments.depths:
-        models = {name: model.to(device) for name, model in variants(depth, arguments.width).items()}
+        models = {name: model.to(device) for name, model in variants(depth, arguments.width, device).items()}
         calls = {name: functools.partial(forward_backward, model, inputs) for name, model in models.items()}
         times = {name: timing.median for name, timing in compare_times(calls, repeats=arguments.repeats, device=device).items()}
         for name, model in models.items():
             saved = saved_tensor_bytes(model, inputs, exclude=model.parameters())
             peak = peak_memory(forward_backward, model, inputs)
-            advances = counted_advances(model, inputs, depth) if isinstance(model, CheckpointedSequence) else 0
-            planned = model.plan.advances if isinstance(model, CheckpointedSequence) else 0
-            print(f"{depth:>6} {name:>12} {saved / 2**20:10.2f} {peak / 2**20:9.1f} {times[name] * 1e3:8.1f} {advances:9d} "
-                  f"{planned:8d} {times[name] / times['plain']:11.2f}")
-    print("advances: block evaluations beyond the forward pass and one recomputation per block; the reversible "
-          "network recomputes F and G once per block (counted as its turns)")
+            counted = evaluations(model, inputs) / depth
+            planned = f"{model.plan.evaluations / depth:8.2f}" if isinstance(model, CheckpointedSequence) else f"{'':>8}"
+            shown_saved = f"{'n/a':>10}" if name == "torch-sac" else f"{saved / 2**20:10.2f}"
+            print(f"{depth:>6} {name:>12} {shown_saved} {peak / 2**20:9.1f} {times[name] * 1e3:8.1f} {counted:12.2f} "
+                  f"{planned} {times[name] / times['plain']:11.2f}")
 
 
 if __name__ == "__main__":

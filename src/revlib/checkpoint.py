@@ -39,6 +39,7 @@ statistics through the same mechanism as the reversible and adjoint networks (``
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, checkpoint_sequential, create_selective_checkpoint_contexts
 
 from revlib._recompute import ForwardState, check_parameters_unchanged
 
@@ -349,3 +351,48 @@ class CheckpointedSequence(nn.Sequential):
     def extra_repr(self) -> str:
         slots = f", slots={self.slots}" if self.slots is not None else ""
         return f"schedule={self.plan.schedule!r}{slots}"
+
+
+class TorchSegmentCheckpointed(nn.Sequential):
+    """PyTorch's own ``checkpoint_sequential`` over the blocks, in ``segments`` segments (default ⌈√N⌉), for
+    comparison: it keeps each segment's input, and runs its last segment without checkpointing."""
+
+    def __init__(self, *blocks: nn.Module, segments: int | None = None) -> None:
+        super().__init__(*blocks)
+        self.segments = segments if segments is not None else math.ceil(math.sqrt(len(blocks)))
+        _check_positive(segments=self.segments)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not torch.is_grad_enabled():
+            return super().forward(x)
+        return checkpoint_sequential(self, self.segments, x, use_reentrant=False)
+
+
+def _keep_matrix_products(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    """Keep the outputs of convolutions and matrix products; recompute everything else (the cheap, pointwise ops)."""
+    expensive = (torch.ops.aten.convolution.default, torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
+    return CheckpointPolicy.MUST_SAVE if op in expensive else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+class TorchSelectiveCheckpointed(nn.Sequential):
+    """PyTorch's selective activation checkpointing on every block, for comparison: the outputs of
+    convolutions and matrix products are kept, the pointwise operations (normalisation, activations,
+    additions) recomputed in the backward pass."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not torch.is_grad_enabled():
+            return super().forward(x)
+        context = functools.partial(create_selective_checkpoint_contexts, _keep_matrix_products)
+        for block in self:
+            x = checkpoint(block, x, use_reentrant=False, context_fn=context)
+        return x
+
+
+class Offloaded(nn.Sequential):
+    """Ordinary autograd with every saved tensor moved to host memory until the backward pass needs it
+    (``torch.autograd.graph.save_on_cpu``; pinned when CUDA is available). It frees device memory, not
+    memory in total: on a CPU it only adds copies."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+            return super().forward(x)
