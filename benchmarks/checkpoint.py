@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from revlib.checkpoint import CheckpointedSequence, Offloaded, TorchSegmentCheckpointed, TorchSelectiveCheckpointed
-from revlib.measure import compare_times, forward_backward, peak_memory, saved_tensor_bytes
+from revlib.measure import compare_times, count_calls, forward_backward, peak_memory, saved_tensor_bytes
 from revlib.reversible import ReversibleBlock, ReversibleSequence, conv_residual
 from revlib.runtime import resolve_device
 
@@ -58,13 +58,8 @@ def variants(depth: int, width: int, device: torch.device) -> dict[str, nn.Modul
 
 def evaluations(model: nn.Module, inputs: torch.Tensor) -> int:
     """Evaluations of the blocks' F in one forward+backward step, counted with hooks."""
-    blocks = [module for module in model.modules() if isinstance(module, ReversibleBlock)]
-    calls = [0]
-    hooks = [block.f.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1)) for block in blocks]
-    forward_backward(model, inputs)
-    for hook in hooks:
-        hook.remove()
-    return calls[0]
+    functions = [module.f for module in model.modules() if isinstance(module, ReversibleBlock)]
+    return count_calls(functions, forward_backward, model, inputs)
 
 
 def main() -> None:

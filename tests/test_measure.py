@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from revlib.measure import Timing, forward_backward, peak_memory, saved_tensor_bytes, time_call
+from revlib.measure import Timing, count_calls, forward_backward, peak_memory, saved_tensor_bytes, time_call
 
 FLOAT32 = 4
 
@@ -164,3 +164,23 @@ def test_peak_memory_on_the_cpu_stops_a_process_that_runs_too_long() -> None:
         peak_memory(time.sleep, 30, device="cpu", timeout=0.5)
     with pytest.raises(ValueError, match="timeout must be a positive"):
         peak_memory(time.sleep, 0, device="cpu", timeout=0)
+
+
+def test_count_calls_counts_forwards_of_the_given_modules_only() -> None:
+    first, second = nn.Linear(3, 3), nn.Linear(3, 3)
+    model = nn.Sequential(first, nn.ReLU(), second)
+
+    def twice(x: torch.Tensor) -> None:
+        model(x)
+        first(x)
+
+    assert count_calls([first, second], twice, torch.randn(2, 3)) == 3
+    assert count_calls([second], twice, torch.randn(2, 3)) == 1
+    assert not first._forward_hooks and not second._forward_hooks, "the hooks are removed"
+
+
+def test_count_calls_removes_its_hooks_when_the_call_fails() -> None:
+    layer = nn.Linear(3, 3)
+    with pytest.raises(RuntimeError):
+        count_calls([layer], layer, torch.randn(2, 4))
+    assert not layer._forward_hooks

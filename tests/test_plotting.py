@@ -53,3 +53,19 @@ def test_draw_graph_draws_every_node_and_edge() -> None:
     assert sorted(nodes) == ["*", "x", "z"] and len(arrows) == 2
     with pytest.raises(ValueError, match="without a position"):
         plotting.draw_graph({"x": (0, 0)}, [("x", "y")])
+
+
+@pytest.mark.parametrize(("schedule", "slots"), [("every", None), ("sqrt", None), ("revolve", 3)])
+def test_plot_schedule_draws_every_evaluation_and_every_kept_input(schedule: str, slots: int | None) -> None:
+    from revlib.checkpoint import checkpoint_plan
+
+    plan = checkpoint_plan(10, schedule, slots)  # type: ignore[arg-type]
+    axis = plotting.plot_schedule(plan).axes[0]
+    segments = [line for line in axis.lines if len(line.get_xdata()) == 2 and line.get_ydata()[1] == line.get_ydata()[0] + 1]
+    kept = [line for line in axis.lines if len(line.get_xdata()) == 2 and line.get_ydata()[1] == line.get_ydata()[0]]
+    assert len(segments) == plan.evaluations - plan.steps, "one segment per advance and per turn"
+    assert len(axis.lines[0].get_xdata()) == plan.steps + 1, "the forward pass climbs through every state"
+    stored = sum(action == "store" for action, _ in plan.backward)
+    assert len(kept) == len(plan.forward_checkpoints) + stored, "one bar per kept input"
+    assert axis.get_xlim()[1] == plan.evaluations
+    assert f"{plan.evaluations} evaluations" in axis.get_title()

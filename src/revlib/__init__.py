@@ -19,7 +19,7 @@ from types import ModuleType
 
 from revlib.claims import claim
 from revlib.data import Dataset, find_cifar10, load_cifar10, load_digits, make_spirals
-from revlib.measure import LineFit, Timing, compare_times, fit_line, forward_backward, peak_memory, saved_tensor_bytes, time_call
+from revlib.measure import LineFit, Timing, compare_times, count_calls, fit_line, forward_backward, peak_memory, saved_tensor_bytes, time_call
 from revlib.runtime import book_scale, book_seed, default_device, resolve_device, seed_everything
 from revlib.settings import chapter_settings
 from revlib.training import History, evaluate, fit
@@ -38,6 +38,7 @@ __all__ = [
     "chapter_settings",
     "claim",
     "compare_times",
+    "count_calls",
     "default_device",
     "evaluate",
     "fit",

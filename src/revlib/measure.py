@@ -88,6 +88,27 @@ def forward_backward(model: nn.Module, inputs: Tensor) -> None:
     model(inputs).sum().backward()
 
 
+def count_calls(modules: Iterable[nn.Module], fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
+    """How many times the ``modules`` together ran their forward during ``fn(*args, **kwargs)``.
+
+    Counts evaluations of a network's blocks in one step, e.g. the recomputations of a checkpointing schedule:
+    ``count_calls(model.blocks, forward_backward, model, inputs)``. Counted with forward hooks, removed afterwards.
+    """
+    calls = 0
+
+    def count(*_: Any) -> None:
+        nonlocal calls
+        calls += 1
+
+    hooks = [module.register_forward_hook(count) for module in modules]
+    try:
+        fn(*args, **kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return calls
+
+
 def _device_of(args: tuple[Any, ...]) -> torch.device:
     for value in args:
         if isinstance(value, Tensor):

@@ -15,6 +15,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from revlib.checkpoint import CheckpointPlan
 from revlib.training import History
 
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000")
@@ -177,3 +178,38 @@ def draw_graph(
     axis.set_aspect("equal")
     axis.axis("off")
     return figure
+
+
+def plot_schedule(plan: CheckpointPlan, *, ax: plt.Axes | None = None, title: str | None = None) -> Figure:
+    """Draw a checkpointing plan (:func:`revlib.checkpoint.checkpoint_plan`) as a time line.
+
+    Time runs to the right in block evaluations; the state :math:`x_i` is on the vertical axis, so each
+    evaluation of block :math:`i` is a segment from :math:`x_i` up to :math:`x_{i+1}`: the forward pass
+    (blue), the backward pass's advances that rebuild inputs without a graph (grey) and its turns, where
+    the block runs with its graph and is back-propagated through (vermilion). A green bar spans the time
+    during which an input is kept, so the number of bars crossing a vertical line is the memory in use.
+    """
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.4, 3.2))
+    steps = plan.steps
+    ax.plot(range(steps + 1), range(steps + 1), color=PALETTE[0], lw=2.2)
+    kept_since = {index: index for index in plan.forward_checkpoints}  # the time at which x_i was kept
+    spans: list[tuple[int, int, int]] = []
+    time = steps
+    for action, index in plan.backward:
+        if action in ("advance", "turn"):
+            ax.plot([time, time + 1], [index, index + 1], color="0.6" if action == "advance" else PALETTE[1], lw=2.2)
+            time += 1
+        elif action == "store":
+            kept_since[index] = time
+        elif action == "drop":
+            spans.append((index, kept_since.pop(index), time))
+    spans += [(index, start, time) for index, start in kept_since.items()]
+    for index, start, end in spans:
+        ax.plot([start, end], [index, index], color=PALETTE[2], lw=5, alpha=0.35, solid_capstyle="butt")
+    legend = [mpl.lines.Line2D([], [], color=color, lw=width, alpha=alpha) for color, width, alpha in
+              ((PALETTE[0], 2.2, 1.0), ("0.6", 2.2, 1.0), (PALETTE[1], 2.2, 1.0), (PALETTE[2], 5, 0.35))]
+    ax.legend(legend, ["forward", "advance", "turn", "input kept"], loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set(xlabel="block evaluations", ylabel="state $x_i$", xlim=(0, time), ylim=(-0.5, steps + 0.5),
+           title=title or f"{plan.schedule}: {plan.evaluations} evaluations, at most {plan.most_stored} inputs kept")
+    return ax.figure

@@ -290,7 +290,53 @@ class LinearBackpropSettings(ImageSettings):
         return runs
 
 
-Settings = IntroSettings | BackpropSettings | ResidualSettings | ReversibleSettings | ODESettings | LinearBackpropSettings
+@dataclass(frozen=True)
+class CheckpointSettings(ImageSettings):
+    """Chapter 06: the checkpointing schedules on one stack of reversible blocks, and a checkpointed ResNet trained."""
+
+    channels: int = 32
+    batch: int = 64
+    memory_depths: tuple[int, ...] = (8, 16, 32, 64)
+    frontier_depth: int = 32
+    budgets: tuple[int, ...] = (1, 2, 3, 4, 6, 8)
+    peak_depth: int = 64
+    timing_repeats: int = 5
+    train_channels: int = 16
+    train_blocks: int = 8
+    train_slots: int = 2
+    epochs: int = 12
+    batch_size: int = 64
+    learning_rate: float = 0.1
+
+    def blocks(self, depth: int, device: torch.device | str | None = None) -> list[nn.Module]:
+        """``depth`` reversible blocks on ``channels`` channels (pre-activation convolutions on each half)."""
+        from revlib.reversible import ReversibleBlock, conv_residual
+
+        half = self.channels // 2
+        return [ReversibleBlock(conv_residual(half), conv_residual(half)).to(resolve_device(device)) for _ in range(depth)]
+
+    def resnet(self, data: Dataset, device: torch.device | str | None = None) -> nn.Module:
+        """The trained network: :func:`revlib.residual.conv_network` with ``train_blocks`` residual blocks."""
+        from revlib.residual import conv_network
+
+        return conv_network(data.feature_shape[0], self.train_channels, self.train_blocks, data.classes, residual=True, device=device)
+
+    def checkpointed(self, resnet: nn.Module) -> nn.Sequential:
+        """``resnet`` (from :meth:`resnet`) with its blocks in a :class:`~revlib.checkpoint.CheckpointedSequence`
+        on the optimal schedule with ``train_slots`` stored inputs; the modules, hence the weights, are shared."""
+        from revlib.checkpoint import CheckpointedSequence
+
+        blocks = CheckpointedSequence(*resnet.blocks, schedule="revolve", slots=self.train_slots)
+        return nn.Sequential(resnet.stem, blocks, resnet.head)
+
+    def training_runs(self, device: torch.device | str | None = None) -> dict[str, TrainingRun]:
+        """The networks the chapter trains, plain and checkpointed, with their data."""
+        data = self.load_images(device)
+        return {"ResNet": TrainingRun(lambda: self.resnet(data, device), data),
+                "checkpointed ResNet": TrainingRun(lambda: self.checkpointed(self.resnet(data, device)), data)}
+
+
+Settings = IntroSettings | BackpropSettings | ResidualSettings | ReversibleSettings | ODESettings | LinearBackpropSettings | CheckpointSettings
 
 CHAPTER_SETTINGS: dict[str, dict[str, Settings]] = {
     "intro": {
@@ -325,6 +371,12 @@ CHAPTER_SETTINGS: dict[str, dict[str, Settings]] = {
                                         cnn_blocks=6, cnn_epochs=30, binary_width=1024, binary_epochs=30, timing_width=4096,
                                         timing_batch=4096),
     },
+    "checkpointing": {
+        "small": CheckpointSettings(),
+        "large": CheckpointSettings(image_data="cifar10", accuracy_floor={"digits": 0.95, "cifar10": 0.7}, channels=64, batch=256,
+                                    memory_depths=(16, 32, 64, 128, 256), frontier_depth=128, budgets=(2, 3, 4, 6, 8, 16),
+                                    peak_depth=256, train_channels=64, train_blocks=16, train_slots=4, epochs=30, batch_size=128),
+    },
 }
 
 
@@ -333,7 +385,7 @@ def chapter_settings(chapter: str, scale: Scale | None = None) -> Settings:
 
     Args:
         chapter: one of ``"intro"``, ``"backprop"``, ``"residual"``, ``"reversible"``, ``"odes"``,
-            ``"linear_backprop"``.
+            ``"linear_backprop"``, ``"checkpointing"``.
         scale: ``"small"`` or ``"large"``; ``None`` reads ``REVLIB_SCALE`` (:func:`revlib.runtime.book_scale`).
 
     Raises:
