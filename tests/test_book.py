@@ -182,3 +182,17 @@ def test_every_page_renders_in_a_browser_without_network(browser: Any, served: s
             shots.mkdir(parents=True, exist_ok=True)
             browser.save_screenshot(str(shots / "03_reversible_networks.png"))
     assert not problems, "\n".join(problems)
+
+
+def test_every_chapter_page_has_launch_and_repository_buttons(html: Path) -> None:
+    """Colab and Binder open the chapter's own notebook from the configured repository and branch."""
+    repository = yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]
+    owner_name, branch = repository["url"].removeprefix("https://github.com/"), repository["branch"]
+    for notebook in sorted((ROOT / "chapters").glob("*.ipynb")):
+        page = (html / "chapters" / f"{notebook.stem}.html").read_text()
+        links = set(re.findall(r'href="(https://[^"]+)"', page))
+        expected = {f"https://colab.research.google.com/github/{owner_name}/blob/{branch}/chapters/{notebook.name}",
+                    f"https://mybinder.org/v2/gh/{owner_name}/{branch}?urlpath=tree/chapters/{notebook.name}",
+                    repository["url"]}
+        assert expected <= links, f"{notebook.stem}: missing {sorted(expected - links)}"
+        assert any(link.startswith(f"{repository['url']}/issues/new") for link in links), f"{notebook.stem}: no 'open issue' button"

@@ -11,6 +11,7 @@ from torch import nn
 
 from revlib.adjoint import ODEResNet, tanh_residuals
 from revlib.checkpoint import CheckpointedSequence
+from revlib.momentum import MomentumSequence
 from revlib.verify import relative_error
 from revlib.reversible import ReversibleBlock, ReversibleSequence
 
@@ -41,6 +42,7 @@ BUILDERS = {
     "adjoint-euler": (lambda make: adjoint(make), 4),
     "adjoint-heun": (lambda make: adjoint(make, scheme="heun"), 4),
     "checkpointed-revolve": (lambda make: CheckpointedSequence(*[make() for _ in range(3)], schedule="revolve", slots=2), 4),
+    "momentum": (lambda make: MomentumSequence(*[make() for _ in range(3)]), 4),
 }
 
 

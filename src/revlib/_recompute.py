@@ -17,7 +17,7 @@ the recomputation, in the manner of ``torch.utils.checkpoint``:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -89,6 +89,11 @@ class ForwardState:
                     buffer.copy_(value)
 
 
+def distinct_parameters(modules: Sequence[nn.Module]) -> list[Tensor]:
+    """The parameters of ``modules`` in the order ``nn.Module.parameters()`` gives them, each once."""
+    return list(dict.fromkeys(p for module in modules for p in module.parameters()))
+
+
 def check_parameters_unchanged(saved: tuple[Tensor, ...], current: list[Tensor], owner: str) -> None:
     """Raise a clear error when the parameters a backward pass finds are not the ones its forward pass used.
 
@@ -105,3 +110,17 @@ def check_parameters_unchanged(saved: tuple[Tensor, ...], current: list[Tensor],
             "parameters, so they must stay the same objects until backward has run: replace parameters "
             "(load_state_dict(..., assign=True), torch.func.functional_call, re-registering) only after it."
         )
+
+
+def vector_jacobian_products(output: Tensor, point: Tensor, parameters: list[Tensor], grad_output: Tensor) -> tuple[Tensor, list[tuple[int, Tensor]]]:
+    """Vector-Jacobian products of ``output`` with respect to ``point`` and to the parameters that require grad.
+
+    Returns the gradient of ``point`` (zeros when ``output`` does not depend on it) and ``(id, gradient)``
+    pairs for the parameters that received one.
+    """
+    wanted = [p for p in parameters if p.requires_grad]
+    if not output.requires_grad:
+        return torch.zeros_like(point), []
+    found = torch.autograd.grad(output, [point, *wanted], grad_output.to(output.dtype), allow_unused=True)
+    point_gradient = torch.zeros_like(point) if found[0] is None else found[0].to(point.dtype)
+    return point_gradient, [(id(p), g) for p, g in zip(wanted, found[1:]) if g is not None]

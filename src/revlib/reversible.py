@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from revlib._recompute import ForwardState, check_parameters_unchanged
+from revlib._recompute import ForwardState, check_parameters_unchanged, distinct_parameters, vector_jacobian_products
 from revlib.checkpoint import CheckpointedSequence
 from revlib.residual import SkipBlock, pre_activation_residual
 from revlib.runtime import resolve_device
@@ -94,11 +94,6 @@ class ReversibleBlock(nn.Module):
         return torch.cat((x1, x2), dim=self.dim)
 
 
-def _distinct_parameters(modules: Sequence[nn.Module]) -> list[Tensor]:
-    """The parameters of ``modules`` in the order ``nn.Module.parameters()`` gives them, each once."""
-    return list(dict.fromkeys(p for module in modules for p in module.parameters()))
-
-
 class _ReversibleFunction(torch.autograd.Function):
     """Run reversible blocks keeping only the output; rebuild and back-propagate block by block."""
 
@@ -127,7 +122,7 @@ class _ReversibleFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         y, *parameters = ctx.saved_tensors
-        check_parameters_unchanged(tuple(parameters), _distinct_parameters(ctx.blocks), "ReversibleSequence")
+        check_parameters_unchanged(tuple(parameters), distinct_parameters(ctx.blocks), "ReversibleSequence")
         last = ctx.blocks[-1]
         y1, y2 = last.split(y.detach())
         dy1, dy2 = last.split(grad_output)
@@ -138,7 +133,7 @@ class _ReversibleFunction(torch.autograd.Function):
             with state_g.buffers_restored():
                 with state_g.replayed(), torch.enable_grad():
                     g_out = block.g(z1)
-                dz1, g_parameter_grads = _vjp(g_out, z1, list(block.g.parameters()), dy2)
+                dz1, g_parameter_grads = vector_jacobian_products(g_out, z1, list(block.g.parameters()), dy2)
             dz1 = dy1 + dz1  # dz1 = dy1 + G'(z1)ᵀ dy2
             with torch.no_grad():
                 x2 = y2 - g_out  # x2 = y2 − G(z1)
@@ -148,7 +143,7 @@ class _ReversibleFunction(torch.autograd.Function):
             with state_f.buffers_restored():
                 with state_f.replayed(), torch.enable_grad():
                     f_out = block.f(x2)
-                dx2, f_parameter_grads = _vjp(f_out, x2, list(block.f.parameters()), dz1)
+                dx2, f_parameter_grads = vector_jacobian_products(f_out, x2, list(block.f.parameters()), dz1)
             dx2 = dy2 + dx2  # dx2 = dy2 + F'(x2)ᵀ dz1
             with torch.no_grad():
                 x1 = z1 - f_out  # x1 = z1 − F(x2)
@@ -163,20 +158,6 @@ class _ReversibleFunction(torch.autograd.Function):
             None,  # preserve_rng
             *(parameter_gradients.get(id(p)) for p in parameters),  # every parameter, in the order given
         )
-
-
-def _vjp(output: Tensor, half: Tensor, parameters: list[Tensor], grad_output: Tensor) -> tuple[Tensor, list[tuple[int, Tensor]]]:
-    """Vector-Jacobian products of ``output`` with respect to ``half`` and to the parameters that require grad.
-
-    Returns the gradient of ``half`` (zeros when ``output`` does not depend on it) and ``(id, gradient)``
-    pairs for the parameters that received one.
-    """
-    wanted = [p for p in parameters if p.requires_grad]
-    if not output.requires_grad:
-        return torch.zeros_like(half), []
-    found = torch.autograd.grad(output, [half, *wanted], grad_output.to(output.dtype), allow_unused=True)
-    half_gradient = torch.zeros_like(half) if found[0] is None else found[0].to(half.dtype)
-    return half_gradient, [(id(p), g) for p, g in zip(wanted, found[1:]) if g is not None]
 
 
 class ReversibleSequence(nn.Module):
