@@ -1,0 +1,97 @@
+"""The frontier: one training step under every method, its memory split, time, gradient error and recomputation."""
+
+import pytest
+import torch
+
+from revlib import frontier as frontier_module
+from revlib.checkpoint import checkpoint_plan
+from revlib.frontier import FrontierRow, format_table, frontier, make_optimizer, residual_function
+
+DEPTH, WIDTH = 4, 8
+FLOAT32 = 4
+
+
+@pytest.fixture(scope="module")
+def rows() -> dict[str, FrontierRow]:
+    found = frontier("mlp", depth=DEPTH, width=WIDTH, batch=16, optimizer="adam", device="cpu", repeats=1, progress=False)
+    return {row.method: row for row in found}
+
+
+def test_every_method_on_the_cpu_has_a_row(rows: dict[str, FrontierRow]) -> None:
+    assert set(rows) == {"backprop", "checkpoint every", "checkpoint sqrt", "revolve-2", "reversible", "momentum", "adjoint euler",
+                         "adjoint heun"}, "offload is measured on CUDA only"
+
+
+def test_memory_parts_are_counted_exactly(rows: dict[str, FrontierRow]) -> None:
+    function = 2 * (WIDTH * WIDTH + WIDTH)  # Linear → tanh → Linear on WIDTH features
+    half = 2 * (WIDTH // 2 * WIDTH // 2 + WIDTH // 2)
+    stem, head = 64 * WIDTH + WIDTH, WIDTH * 10 + 10
+    for name, row in rows.items():
+        per_block = 2 * half if name == "reversible" else function
+        assert row.parameters == FLOAT32 * (stem + DEPTH * per_block + head), name
+        assert row.gradients == row.parameters, f"{name}: every parameter gets a gradient"
+        assert row.optimizer_state == 2 * row.parameters, f"{name}: Adam keeps two moments per parameter"
+        assert row.parts == row.parameters + row.gradients + row.optimizer_state + row.activations
+        assert row.peak >= 0 and row.seconds > 0  # a tiny step can stay within pages already resident
+
+
+def test_exact_methods_match_backprop_and_the_adjoint_does_not(rows: dict[str, FrontierRow]) -> None:
+    exact = ["backprop", "checkpoint every", "checkpoint sqrt", "revolve-2", "reversible", "momentum"]
+    worst = max(rows[name].gradient_error for name in exact)
+    assert worst < 1e-5
+    assert rows["adjoint euler"].gradient_error > 10 * max(worst, 1e-7), "the adjoint is an approximation"
+
+
+def test_recomputations_follow_the_schedules(rows: dict[str, FrontierRow]) -> None:
+    assert rows["backprop"].recomputations == 0
+    assert rows["checkpoint every"].recomputations == 1
+    for name, plan in (("checkpoint sqrt", checkpoint_plan(DEPTH, "sqrt")), ("revolve-2", checkpoint_plan(DEPTH, "revolve", 2))):
+        assert rows[name].recomputations == pytest.approx(1 + plan.advances / DEPTH), name
+    assert rows["reversible"].recomputations == rows["momentum"].recomputations == 1
+
+
+def test_saved_activations_shrink_from_backprop_to_the_smallest_budget(rows: dict[str, FrontierRow]) -> None:
+    assert rows["backprop"].activations > rows["checkpoint every"].activations > rows["revolve-2"].activations
+    assert rows["momentum"].activations < rows["checkpoint every"].activations
+
+
+def test_format_table_has_a_line_per_method(rows: dict[str, FrontierRow]) -> None:
+    table = format_table(list(rows.values())).splitlines()
+    assert len(table) == len(rows) + 1 and "grad err" in table[0]
+
+
+def test_optimizer_state_sizes() -> None:
+    weight = torch.zeros(10, requires_grad=True)
+    for name, buffers in (("sgd", 0), ("momentum", 1), ("adam", 2)):
+        optimizer = make_optimizer(name, [weight])
+        weight.grad = torch.ones(10)
+        optimizer.step()
+        state = [v for entry in optimizer.state.values() for v in entry.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+        assert len(state) == buffers, name
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"family": "rnn"}, "family must be one of"),
+    ({"optimizer": "lbfgs"}, "optimizer must be one of"),
+    ({"depth": 0}, "depth must be a positive integer"),
+    ({"width": 7}, "width must be even"),
+])
+def test_bad_arguments_are_refused(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        frontier(**{"family": "mlp", "depth": 2, "width": 4, "batch": 4, **kwargs})
+
+
+def test_residual_function_checks_its_arguments() -> None:
+    assert residual_function("conv", 4)(torch.randn(2, 4, 8, 8)).shape == (2, 4, 8, 8)
+    with pytest.raises(ValueError, match="width must be an integer of at least 2"):
+        residual_function("mlp", 1)
+
+
+def test_command_line_prints_the_table(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    row = FrontierRow("backprop", 4, 4, 8, 16, 64, 0.001, 0.0, 0.0)
+    called = {}
+    monkeypatch.setattr(frontier_module, "frontier", lambda *args, **kwargs: called.update(args=args, kwargs=kwargs) or [row])
+    frontier_module.main(["--family", "mlp", "--depth", "3", "--width", "6", "--optimizer", "sgd"])
+    assert called["args"] == ("mlp", 3, 6, 64) and called["kwargs"]["optimizer"] == "sgd"
+    output = capsys.readouterr().out
+    assert "mlp, 3 blocks" in output and "backprop" in output
