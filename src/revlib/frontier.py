@@ -71,8 +71,15 @@ class FrontierRow:
 
 
 @dataclass
-class _Network:
-    """A method's network, its exact twin (same modules, ordinary backprop) and the functions to count."""
+class MethodNetwork:
+    """One method's classifier, its exact twin and its residual functions.
+
+    Attributes:
+        model: stem → the method's stack → head.
+        exact: the same modules (shared, so the same weights) differentiated by ordinary backprop: the
+            reference of the gradient error.
+        functions: the residual functions, whose evaluations count the recomputation.
+    """
 
     model: nn.Module
     exact: nn.Module
@@ -101,36 +108,40 @@ def _classifier(family: str, width: int, stack: nn.Module) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(1, width, 3, padding=1), stack, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10))
 
 
-def methods(family: str, depth: int, width: int, device: torch.device) -> dict[str, Callable[[], _Network]]:
-    """The methods, by name, each a builder of its network (freshly initialised from the current seed)."""
+def methods(family: str, depth: int, width: int, device: torch.device | str | None = None) -> dict[str, Callable[[], MethodNetwork]]:
+    """The methods, by name, each a builder of its :class:`MethodNetwork` (initialised from the current seed).
+
+    ``offload`` is among them only on CUDA. ``device=None`` means :func:`revlib.runtime.default_device`.
+    """
+    device = resolve_device(device)
 
     def residual_blocks() -> tuple[list[nn.Module], list[nn.Module]]:
         functions = [residual_function(family, width) for _ in range(depth)]
         return [SkipBlock(f, residual=True) for f in functions], functions
 
-    def blocks_in(wrap: Callable[[list[nn.Module]], nn.Module]) -> Callable[[], _Network]:
-        def build() -> _Network:
+    def blocks_in(wrap: Callable[[list[nn.Module]], nn.Module]) -> Callable[[], MethodNetwork]:
+        def build() -> MethodNetwork:
             blocks, functions = residual_blocks()
-            return _Network(wrap(blocks), nn.Sequential(*blocks), functions)
+            return MethodNetwork(wrap(blocks), nn.Sequential(*blocks), functions)
         return build
 
-    def reversible() -> _Network:
+    def reversible() -> MethodNetwork:
         blocks = [ReversibleBlock(residual_function(family, width // 2), residual_function(family, width // 2)) for _ in range(depth)]
-        return _Network(ReversibleSequence(*blocks), nn.Sequential(*blocks), [f for block in blocks for f in (block.f, block.g)])
+        return MethodNetwork(ReversibleSequence(*blocks), nn.Sequential(*blocks), [f for block in blocks for f in (block.f, block.g)])
 
-    def momentum() -> _Network:
+    def momentum() -> MethodNetwork:
         functions = [residual_function(family, width) for _ in range(depth)]
-        return _Network(MomentumSequence(*functions), MomentumSequence(*functions, memory_free=False), functions)
+        return MethodNetwork(MomentumSequence(*functions), MomentumSequence(*functions, memory_free=False), functions)
 
-    def adjoint(scheme: str) -> Callable[[], _Network]:
-        def build() -> _Network:
+    def adjoint(scheme: str) -> Callable[[], MethodNetwork]:
+        def build() -> MethodNetwork:
             functions = [residual_function(family, width) for _ in range(depth)]
-            return _Network(ODEResNet(functions, scheme=scheme, gradient="adjoint"),  # type: ignore[arg-type]
+            return MethodNetwork(ODEResNet(functions, scheme=scheme, gradient="adjoint"),  # type: ignore[arg-type]
                             ODEResNet(functions, scheme=scheme, gradient="backprop"), functions)  # type: ignore[arg-type]
         return build
 
     budgets = sorted({2, max(2, math.ceil(math.log2(depth)))})
-    stacks: dict[str, Callable[[], _Network]] = {
+    stacks: dict[str, Callable[[], MethodNetwork]] = {
         "backprop": blocks_in(lambda blocks: nn.Sequential(*blocks)),
         "checkpoint every": blocks_in(lambda blocks: CheckpointedSequence(*blocks, schedule="every")),
         "checkpoint sqrt": blocks_in(lambda blocks: CheckpointedSequence(*blocks, schedule="sqrt")),
@@ -143,12 +154,12 @@ def methods(family: str, depth: int, width: int, device: torch.device) -> dict[s
     if device.type == "cuda":
         stacks["offload"] = blocks_in(lambda blocks: Offloaded(*blocks))
 
-    def classified(build: Callable[[], _Network]) -> Callable[[], _Network]:
-        def build_classifier() -> _Network:
+    def classified(build: Callable[[], MethodNetwork]) -> Callable[[], MethodNetwork]:
+        def build_classifier() -> MethodNetwork:
             network = build()
             model = _classifier(family, width, network.model).to(device)
             exact = nn.Sequential(*(network.exact if module is network.model else module for module in model)).to(device)
-            return _Network(model, exact, network.functions)
+            return MethodNetwork(model, exact, network.functions)
         return build_classifier
 
     return {name: classified(build) for name, build in stacks.items()}

@@ -335,7 +335,37 @@ class CheckpointSettings(ImageSettings):
                 "checkpointed ResNet": TrainingRun(lambda: self.checkpointed(self.resnet(data, device)), data)}
 
 
-Settings = IntroSettings | BackpropSettings | ResidualSettings | ReversibleSettings | ODESettings | LinearBackpropSettings | CheckpointSettings
+@dataclass(frozen=True)
+class FrontierSettings:
+    """Chapter 07: every method on one training step, training under each, the adjoint over depth, momentum over γ."""
+
+    family: str = "conv"
+    depth: int = 16
+    width: int = 32
+    batch: int = 64
+    optimizer: str = "adam"
+    timing_repeats: int = 3
+    batch_sweep: tuple[int, ...] = (1, 4, 16, 64, 256)
+    train_family: str = "mlp"
+    train_depth: int = 8
+    train_width: int = 64
+    epochs: int = 5
+    batch_size: int = 64
+    learning_rate: float = 2e-3
+    adjoint_depths: tuple[int, ...] = (4, 8, 16, 32, 64)
+    momentum_depth: int = 16
+    gammas: tuple[float, ...] = (0.99, 0.9, 0.7, 0.5, 0.3, 0.2, 0.1)
+
+    def training_runs(self, device: torch.device | str | None = None) -> dict[str, TrainingRun]:
+        """The networks the chapter trains: each method's network on the digits (vectors for the MLP family)."""
+        from revlib.frontier import methods
+
+        data = load_digits(flat=self.train_family == "mlp", device=device)
+        builders = methods(self.train_family, self.train_depth, self.train_width, device)
+        return {name: TrainingRun(lambda build=build: build().model, data) for name, build in builders.items()}
+
+
+Settings = IntroSettings | BackpropSettings | ResidualSettings | ReversibleSettings | ODESettings | LinearBackpropSettings | CheckpointSettings | FrontierSettings
 
 CHAPTER_SETTINGS: dict[str, dict[str, Settings]] = {
     "intro": {
@@ -376,6 +406,12 @@ CHAPTER_SETTINGS: dict[str, dict[str, Settings]] = {
                                     memory_depths=(16, 32, 64, 128, 256), frontier_depth=128, budgets=(1, 2, 3, 4, 6, 8, 16),
                                     timing_repeats=5, train_channels=64, train_blocks=16, train_slots=4, epochs=30, batch_size=128),
     },
+    "frontier": {
+        "small": FrontierSettings(),
+        "large": FrontierSettings(depth=64, width=128, batch=256, timing_repeats=5, batch_sweep=(1, 4, 16, 64, 256, 1024),
+                                  train_depth=32, train_width=256, epochs=20, adjoint_depths=(4, 8, 16, 32, 64, 128, 256),
+                                  momentum_depth=64),
+    },
 }
 
 
@@ -384,7 +420,7 @@ def chapter_settings(chapter: str, scale: Scale | None = None) -> Settings:
 
     Args:
         chapter: one of ``"intro"``, ``"backprop"``, ``"residual"``, ``"reversible"``, ``"odes"``,
-            ``"linear_backprop"``, ``"checkpointing"``.
+            ``"linear_backprop"``, ``"checkpointing"``, ``"frontier"``.
         scale: ``"small"`` or ``"large"``; ``None`` reads ``REVLIB_SCALE`` (:func:`revlib.runtime.book_scale`).
 
     Raises:
