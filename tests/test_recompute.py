@@ -41,6 +41,7 @@ BUILDERS = {
     "reversible": (lambda make: reversible(make), 8),  # (builder, input features: the halves have 4)
     "adjoint-euler": (lambda make: adjoint(make), 4),
     "adjoint-heun": (lambda make: adjoint(make, scheme="heun"), 4),
+    "adjoint-heunnet": (lambda make: adjoint(make, scheme="heunnet"), 4),
     "checkpointed-revolve": (lambda make: CheckpointedSequence(*[make() for _ in range(3)], schedule="revolve", slots=2), 4),
     "momentum": (lambda make: MomentumSequence(*[make() for _ in range(3)]), 4),
 }

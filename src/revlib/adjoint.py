@@ -13,13 +13,25 @@ when :math:`f_n = f(\cdot, \theta(n/N))`. Heun's scheme adds a corrector,
 
     y_n = x_n + h\, f_n(x_n), \qquad x_{n+1} = x_n + \tfrac h2\big(f_n(x_n) + f_n(y_n)\big),
 
-and is second order. Both steps can be run backwards approximately, from :math:`x_{n+1}` alone,
+and is second order for weights constant in depth. With weights that vary in depth, :math:`f_n` in both
+stages is only first order; HeunNet (Maleki et al. 2021) evaluates the corrector with the next layer's
+function, as Heun's method evaluates :math:`f(s_{n+1}, \cdot)`,
+
+.. math::
+
+    y_n = x_n + h\, f_n(x_n), \qquad x_{n+1} = x_n + \tfrac h2\big(f_n(x_n) + f_{n+1}(y_n)\big),
+
+with :math:`N + 1` functions for :math:`N` steps (``scheme="heunnet"``). Each step can be run backwards
+approximately, from :math:`x_{n+1}` alone,
 
 .. math::
 
     \tilde x_n = \tilde x_{n+1} - h\, f_n(\tilde x_{n+1}) \quad\text{(Euler)},\qquad
-    \tilde y = \tilde x_{n+1} - h\, f_n(\tilde x_{n+1}),\ \
-    \tilde x_n = \tilde x_{n+1} - \tfrac h2\big(f_n(\tilde x_{n+1}) + f_n(\tilde y)\big) \quad\text{(Heun)},
+    \tilde y = \tilde x_{n+1} - h\, g(\tilde x_{n+1}),\ \
+    \tilde x_n = \tilde x_{n+1} - \tfrac h2\big(g(\tilde x_{n+1}) + f_n(\tilde y)\big) \quad\text{(Heun)},
+
+with :math:`g = f_n` (Heun) or :math:`g = f_{n+1}` (HeunNet): the same scheme with step :math:`-h` and the
+two stages' functions exchanged,
 
 so a backward pass can rebuild the activations it needs from the output instead of storing them (Sander,
 Ablin and Peyré 2022). The rebuilt activations, and hence the gradients, are approximate: the error of one
@@ -45,9 +57,9 @@ from revlib._recompute import ForwardState, check_parameters_unchanged
 from revlib.runtime import resolve_device
 from revlib.verify import flat_gradient, relative_error  # flat_gradient re-exported: chapter 04 imports it from here
 
-Scheme = Literal["euler", "heun"]
+Scheme = Literal["euler", "heun", "heunnet"]
 GradientMode = Literal["backprop", "adjoint"]
-SCHEMES = ("euler", "heun")
+SCHEMES = ("euler", "heun", "heunnet")
 GRADIENTS = ("backprop", "adjoint")
 
 
@@ -59,18 +71,36 @@ def _residual(f: nn.Module, x: Tensor) -> Tensor:
     return out
 
 
-def _step(f: nn.Module, x: Tensor, h: float, scheme: Scheme) -> Tensor:
+Stage = tuple[nn.Module, nn.Module]  # the functions of a step's predictor and corrector
+
+
+def _stages(residuals: Sequence[nn.Module], scheme: Scheme) -> list[Stage]:
+    """Each step's (predictor, corrector) functions: f_n twice (Euler, Heun), or f_n then f_{n+1} (HeunNet).
+
+    Raises:
+        ValueError: HeunNet with fewer than two functions.
+    """
+    if scheme == "heunnet":
+        if len(residuals) < 2:
+            raise ValueError("scheme='heunnet' needs N + 1 residual functions for N steps: at least 2")
+        return list(zip(residuals[:-1], residuals[1:]))
+    return [(f, f) for f in residuals]
+
+
+def _step(stage: Stage, x: Tensor, h: float, scheme: Scheme) -> Tensor:
     """One step forward in depth: :math:`x_{n+1}` from :math:`x_n`."""
+    f, g = stage
     velocity = _residual(f, x)
     if scheme == "euler":
         return x + h * velocity  # x_{n+1} = x_n + h f_n(x_n)
     predictor = x + h * velocity  # y_n = x_n + h f_n(x_n)
-    return x + (h / 2) * (velocity + _residual(f, predictor))  # x_{n+1} = x_n + h/2 (f_n(x_n) + f_n(y_n))
+    return x + (h / 2) * (velocity + _residual(g, predictor))  # x_{n+1} = x_n + h/2 (f_n(x_n) + g(y_n)), g = f_n or f_{n+1}
 
 
-def _reverse_step(f: nn.Module, x_next: Tensor, h: float, scheme: Scheme) -> Tensor:
-    """One step backward in depth, the same scheme with step −h: an approximation of :math:`x_n`."""
-    return _step(f, x_next, -h, scheme)
+def _reverse_step(stage: Stage, x_next: Tensor, h: float, scheme: Scheme) -> Tensor:
+    """One step backward in depth, the same scheme with step −h and the stages exchanged: approximately :math:`x_n`."""
+    f, g = stage
+    return _step((g, f), x_next, -h, scheme)
 
 
 class _AdjointFunction(torch.autograd.Function):
@@ -80,12 +110,13 @@ class _AdjointFunction(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, residuals: Sequence[nn.Module], scheme: Scheme, preserve_rng: bool, *parameters: Tensor) -> Tensor:
         ctx.residuals, ctx.scheme = residuals, scheme  # modules and a name, not tensors: needed to recompute
         ctx.states = []  # per step, the random, autocast and buffer states: a few KiB, no activations
-        h = 1.0 / len(residuals)
+        stages = _stages(residuals, scheme)
+        h = 1.0 / len(stages)
         with torch.no_grad():
-            for f in residuals:
+            for stage in stages:
                 state = ForwardState.capture(x.device, preserve_rng)
-                with state.recording(f):
-                    x = _step(f, x, h, scheme)
+                with state.recording(nn.ModuleList(stage)):
+                    x = _step(stage, x, h, scheme)
                 ctx.states.append(state)
         # the only activation kept is x_N; the parameters are saved so that autograd's version check catches an
         # in-place change to one of them before backward
@@ -97,17 +128,18 @@ class _AdjointFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         x_next, *parameters = ctx.saved_tensors
         check_parameters_unchanged(tuple(parameters), list(dict.fromkeys(p for f in ctx.residuals for p in f.parameters())), "ODEResNet")
-        h = 1.0 / len(ctx.residuals)
+        stages = _stages(ctx.residuals, ctx.scheme)
+        h = 1.0 / len(stages)
         adjoint = grad_output  # a_N = ∂L/∂x_N
         parameter_gradients: dict[int, Tensor] = {}  # by id, summed: a residual function may appear twice
-        for f, state in zip(reversed(ctx.residuals), reversed(ctx.states)):
+        for stage, state in zip(reversed(stages), reversed(ctx.states)):
             with state.buffers_restored():
                 with state.replayed(), torch.no_grad():  # the step's own dropout masks and precisions, run at −h
-                    x = _reverse_step(f, x_next, h, ctx.scheme)  # x̃_n from x̃_{n+1}
+                    x = _reverse_step(stage, x_next, h, ctx.scheme)  # x̃_n from x̃_{n+1}
                 x = x.detach().requires_grad_(True)
-                wanted = [p for p in f.parameters() if p.requires_grad]
+                wanted = [p for p in nn.ModuleList(stage).parameters() if p.requires_grad]
                 with state.replayed(), torch.enable_grad():
-                    recomputed = _step(f, x, h, ctx.scheme)  # the step at x̃_n, with its graph
+                    recomputed = _step(stage, x, h, ctx.scheme)  # the step at x̃_n, with its graph
                 found = torch.autograd.grad(recomputed, [x, *wanted], adjoint, allow_unused=True)
             adjoint = found[0]  # a_n = (∂x_{n+1}/∂x_n)ᵀ a_{n+1}, evaluated at x̃_n
             for p, gradient in zip(wanted, found[1:]):
@@ -145,8 +177,10 @@ def tanh_residuals(depth: int, width: int, *, hidden: int | None = None) -> list
 class ODEResNet(nn.Module):
     r"""A ResNet read as an ODE solver: :math:`N` shape-preserving residual functions, step :math:`h = 1/N`.
 
-    ``scheme="euler"`` computes :math:`x_{n+1} = x_n + h f_n(x_n)`; ``scheme="heun"`` the second-order
-    :math:`x_{n+1} = x_n + \tfrac h2 [f_n(x_n) + f_n(x_n + h f_n(x_n))]`. ``gradient="backprop"`` uses
+    ``scheme="euler"`` computes :math:`x_{n+1} = x_n + h f_n(x_n)`; ``scheme="heun"``
+    :math:`x_{n+1} = x_n + \tfrac h2 [f_n(x_n) + f_n(x_n + h f_n(x_n))]`; ``scheme="heunnet"`` HeunNet's
+    :math:`x_{n+1} = x_n + \tfrac h2 [f_n(x_n) + f_{n+1}(x_n + h f_n(x_n))]`, with :math:`N + 1` residual
+    functions for :math:`N` steps (:math:`h = 1/N` in every case). ``gradient="backprop"`` uses
     ordinary autograd (every step's activations are stored); ``gradient="adjoint"`` stores only the
     output and, in the backward pass, rebuilds each step's input by running the scheme with step
     :math:`-h` before back-propagating through that one step. Its memory for backward does not grow with
@@ -163,7 +197,7 @@ class ODEResNet(nn.Module):
     Args:
         residuals: the functions :math:`f_0, \dots, f_{N-1}`, ``nn.Module`` objects that preserve the
             shape of their input.
-        scheme: ``"euler"`` or ``"heun"``.
+        scheme: ``"euler"``, ``"heun"`` or ``"heunnet"``.
         gradient: ``"backprop"`` or ``"adjoint"``; can be changed later through the attribute.
         preserve_rng_state: replay each step's random state in the adjoint backward pass (needed for
             dropout; one copy of the generator state per step, a few KiB).
@@ -171,7 +205,7 @@ class ODEResNet(nn.Module):
         dtype: cast their floating-point parameters to it; ``None`` leaves them as they are.
 
     Raises:
-        ValueError: no residual function, or an unknown scheme or gradient mode. A residual function that
+        ValueError: no residual function (fewer than two for HeunNet), or an unknown scheme or gradient mode. A residual function that
             changes the shape of its input raises a ``ValueError`` when the network runs.
         TypeError: a residual function is not an ``nn.Module``.
     """
@@ -208,23 +242,25 @@ class ODEResNet(nn.Module):
 
     @property
     def depth(self) -> int:
-        """The number of steps :math:`N`."""
-        return len(self.residuals)
+        """The number of steps :math:`N` (one fewer than the residual functions for HeunNet)."""
+        return len(_stages(self.residuals, self.scheme))
 
     def forward(self, x: Tensor) -> Tensor:
-        h = 1.0 / self.depth
+        stages = _stages(self.residuals, self.scheme)
+        h = 1.0 / len(stages)
         parameters = [p for p in self.parameters() if p.requires_grad]
         if self.gradient == "backprop" or not torch.is_grad_enabled() or not (x.requires_grad or parameters):
-            for f in self.residuals:
-                x = _step(f, x, h, self.scheme)
+            for stage in stages:
+                x = _step(stage, x, h, self.scheme)
             return x
         return _AdjointFunction.apply(x, list(self.residuals), self.scheme, self.preserve_rng_state, *self.parameters())
 
     def inverse(self, y: Tensor) -> Tensor:
         """The approximate input rebuilt from the output, as the adjoint backward pass rebuilds it."""
-        h = 1.0 / self.depth
-        for f in reversed(self.residuals):
-            y = _reverse_step(f, y, h, self.scheme)
+        stages = _stages(self.residuals, self.scheme)
+        h = 1.0 / len(stages)
+        for stage in reversed(stages):
+            y = _reverse_step(stage, y, h, self.scheme)
         return y
 
     def extra_repr(self) -> str:
@@ -258,7 +294,8 @@ def smooth_in_depth_(model: ODEResNet, *, modes: int = 3, generator: torch.Gener
     if modes < 1:
         raise ValueError(f"modes must be a positive integer, got {modes}")
     names = _check_same_structure(model)
-    depths = torch.linspace(0, 1, model.depth, dtype=torch.float64) if model.depth > 1 else torch.zeros(1, dtype=torch.float64)
+    functions = len(model.residuals)
+    depths = torch.linspace(0, 1, functions, dtype=torch.float64) if functions > 1 else torch.zeros(1, dtype=torch.float64)
     basis = torch.stack([torch.cos(k * math.pi * depths) for k in range(modes)]) / math.sqrt(modes)  # (K, N)
     first = dict(model.residuals[0].named_parameters())
     with torch.no_grad():
@@ -282,8 +319,9 @@ def _check_same_structure(model: ODEResNet) -> list[str]:
 def interpolate_depth(model: ODEResNet, depth: int) -> ODEResNet:
     r"""A deeper (or shallower) copy of ``model`` whose weights interpolate the trained ones linearly in depth.
 
-    Layer :math:`n` of the new network sits at depth :math:`s = n/(\text{depth}-1)` and takes the linear
-    interpolation of the two trained layers around :math:`s\,(N-1)`; the first and last layers are kept.
+    The new network has ``depth`` residual functions (``depth − 1`` steps for HeunNet). Layer :math:`n` sits
+    at depth :math:`s = n/(\text{depth}-1)` and takes the linear interpolation of the two trained layers
+    around :math:`s\,(L-1)`, :math:`L` the trained functions; the first and last layers are kept.
     Buffers are copied from the nearest trained layer. The scheme and gradient mode are kept.
 
     Raises:
@@ -291,14 +329,15 @@ def interpolate_depth(model: ODEResNet, depth: int) -> ODEResNet:
             functions differ in their parameter shapes.
     """
     _check_same_structure(model)
-    if not isinstance(depth, int) or depth < 1 or (depth == 1 and model.depth > 1):
+    layers = len(model.residuals)
+    if not isinstance(depth, int) or depth < 1 or (depth == 1 and layers > 1):
         raise ValueError(f"depth must be an integer ≥ 2 (or 1 for a one-layer model), got {depth!r}")
     states = [f.state_dict() for f in model.residuals]
     residuals = []
     for n in range(depth):
-        position = n * (model.depth - 1) / (depth - 1) if depth > 1 else 0.0
-        below = min(int(position), model.depth - 1)
-        above = min(below + 1, model.depth - 1)
+        position = n * (layers - 1) / (depth - 1) if depth > 1 else 0.0
+        below = min(int(position), layers - 1)
+        above = min(below + 1, layers - 1)
         weight = position - below
         f = copy.deepcopy(model.residuals[below])
         parameters = set(dict(f.named_parameters()))
