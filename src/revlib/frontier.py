@@ -52,7 +52,13 @@ OPTIMIZERS = ("sgd", "momentum", "adam")
 
 @dataclass(frozen=True)
 class FrontierRow:
-    """One method's training step. Bytes are exact counts except ``peak`` (measured); ``seconds`` is a median."""
+    """One method's training step. Bytes are exact counts except ``peak``; ``seconds`` is a median.
+
+    ``peak`` is :func:`revlib.measure.peak_memory` of the step: the most memory it held *beyond* what was
+    resident before it (the parameters were). It is a maximum over time, not a sum: activations are freed
+    during the backward pass while gradients appear, and the optimiser's state is created after that, so
+    ``peak`` can be smaller than ``parts``.
+    """
 
     method: str
     parameters: int
