@@ -6,7 +6,7 @@ INSTALLED := $(VENV)/.installed
 SRC_HASH := _build/.src-hash
 NBVAL := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
 
-.PHONY: book test portability outputs lab clean
+.PHONY: book test pdf portability outputs lab clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON_BASE) -m venv $(VENV)
@@ -22,6 +22,11 @@ book: $(INSTALLED)
 	if [ "$$new" != "$$(cat $(SRC_HASH) 2>/dev/null)" ]; then rm -rf _build/.jupyter_cache; echo "$$new" > $(SRC_HASH); fi
 	$(VENV)/bin/jupyter-book build . -W -n --keep-going
 	@echo "The book is in _build/html/index.html"
+
+# The built book printed to one PDF by headless Chromium (needs Chromium: apt-get install chromium).
+pdf: book
+	$(PYTHON) tools/print_book.py
+	@echo "The printable book is _build/pdf/book.pdf"
 
 # Unit tests in two workers; then the chapters one at a time, each kernel with all cores, as they were
 # executed when stored (two kernels sharing two cores oversubscribe the threads and run many times slower);

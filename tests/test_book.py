@@ -5,6 +5,7 @@ table of contents, cross-references, bibliography, API reference, figures, and m
 """
 
 import functools
+import importlib.util
 import http.server
 import json
 import re
@@ -142,6 +143,16 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
         yield chrome
 
 
+def load(browser: Any, url: str, attempts: int = 3) -> bool:
+    """Open ``url``; true once its article heading is there. Chromium occasionally reports a navigation to the
+    local server as finished before the document is in, so an empty page is loaded again (up to ``attempts``)."""
+    for _ in range(attempts):
+        browser.get(url)
+        if browser.execute_script("return document.querySelector('main h1') !== null"):
+            return True
+    return False
+
+
 def book_pages() -> list[str]:
     toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
     return [toc["root"]] + [chapter["file"] for part in toc["parts"] for chapter in part["chapters"]]
@@ -153,7 +164,9 @@ def test_every_page_renders_in_a_browser_without_network(browser: Any, served: s
     chapter has figures, numbered equations and links into the bibliography."""
     problems: list[str] = []
     for page in book_pages():
-        browser.get(f"{served}/{page}.html")
+        if not load(browser, f"{served}/{page}.html"):
+            problems.append(f"{page}: the page did not load (no heading in <main> after three attempts)")
+            continue
         report = browser.execute_async_script(PAGE_REPORT)
         requests = [entry for entry in browser.get_log("performance") if '"Network.requestWillBeSent"' in entry["message"]]
         hosts = {urllib.parse.urlsplit(json.loads(entry["message"])["message"]["params"]["request"]["url"]) for entry in requests}
@@ -196,3 +209,26 @@ def test_every_chapter_page_has_launch_and_repository_buttons(html: Path) -> Non
                     repository["url"]}
         assert expected <= links, f"{notebook.stem}: missing {sorted(expected - links)}"
         assert any(link.startswith(f"{repository['url']}/issues/new") for link in links), f"{notebook.stem}: no 'open issue' button"
+
+
+def test_the_book_prints_to_a_pdf_with_its_math_and_bookmarks(html: Path, tmp_path: Path) -> None:
+    """tools/print_book.py (make pdf): two pages printed by Chromium and joined, typeset math and all."""
+    spec = importlib.util.spec_from_file_location("print_book", ROOT / "tools" / "print_book.py")
+    print_book = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(print_book)  # type: ignore[union-attr]
+    try:
+        print_book.find_chromium()
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+    pypdf = pytest.importorskip("pypdf", reason="pypdf is not installed (pip install -e '.[book]')")
+    assert print_book.book_pages() == book_pages()
+    output = tmp_path / "book.pdf"
+    count = print_book.print_book(html, output, ["book/notation", "chapters/03_reversible_networks"])
+    reader = pypdf.PdfReader(output)
+    assert count == len(reader.pages) > 3
+    assert [item.title for item in reader.outline] == ["notation", "03 reversible networks"]
+    text = " ".join(page.extract_text() for page in reader.pages)
+    assert "Reversible residual networks" in text and "Additive coupling" in text
+    assert "\\begin{" not in text and "$$" not in text, "the math is typeset, not raw TeX"
+    with pytest.raises(FileNotFoundError, match="make book"):
+        print_book.print_book(tmp_path, output, ["chapters/03_reversible_networks"])
