@@ -40,7 +40,7 @@ test: $(INSTALLED)
 CI_VARIANT ?= aten-generic
 CI_SEED ?= 1
 
-# The whole portability matrix: every chapter under four kernel variants and seeds 0-2 (about 45 minutes on
+# The whole portability matrix: every chapter under four kernel variants and seeds 0-2 (about 75 minutes on
 # two cores). Its report is the table in the book's Reproducibility appendix.
 portability: $(INSTALLED)
 	rm -f _build/portability-runs.jsonl; mkdir -p _build
