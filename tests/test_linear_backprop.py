@@ -134,3 +134,24 @@ def test_sign_ste_gradcheck_of_the_surrogate():
     (ste,) = torch.autograd.grad(sign_ste(x, clip=1.0), x, upstream)
     (hardtanh,) = torch.autograd.grad(torch.nn.functional.hardtanh(x), x, upstream)
     torch.testing.assert_close(ste, hardtanh, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("activation", "saves_less"), [(nn.ReLU, False), (nn.Tanh, False), (nn.GELU, True), (nn.SiLU, True)])
+def test_linear_backprop_saves_less_only_where_the_activation_keeps_its_input(activation: type[nn.Module], saves_less: bool) -> None:
+    """ReLU and tanh keep their *output* for backward, which the next linear layer keeps anyway: the saved bytes
+    are the same. GELU and SiLU keep their *input*, a tensor of its own: linear backprop, which needs no σ',
+    saves one activation per layer less."""
+    from revlib.measure import saved_tensor_bytes
+
+    torch.manual_seed(0)
+    width, batch, layers = 32, 16, 3
+    model = nn.Sequential(*[module for _ in range(layers) for module in (nn.Linear(width, width), activation())], nn.Linear(width, 4))
+    x = torch.randn(batch, width)
+    plain = saved_tensor_bytes(model, x, exclude=model.parameters())
+    converted = convert_to_linear_backprop(model)  # a copy
+    linear = saved_tensor_bytes(converted, x, exclude=converted.parameters())
+    activation_bytes = batch * width * 4
+    if saves_less:
+        assert plain - linear == layers * activation_bytes
+    else:
+        assert plain == linear
