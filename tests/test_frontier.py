@@ -95,3 +95,26 @@ def test_command_line_prints_the_table(monkeypatch: pytest.MonkeyPatch, capsys: 
     assert called["args"] == ("mlp", 3, 6, 64) and called["kwargs"]["optimizer"] == "sgd"
     output = capsys.readouterr().out
     assert "mlp, 3 blocks" in output and "backprop" in output
+
+
+@pytest.mark.parametrize(("width", "batch", "dominant"), [(256, 8192, "activations"), (2048, 4, "weights")])
+def test_step_memory_by_hand_and_the_peak_between_floor_and_sum(width: int, batch: int, dominant: str) -> None:
+    """Three bias-free linear layers of ``width``, Adam, cross-entropy on ``width`` classes. By hand: parameters
+    3·width² floats, as many gradients, twice as many Adam moments; saved activations: the batch, the inputs of
+    the second and third layer and the log-softmax output (and the targets). The measured peak
+    of a fresh process lies between the floor (activations at the end of the forward pass, or gradients and
+    Adam's moments during the update) and the naive sum plus temporaries."""
+    from revlib.frontier import step_memory
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(3)])
+    inputs, targets = torch.randn(batch, width), torch.randint(0, width, (batch,))
+    memory = step_memory(model, inputs, targets, "adam")
+    weights = 3 * width * width * FLOAT32
+    activation = batch * width * FLOAT32
+    assert (memory.parameters, memory.gradients, memory.optimizer_state) == (weights, weights, 2 * weights)
+    # the batch, the inputs of the second and third layer, the log-softmax output, the targets, a scalar
+    assert memory.activations == 4 * activation + targets.numel() * 8 + FLOAT32
+    mib = 2**20
+    assert memory.floor == (memory.activations if dominant == "activations" else 3 * weights)
+    assert 0.9 * memory.floor - 2 * mib < memory.peak < memory.parts + 2 * activation + weights + 8 * mib, memory

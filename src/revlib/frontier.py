@@ -195,6 +195,59 @@ def training_step(model: nn.Module, inputs: Tensor, targets: Tensor, optimizer: 
     return step
 
 
+@dataclass(frozen=True)
+class StepMemory:
+    """The memory bill of one training step (:func:`training_step`), in bytes.
+
+    ``parameters``, ``gradients``, ``optimizer_state`` (after the step) and ``activations`` (saved for
+    backward by the forward pass and the loss, the batch and targets among them, the parameters not) are
+    exact counts. ``peak`` is
+    measured (:func:`revlib.measure.peak_memory`): the most the step held beyond what was resident before it,
+    the parameters and the batch.
+    """
+
+    parameters: int
+    gradients: int
+    optimizer_state: int
+    activations: int
+    peak: int
+
+    @property
+    def parts(self) -> int:
+        """Parameters, gradients, optimiser state and saved activations together: the naive bill."""
+        return self.parameters + self.gradients + self.optimizer_state + self.activations
+
+    @property
+    def floor(self) -> int:
+        """What the step must hold at once at some moment, beyond the parameters: all saved activations at the
+        end of the forward pass, or the gradients and the optimiser state during the update. The activations
+        are freed during the backward pass as the gradients appear, so the peak sits between ``floor`` and
+        ``activations + gradients + optimizer_state`` (plus the backward pass's temporaries), not at their sum."""
+        return max(self.activations, self.gradients + self.optimizer_state)
+
+
+def step_memory(model: nn.Module, inputs: Tensor, targets: Tensor, optimizer: str = "adam") -> StepMemory:
+    """The memory bill of one :func:`training_step` of ``model`` on a batch, counted and measured.
+
+    The model is left as one step of ``optimizer`` left it (its ``.grad`` fields set).
+
+    Raises:
+        ValueError: an unknown optimiser.
+    """
+    make_optimizer(optimizer, [torch.zeros(1, requires_grad=True)])  # checks the name
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    activations = saved_tensor_bytes(lambda: F.cross_entropy(model(inputs), targets), exclude=parameters)
+    peak = peak_memory(training_step, model, inputs, targets, optimizer)
+    state = training_step(model, inputs, targets, optimizer).state
+    return StepMemory(
+        parameters=_bytes(parameters),
+        gradients=_bytes(p.grad for p in parameters if p.grad is not None),
+        optimizer_state=_bytes(value for entry in state.values() for value in entry.values() if isinstance(value, Tensor) and value.dim() > 0),
+        activations=activations,
+        peak=peak,
+    )
+
+
 def _gradients(model: nn.Module, inputs: Tensor, targets: Tensor) -> list[Tensor]:
     model.zero_grad()
     F.cross_entropy(model(inputs), targets).backward()
@@ -241,18 +294,16 @@ def frontier(family: str = "conv", depth: int = 16, width: int = 32, batch: int 
     rows = []
     for name, network in tqdm(networks.items(), desc="frontier", disable=not progress):
         model = network.model
-        parameters = [p for p in model.parameters() if p.requires_grad]
-        activations = saved_tensor_bytes(lambda: F.cross_entropy(model(inputs), targets), exclude=parameters)
         error = relative_error(_gradients(model, inputs, targets), _gradients(network.exact, inputs, targets))
         calls = count_calls(network.functions, _gradients, model, inputs, targets)
-        state = training_step(model, inputs, targets, optimizer).state
+        memory = step_memory(model, inputs, targets, optimizer)
         rows.append(FrontierRow(
             method=name,
-            parameters=_bytes(parameters),
-            gradients=_bytes(p.grad for p in parameters if p.grad is not None),
-            optimizer_state=_bytes(value for entry in state.values() for value in entry.values() if isinstance(value, Tensor) and value.dim() > 0),
-            activations=activations,
-            peak=peak_memory(training_step, model, inputs, targets, optimizer),
+            parameters=memory.parameters,
+            gradients=memory.gradients,
+            optimizer_state=memory.optimizer_state,
+            activations=memory.activations,
+            peak=memory.peak,
             seconds=times[name],
             gradient_error=error,
             recomputations=calls / len(network.functions) - 1,
