@@ -214,12 +214,12 @@ class StepMemory:
 
     @property
     def parts(self) -> int:
-        """Parameters, gradients, optimiser state and saved activations together: the naive bill."""
+        """The naive bill, parameters, gradients, optimiser state and saved activations together."""
         return self.parameters + self.gradients + self.optimizer_state + self.activations
 
     @property
     def floor(self) -> int:
-        """What the step must hold at once at some moment, beyond the parameters: all saved activations at the
+        """What the step must hold at once at some moment beyond the parameters. That is all saved activations at the
         end of the forward pass, or the gradients and the optimiser state during the update. The activations
         are freed during the backward pass as the gradients appear, so the peak sits between ``floor`` and
         ``activations + gradients + optimizer_state`` (plus the backward pass's temporaries), not at their sum."""
