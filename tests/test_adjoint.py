@@ -6,7 +6,16 @@ import pytest
 import torch
 from torch import nn
 
-from revlib.adjoint import DepthVectorField, ODEResNet, gradient_error, interpolate_depth, smooth_in_depth_, tanh_residuals
+from revlib.adjoint import (
+    DepthVectorField,
+    ODEResNet,
+    adjoint_and_exact_gradients,
+    gradient_error,
+    interpolate_depth,
+    roughness_in_depth,
+    smooth_in_depth_,
+    tanh_residuals,
+)
 from revlib.measure import saved_tensor_bytes
 from revlib.verify import relative_error
 
@@ -221,12 +230,40 @@ def test_interpolate_depth_keeps_the_ends_and_interpolates_between() -> None:
         interpolate_depth(model, 1)
 
 
-def test_depth_vector_field_picks_the_layer_of_each_time() -> None:
+def test_depth_vector_field_is_each_layer_on_its_interval_of_layer_time() -> None:
     residuals = mlp_residuals(4)
     field = DepthVectorField(ODEResNet(residuals))
     x = torch.randn(2, 6)
-    for s, index in ((0.0, 0), (0.25, 1), (0.2499999999, 1), (0.6, 2), (1.0, 3)):
-        torch.testing.assert_close(field(torch.tensor(s), x), residuals[index](x))
+    below_two = torch.nextafter(torch.tensor(2.0), torch.tensor(0.0))
+    for tau, index in ((torch.tensor(0.0), 0), (torch.tensor(1.0), 1), (below_two, 1), (torch.tensor(2.5), 2), (torch.tensor(3.99), 3)):
+        torch.testing.assert_close(field(tau, x), residuals[index](x) / 4)
+    for outside in (-0.5, 4.0):
+        with pytest.raises(ValueError, match="perturb"):
+            field(torch.tensor(outside), x)
+
+
+def test_roughness_in_depth_by_hand_and_for_smooth_and_independent_weights() -> None:
+    model = ODEResNet([nn.Linear(1, 1, bias=False) for _ in range(3)])
+    with torch.no_grad():
+        for f, w in zip(model.residuals, (1.0, 2.0, 3.0)):
+            f.weight.fill_(w)
+    assert roughness_in_depth(model) == pytest.approx((1 / 1 + 1 / 2) / 2)  # |2-1|/1 and |3-2|/2
+    independent = ODEResNet(mlp_residuals(64, width=32))
+    smooth = smooth_in_depth_(ODEResNet(mlp_residuals(64, width=32)), generator=torch.Generator().manual_seed(0))
+    assert 1.2 < roughness_in_depth(independent) < 1.6, "independent draws of equal norm: about √2"
+    assert roughness_in_depth(smooth) < 0.1
+    with pytest.raises(ValueError, match="two"):
+        roughness_in_depth(ODEResNet(mlp_residuals(1)))
+
+
+def test_adjoint_and_exact_gradients_match_gradient_error_and_leave_the_mode() -> None:
+    model = ODEResNet(mlp_residuals(4), gradient="adjoint").double()
+    x = torch.randn(3, 6, dtype=torch.float64)
+    adjoint, exact = adjoint_and_exact_gradients(model, x, squared)
+    assert model.gradient == "adjoint"
+    torch.testing.assert_close(exact, torch.cat([g.flatten() for g in torch.autograd.grad(squared(ODEResNet(model.residuals)(x)), list(model.parameters()))]))
+    assert relative_error(adjoint, exact) == pytest.approx(gradient_error(model, x, squared))
+    assert 0 < relative_error(adjoint, exact) < 0.5
 
 
 def test_gradient_error_needs_trainable_parameters() -> None:
@@ -262,3 +299,29 @@ def test_torchdiffeq_runs_the_same_network() -> None:
     assert 1e-3 < error < 1, "the continuous adjoint is an approximation of the network's gradient"
     with pytest.raises(ValueError, match="Euler"):
         TorchdiffeqResNet(ODEResNet(mlp_residuals(2), scheme="heun"))
+
+
+@pytest.mark.parametrize("depth", [3, 5, 8])
+def test_torchdiffeq_continuous_adjoint_pairs_each_reverse_step_with_its_own_layer(depth: int) -> None:
+    """odeint_adjoint's reverse Euler steps, written out: from x̃_{n+1} to x̃_n with layer n's function,
+    a_n = a_{n+1} + J_n(x̃_{n+1})ᵀ a_{n+1} / N and θ̄_n = (∂f_n/∂θ at x̃_{n+1})ᵀ a_{n+1} / N — the same layer as
+    the discrete adjoint, its Jacobian taken at the step's start instead of at x̃_n."""
+    pytest.importorskip("torchdiffeq")
+    from revlib.adjoint import TorchdiffeqResNet
+
+    model = ODEResNet(mlp_residuals(depth)).double()
+    x = torch.randn(3, 6, dtype=torch.float64)
+    continuous = torch.autograd.grad(squared(TorchdiffeqResNet(model)(x)), list(model.parameters()))
+    with torch.no_grad():
+        state = model(x)
+    adjoint, expected = 2 * state, []  # a_N = ∂L/∂x_N for L = ‖x_N‖²
+    for f in reversed(model.residuals):
+        point = state.detach().requires_grad_(True)
+        velocity = f(point) / depth
+        found = torch.autograd.grad(velocity, [point, *f.parameters()], adjoint)
+        expected = list(found[1:]) + expected
+        with torch.no_grad():
+            state = state - velocity
+        adjoint = adjoint + found[0]
+    for got, want in zip(continuous, expected, strict=True):
+        torch.testing.assert_close(got, want)

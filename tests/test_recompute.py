@@ -62,6 +62,25 @@ def test_autocast_is_re_entered_in_every_recomputation(name: str) -> None:
     assert all(all(m.autocast_seen) for m in recorders), "autocast must be on in the recomputation as it was in forward"
 
 
+def captured_states(output: torch.Tensor) -> list:
+    """The ForwardStates the custom Function behind ``output`` kept for its backward pass, in order."""
+    states = output.grad_fn.states  # type: ignore[union-attr]
+    return [state for entry in states for state in (entry if isinstance(entry, tuple) else (entry,))]
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_random_state_is_kept_once_when_no_piece_draws_random_numbers(name: str) -> None:
+    """Without dropout every piece sees the same generator state: one copy serves them all, so the memory
+    kept for the replay does not grow with depth. With dropout each piece keeps its own, and replays it."""
+    build, features = BUILDERS[name]
+    torch.manual_seed(0)
+    x = torch.randn(5, features, requires_grad=True)
+    plain = captured_states(build(lambda: nn.Sequential(nn.Linear(4, 4), nn.Tanh()))(x))
+    assert len(plain) >= 2 and all(state.cpu_rng is plain[0].cpu_rng for state in plain)
+    random = captured_states(build(lambda: nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)))(x))
+    assert len({id(state.cpu_rng) for state in random}) == len(random), "every piece drew random numbers"
+
+
 @pytest.mark.parametrize("scheme, calls", [("euler", 1), ("heun", 2)])
 def test_adjoint_updates_batchnorm_statistics_once_per_forward(scheme: str, calls: int) -> None:
     torch.manual_seed(0)

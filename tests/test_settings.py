@@ -80,3 +80,15 @@ def test_bad_arguments() -> None:
         chapter_settings("chapter 3")
     with pytest.raises(ValueError, match="scale must be"):
         chapter_settings("odes", "medium")  # type: ignore[arg-type]
+
+
+def test_ode_classifier_initialisations() -> None:
+    from revlib.adjoint import roughness_in_depth
+
+    settings = chapter_settings("odes", "small")
+    data = revlib.load_digits(flat=True)
+    smooth = settings.classifier(data, 16, init="smooth")[0]
+    independent = settings.classifier(data, 16, init="i.i.d.")[0]
+    assert roughness_in_depth(smooth) < 0.3 < 1.0 < roughness_in_depth(independent)
+    with pytest.raises(ValueError, match="init must be"):
+        settings.classifier(data, 4, init="random")  # type: ignore[arg-type]

@@ -7,7 +7,7 @@ from torch import nn
 import revlib.adjoint
 import revlib.backprop
 from revlib import verify
-from revlib.verify import flat_gradient, relative_error
+from revlib.verify import cosine_similarity, flat_gradient, relative_error
 
 
 def test_relative_error_of_tensors_and_of_lists() -> None:
@@ -35,3 +35,15 @@ def test_the_chapters_import_paths_still_work() -> None:
     assert revlib.backprop.relative_error is verify.relative_error
     assert revlib.backprop.finite_difference_gradient is verify.finite_difference_gradient
     assert revlib.adjoint.flat_gradient is verify.flat_gradient
+
+
+def test_cosine_similarity_measures_direction_only() -> None:
+    reference = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert cosine_similarity(7.5 * reference, reference) == pytest.approx(1.0)
+    assert cosine_similarity(torch.tensor([[0.0, 2.0], [-2.0, 0.0]]), reference) == pytest.approx(0.0)
+    assert cosine_similarity(-reference, reference) == pytest.approx(-1.0)
+    assert cosine_similarity(torch.tensor([[1.0, 1.0], [0.0, 0.0]]), reference) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="shapes"):
+        cosine_similarity(torch.ones(4), reference)
+    with pytest.raises(ValueError, match="zero"):
+        cosine_similarity(torch.zeros(2, 2), reference)

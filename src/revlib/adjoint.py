@@ -112,9 +112,10 @@ class _AdjointFunction(torch.autograd.Function):
         ctx.states = []  # per step, the random, autocast and buffer states: a few KiB, no activations
         stages = _stages(residuals, scheme)
         h = 1.0 / len(stages)
+        state = None
         with torch.no_grad():
             for stage in stages:
-                state = ForwardState.capture(x.device, preserve_rng)
+                state = ForwardState.capture(x.device, preserve_rng, previous=state)
                 with state.recording(nn.ModuleList(stage)):
                     x = _step(stage, x, h, scheme)
                 ctx.states.append(state)
@@ -350,16 +351,10 @@ def interpolate_depth(model: ODEResNet, depth: int) -> ODEResNet:
     return ODEResNet(residuals, scheme=model.scheme, gradient=model.gradient)
 
 
-def gradient_error(model: ODEResNet, inputs: Tensor, loss_fn: Callable[[Tensor], Tensor]) -> float:
-    r"""The relative error of the adjoint gradient against the exact one, for one batch:
-
-    .. math::
-
-        \frac{\lVert g_{\text{adjoint}} - g_{\text{backprop}} \rVert}{\lVert g_{\text{backprop}} \rVert},
-
-    with :math:`g` the gradient of ``loss_fn(model(inputs))`` with respect to all of the model's
-    parameters, concatenated. (Sander et al. plot the square of a per-tensor version of this quantity, so
-    their slopes are twice ours.) The model's gradient mode and ``.grad`` fields are left as they were.
+def adjoint_and_exact_gradients(model: ODEResNet, inputs: Tensor, loss_fn: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+    """The gradients of ``loss_fn(model(inputs))`` with respect to all of the model's trainable parameters,
+    concatenated, once from the adjoint and once from backprop (in that order). The model's gradient mode and
+    ``.grad`` fields are left as they were.
 
     Raises:
         ValueError: the model has no parameter that requires grad.
@@ -375,37 +370,86 @@ def gradient_error(model: ODEResNet, inputs: Tensor, loss_fn: Callable[[Tensor],
             gradients[mode] = flat_gradient(model, inputs, loss_fn, parameters)
     finally:
         model.gradient = original
-    exact = gradients["backprop"]
-    return relative_error(gradients["adjoint"], exact)
+    return gradients["adjoint"], gradients["backprop"]
+
+
+def gradient_error(model: ODEResNet, inputs: Tensor, loss_fn: Callable[[Tensor], Tensor]) -> float:
+    r"""The relative error of the adjoint gradient against the exact one, for one batch:
+
+    .. math::
+
+        \frac{\lVert g_{\text{adjoint}} - g_{\text{backprop}} \rVert}{\lVert g_{\text{backprop}} \rVert},
+
+    with :math:`g` the gradient of ``loss_fn(model(inputs))`` with respect to all of the model's
+    parameters, concatenated (:func:`adjoint_and_exact_gradients`). (Sander et al. plot the square of a
+    per-tensor version of this quantity, so their slopes are twice ours.)
+
+    Raises:
+        ValueError: the model has no parameter that requires grad.
+    """
+    return relative_error(*adjoint_and_exact_gradients(model, inputs, loss_fn))
+
+
+def roughness_in_depth(model: ODEResNet) -> float:
+    r"""How much the weights change from one residual function to the next, relative to their size:
+
+    .. math:: \rho = \frac{1}{N-1} \sum_{n=0}^{N-2} \frac{\lVert \theta_{n+1} - \theta_n \rVert}{\lVert \theta_n \rVert},
+
+    with :math:`\theta_n` all of function :math:`n`'s parameters, concatenated. Weights that are samples of a
+    smooth :math:`\theta(s)` give :math:`\rho = O(1/N)`; independent draws of equal size give
+    :math:`\rho \approx \sqrt2`, at any depth.
+
+    Raises:
+        ValueError: fewer than two residual functions, or functions of different parameter shapes.
+    """
+    if len(model.residuals) < 2:
+        raise ValueError("roughness_in_depth needs at least two residual functions")
+    _check_same_structure(model)
+    with torch.no_grad():
+        layers = [torch.cat([p.detach().double().flatten() for p in f.parameters()]) for f in model.residuals]
+        steps = [((following - current).norm() / current.norm()).item() for current, following in zip(layers, layers[1:])]
+    return sum(steps) / len(steps)
 
 
 class DepthVectorField(nn.Module):
-    r"""The time-dependent vector field :math:`F(s, x) = f_{n(s)}(x)` of an :class:`ODEResNet`, for ODE solvers.
+    r"""The vector field of an :class:`ODEResNet` in layer time, :math:`F(\tau, x) = f_{\lfloor\tau\rfloor}(x)/N` on :math:`[0, N)`.
 
-    :math:`n(s)` is the step whose interval :math:`[n/N, (n+1)/N)` contains :math:`s` (rounded to the
-    nearest grid point first, so that a fixed-step solver evaluating at :math:`s = n/N` gets exactly
-    :math:`f_n`). Called as ``field(s, x)``, as ``torchdiffeq.odeint`` expects.
+    Layer time :math:`\tau = sN` runs over the integers at the layers' boundaries, so the field is
+    :math:`f_n/N` on the interval :math:`[n, n+1)` that belongs to layer :math:`n`: an Euler step of size 1
+    from :math:`\tau = n` is the network's step :math:`x + f_n(x)/N`, and the grid points are exact in
+    floating point for any depth. The field jumps at the integers; a solver must evaluate it inside the
+    step's interval (``torchdiffeq``'s ``perturb`` option), so that a step taken backwards from
+    :math:`n + 1` also sees :math:`f_n`. Called as ``field(tau, x)``, as ``torchdiffeq.odeint`` expects.
+
+    Raises:
+        ValueError: ``tau`` outside :math:`[0, N)` (a step evaluated at a jump without ``perturb``).
     """
 
     def __init__(self, model: ODEResNet) -> None:
         super().__init__()
         self.residuals = model.residuals
 
-    def forward(self, s: Tensor, x: Tensor) -> Tensor:
+    def forward(self, tau: Tensor, x: Tensor) -> Tensor:
         depth = len(self.residuals)
-        index = min(max(int(math.floor(float(s.detach()) * depth + 1e-6)), 0), depth - 1)
-        return self.residuals[index](x)
+        position = float(tau.detach())
+        if not 0 <= position < depth:
+            raise ValueError(f"layer time tau must lie in [0, {depth}), got {position}: evaluate inside each step (perturb=True)")
+        return (1.0 / depth) * self.residuals[math.floor(position)](x)
 
 
 class TorchdiffeqResNet(nn.Module):
     r"""The Euler :class:`ODEResNet` run by ``torchdiffeq``'s fixed-step Euler solver, for comparisons.
 
-    The forward pass is the same computation as ``model``'s (``odeint`` evaluates :class:`DepthVectorField`
-    at :math:`s = n/N`, where it is :math:`f_n`). With ``adjoint=True`` the gradient comes from
-    ``odeint_adjoint``: the *continuous* adjoint equation solved backwards with the same solver, which
-    evaluates the field at the end of each step and so differentiates the ODE rather than the network that
-    ran. With ``adjoint=False`` autograd differentiates through the solver (exact, memory growing with
-    depth). Shares its parameters with ``model``. Needs the optional package ``torchdiffeq``.
+    ``odeint`` integrates :class:`DepthVectorField` over layer time :math:`[0, N]` with steps of 1, evaluating
+    the field just inside each step (``perturb=True``): the forward pass is the same computation as
+    ``model``'s, bit for bit. With ``adjoint=True`` the gradient comes from ``odeint_adjoint``: the
+    *continuous* adjoint equation :math:`\dot a = -(\partial F/\partial x)^\top a` solved backwards by the
+    same solver. Each of its reverse steps, from :math:`n + 1` to :math:`n`, uses layer :math:`n`'s function,
+    as the discrete adjoint does, but evaluates its Jacobian at the step's start :math:`\tilde x_{n+1}`
+    where the network's derivative is taken at :math:`\tilde x_n`: optimise-then-discretise rather than
+    discretise-then-optimise. With ``adjoint=False`` autograd differentiates through the solver (exact,
+    memory growing with depth). Shares its parameters with ``model``. Needs the optional package
+    ``torchdiffeq``.
 
     Raises:
         ValueError: ``model`` uses Heun steps (``torchdiffeq``'s Heun evaluates its corrector at the next
@@ -418,15 +462,15 @@ class TorchdiffeqResNet(nn.Module):
         if model.scheme != "euler":
             raise ValueError(f"TorchdiffeqResNet reproduces Euler steps only, but the model uses scheme={model.scheme!r}")
         self.field, self.adjoint = DepthVectorField(model), adjoint
-        self.step_size = 1.0 / model.depth
+        self.depth = model.depth
 
     def forward(self, x: Tensor) -> Tensor:
         try:
             from torchdiffeq import odeint, odeint_adjoint
         except ImportError as error:
             raise ImportError("TorchdiffeqResNet needs torchdiffeq: pip install torchdiffeq") from error
-        span = torch.tensor([0.0, 1.0], device=x.device, dtype=x.dtype)
-        options = {"step_size": self.step_size}
+        span = torch.tensor([0.0, float(self.depth)], device=x.device, dtype=x.dtype)
+        options = {"step_size": 1.0, "perturb": True}  # the adjoint's solver gets the same options
         if self.adjoint:
             return odeint_adjoint(self.field, x, span, method="euler", options=options, adjoint_params=tuple(self.field.parameters()))[-1]
         return odeint(self.field, x, span, method="euler", options=options)[-1]

@@ -242,11 +242,12 @@ class _CheckpointFunction(torch.autograd.Function):
         ctx.states = []  # per block, the random, autocast and buffer states: a few KiB, no activations
         kept = set(plan.forward_checkpoints)
         checkpoints: list[Tensor] = []
+        state = None
         with torch.no_grad():
             for index, block in enumerate(sequence):
                 if index in kept:
                     checkpoints.append(x)
-                state = ForwardState.capture(x.device, sequence.preserve_rng_state)
+                state = ForwardState.capture(x.device, sequence.preserve_rng_state, previous=state)
                 with state.recording(block):
                     x = block(x)
                 ctx.states.append(state)

@@ -53,9 +53,10 @@ class _MomentumFunction(torch.autograd.Function):
         ctx.sequence = sequence  # the modules (not tensors): needed to recompute the residual functions
         ctx.states = []  # per block, the random, autocast and buffer states: a few KiB, no activations
         gamma = sequence.gamma
+        state = None
         with torch.no_grad():
             for function in sequence.functions:
-                state = ForwardState.capture(x.device, sequence.preserve_rng_state)
+                state = ForwardState.capture(x.device, sequence.preserve_rng_state, previous=state)
                 with state.recording(function):
                     v = gamma * v + (1 - gamma) * function(x)
                 x = x + v

@@ -101,13 +101,14 @@ class _ReversibleFunction(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, blocks: Sequence[ReversibleBlock], preserve_rng: bool, *parameters: Tensor) -> Tensor:
         ctx.blocks = blocks  # the modules themselves (not tensors): needed to recompute f and g
         ctx.states = []  # per block, the (f, g) random, autocast and buffer states: a few KiB, no activations
+        state_g = None
         with torch.no_grad():
             x1, x2 = blocks[0].split(x)
             for block in blocks:  # the halves pass from block to block without being concatenated
-                state_f = ForwardState.capture(x.device, preserve_rng)
+                state_f = ForwardState.capture(x.device, preserve_rng, previous=state_g)
                 with state_f.recording(block.f):
                     y1 = x1 + block._residual("f", block.f, x2)
-                state_g = ForwardState.capture(x.device, preserve_rng)
+                state_g = ForwardState.capture(x.device, preserve_rng, previous=state_f)
                 with state_g.recording(block.g):
                     y2 = x2 + block._residual("g", block.g, y1)
                 x1, x2 = y1, y2

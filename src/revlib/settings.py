@@ -212,19 +212,29 @@ class ODESettings:
     learning_rate: float = 1e-2
     memory_depths: tuple[int, ...] = (4, 16, 64, 256)
     comparison_depths: tuple[int, ...] = (8, 32, 128)
+    heunnet_depths: tuple[int, ...] = (4, 8, 16, 32, 64)
+    roughness_depth: int = 16
 
     def classifier(self, data: Dataset, depth: int, *, gradient: GradientMode = "backprop", seed: int = 0,
-                   device: torch.device | str | None = None) -> nn.Sequential:
-        """A frozen random linear read-out after an :class:`~revlib.adjoint.ODEResNet` of ``depth`` tanh steps
-        initialised smooth in depth (:func:`~revlib.adjoint.smooth_in_depth_` with a generator seeded by
-        ``seed``), so that all learning happens in the ODE block. The read-out is created first, then the
-        residual functions, both from the global random state."""
+                   init: Literal["smooth", "i.i.d."] = "smooth", device: torch.device | str | None = None) -> nn.Sequential:
+        """A frozen random linear read-out after an :class:`~revlib.adjoint.ODEResNet` of ``depth`` tanh steps,
+        so that all learning happens in the ODE block. ``init="smooth"`` makes the weights smooth in depth
+        (:func:`~revlib.adjoint.smooth_in_depth_` with a generator seeded by ``seed``); ``"i.i.d."`` keeps
+        PyTorch's independent initialisation of every layer. The read-out is created first, then the
+        residual functions, both from the global random state.
+
+        Raises:
+            ValueError: ``init`` is neither ``"smooth"`` nor ``"i.i.d."``.
+        """
         from revlib.adjoint import ODEResNet, smooth_in_depth_, tanh_residuals
 
+        if init not in ("smooth", "i.i.d."):
+            raise ValueError(f"init must be 'smooth' or 'i.i.d.', got {init!r}")
         features = data.feature_shape[0]
         readout = nn.Linear(features, data.classes).requires_grad_(False)
         ode = ODEResNet(tanh_residuals(depth, features, hidden=self.width), gradient=gradient)
-        smooth_in_depth_(ode, generator=torch.Generator().manual_seed(seed))
+        if init == "smooth":
+            smooth_in_depth_(ode, generator=torch.Generator().manual_seed(seed))
         return nn.Sequential(ode, readout).to(resolve_device(device))
 
     def training_runs(self, device: torch.device | str | None = None) -> dict[str, TrainingRun]:
@@ -392,7 +402,7 @@ CHAPTER_SETTINGS: dict[str, dict[str, Settings]] = {
         "small": ODESettings(),
         "large": ODESettings(width=256, error_depths=(4, 8, 16, 32, 64, 128, 256, 512, 1024), interpolated_depths=(8, 16, 32, 64, 128, 256, 512, 1024),
                              training_depths=(1, 2, 4, 8, 16, 32, 64), epochs=30, memory_depths=(4, 16, 64, 256, 1024),
-                             comparison_depths=(8, 32, 128, 512)),
+                             comparison_depths=(8, 32, 128, 512), heunnet_depths=(4, 8, 16, 32, 64, 128, 256), roughness_depth=64),
     },
     "linear_backprop": {
         "small": LinearBackpropSettings(),

@@ -45,6 +45,27 @@ def relative_error(computed: Tensor | Sequence[Tensor], reference: Tensor | Sequ
     return worst
 
 
+def cosine_similarity(computed: Tensor, reference: Tensor) -> float:
+    r"""The cosine of the angle between two tensors of one shape, flattened, in float64:
+
+    .. math:: \cos\angle(a, b) = \frac{\langle a, b\rangle}{\lVert a\rVert\,\lVert b\rVert} .
+
+    It measures direction only: 1 for the same direction at any length, 0 for orthogonal, negative when
+    ``computed`` points uphill along ``reference``'s descent direction. A gradient with a large relative
+    error can still have a high cosine (it is then mostly a wrongly scaled gradient) and still descend.
+
+    Raises:
+        ValueError: the shapes differ or either tensor is zero.
+    """
+    if computed.shape != reference.shape:
+        raise ValueError(f"shapes differ: {tuple(computed.shape)} and {tuple(reference.shape)}")
+    a, b = computed.double().flatten(), reference.double().flatten()
+    norms = a.norm().item() * b.norm().item()
+    if norms == 0:
+        raise ValueError("the cosine of a zero tensor is undefined")
+    return torch.dot(a, b).item() / norms
+
+
 def finite_difference_gradient(function: Callable[[], Tensor], tensor: Tensor, epsilon: float = 1e-6) -> Tensor:
     r"""Central finite differences of a scalar function with respect to every entry of ``tensor``:
 
