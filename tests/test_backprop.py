@@ -145,3 +145,20 @@ def test_mlp_runs_on_the_requested_device(device: torch.device) -> None:
     x = torch.randn(3, 6, device=device)
     _, gradients = mlp.gradients(x, torch.tensor([0, 1, 1], device=device))
     assert all(g.device.type == device.type for g in gradients.tensors())
+
+
+def test_linear_backprop_cosines_per_layer() -> None:
+    from revlib.backprop import linear_backprop_cosines
+
+    torch.manual_seed(0)
+    network = MLP([6, 16, 16, 3], "sigmoid", linear_backprop=True, seed=0, dtype=torch.float64)
+    x, y = torch.randn(32, 6, dtype=torch.float64), torch.randint(0, 3, (32,))
+    cosines = linear_backprop_cosines(network, x, y)
+    assert len(cosines) == 3 and cosines[-1] == pytest.approx(1.0), "the output layer's gradient is the same"
+    assert all(-1 <= c < 0.999 for c in cosines[:-1]), "below the output the factors σ' change the direction"
+    assert network.linear_backprop, "the network keeps its rule"
+    exact = MLP([6, 16, 16, 3], "sigmoid", seed=0, dtype=torch.float64)
+    assert linear_backprop_cosines(exact, x, y) == pytest.approx(cosines), "the same weights give the same cosines"
+    for example in range(8):  # Exercise 2: one example, the layer below the output: never negative
+        one = MLP([6, 16, 3], "tanh", seed=example, dtype=torch.float64)
+        assert linear_backprop_cosines(one, x[example : example + 1], y[example : example + 1])[0] >= 0

@@ -24,6 +24,7 @@ inputs :math:`h_0, \dots, h_{L-1}` (for ReLU, sigmoid and tanh, :math:`\sigma'(z
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -36,7 +37,7 @@ from revlib.data import Dataset
 from revlib.linear_backprop import LinearBackprop
 from revlib.runtime import resolve_device
 from revlib.training import History, train_epochs
-from revlib.verify import finite_difference_gradient, relative_error  # re-exported: the names chapter 01 uses
+from revlib.verify import cosine_similarity, finite_difference_gradient, relative_error  # the last two re-exported: chapter 01 uses them
 
 LossName = Literal["cross_entropy", "squared"]
 
@@ -313,3 +314,22 @@ class MLP:
             return value.item(), accuracy
 
         return train_epochs(step, assess, data, epochs, batch_size=batch_size, seed=seed, progress=progress)
+
+
+def linear_backprop_cosines(network: MLP, inputs: Tensor, targets: Tensor, loss: LossName = "cross_entropy") -> list[float]:
+    r"""How well linear backprop points downhill, layer by layer: for every :math:`l`, the cosine between its
+    :math:`\partial J/\partial W_l` and backprop's, both at ``network``'s current weights on one batch.
+
+    The two rules share :math:`\delta_L`, so the last layer's cosine is 1. Below it they differ by the
+    factors :math:`\sigma'(z)`; for the layer just below the output and a single example the cosine is
+    non-negative when :math:`\sigma' \ge 0` (the chapter's Exercise 2), but over a batch, or further down,
+    nothing bounds it. Whichever rule ``network`` trains with, both gradients are computed here.
+    """
+    outputs, cache = network.forward(inputs)
+    _, output_gradient = loss_and_gradient(outputs, targets, loss)
+    by_rule = {}
+    for linear in (True, False):
+        view = copy.copy(network)  # the same weight tensors, the other rule
+        view.linear_backprop = linear
+        by_rule[linear] = view.backward(cache, output_gradient).weights
+    return [cosine_similarity(approximate, exact) for approximate, exact in zip(by_rule[True], by_rule[False])]
