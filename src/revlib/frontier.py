@@ -195,6 +195,15 @@ def training_step(model: nn.Module, inputs: Tensor, targets: Tensor, optimizer: 
     return step
 
 
+def first_training_step(model: nn.Module, inputs: Tensor, targets: Tensor, optimizer: str) -> None:
+    """:func:`training_step`, then the gradients released (``.grad`` set to ``None``), as a training loop's
+    ``zero_grad()`` releases them before the next step: what the step allocates (its activations, its
+    gradients, a fresh optimiser's state) is then allocated inside it every time it runs, and a
+    measurement of its peak (:func:`revlib.measure.peak_memory` calls it twice) sees all of it."""
+    training_step(model, inputs, targets, optimizer)
+    model.zero_grad(set_to_none=True)
+
+
 @dataclass(frozen=True)
 class StepMemory:
     """The memory bill of one training step (:func:`training_step`), in bytes.
@@ -202,8 +211,9 @@ class StepMemory:
     ``parameters``, ``gradients``, ``optimizer_state`` (after the step) and ``activations`` (saved for
     backward by the forward pass and the loss, the batch and targets among them, the parameters not) are
     exact counts. ``peak`` is
-    measured (:func:`revlib.measure.peak_memory`): the most the step held beyond what was resident before it,
-    the parameters and the batch.
+    measured (:func:`revlib.measure.peak_memory` of :func:`first_training_step`): the most the step held
+    beyond what was resident before it, the parameters and the batch, with its gradients and a fresh
+    optimiser's state allocated inside it, as on a first step.
     """
 
     parameters: int
@@ -237,7 +247,7 @@ def step_memory(model: nn.Module, inputs: Tensor, targets: Tensor, optimizer: st
     make_optimizer(optimizer, [torch.zeros(1, requires_grad=True)])  # checks the name
     parameters = [p for p in model.parameters() if p.requires_grad]
     activations = saved_tensor_bytes(lambda: F.cross_entropy(model(inputs), targets), exclude=parameters)
-    peak = peak_memory(training_step, model, inputs, targets, optimizer)
+    peak = peak_memory(first_training_step, model, inputs, targets, optimizer)
     state = training_step(model, inputs, targets, optimizer).state
     return StepMemory(
         parameters=_bytes(parameters),

@@ -104,6 +104,11 @@ class BackpropSettings:
     peak_depths: tuple[int, ...] = (2, 4, 8, 12, 16)
     timing_width: int = 512
     timing_batch: int = 1024
+    bill_width: int = 512
+    bill_depths: tuple[int, ...] = (2, 8)
+    bill_batches: tuple[int, ...] = (32, 1024)
+    mode_input_sizes: tuple[int, ...] = (8, 16, 32, 64)
+    mode_batch: int = 16
 
     def training_runs(self, device: torch.device | str | None = None) -> dict[str, TrainingRun]:
         """The network the chapter trains (as the autograd twin of its hand-written MLP), with its data."""
@@ -390,7 +395,8 @@ CHAPTER_SETTINGS: dict[str, dict[str, Settings]] = {
     "backprop": {
         "small": BackpropSettings(),
         "large": BackpropSettings(hidden=(1024, 512), epochs=40, sweep_width=1024, sweep_batch=4096, peak_width=2048,
-                                  peak_batch=8192, timing_width=2048, timing_batch=8192),
+                                  peak_batch=8192, timing_width=2048, timing_batch=8192, bill_width=2048, bill_depths=(2, 8, 32),
+                                  bill_batches=(32, 1024, 8192), mode_input_sizes=(8, 16, 32, 64, 128)),
     },
     "residual": {
         "small": ResidualSettings(),
