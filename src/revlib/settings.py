@@ -121,13 +121,17 @@ class BackpropSettings:
 
 @dataclass(frozen=True)
 class ResidualSettings:
-    """Chapter 02: plain and residual tanh MLPs over a range of depths."""
+    """Chapter 02: plain and residual tanh MLPs over a range of depths, and plain and residual conv nets with BatchNorm."""
 
     width: int = 64
     depths: tuple[int, ...] = (1, 2, 4, 8, 16)
     epochs: int = 15
     learning_rate: float = 0.05
     lesion_depth: int = 4
+    batch_norm_channels: int = 16
+    batch_norm_depths: tuple[int, ...] = (3, 12)
+    batch_norm_epochs: int = 8
+    batch_norm_learning_rate: float = 0.05
 
     def network(self, data: Dataset, depth: int, residual: bool, device: torch.device | str | None = None) -> nn.Module:
         """The chapter's network with ``depth`` blocks: :func:`revlib.residual.mlp_network` with tanh."""
@@ -135,12 +139,23 @@ class ResidualSettings:
 
         return mlp_network(data.feature_shape[0], self.width, depth, data.classes, residual=residual, activation="tanh", device=device)
 
+    def conv_network(self, data: Dataset, depth: int, residual: bool, device: torch.device | str | None = None) -> nn.Module:
+        """The degradation experiment with BatchNorm: :func:`revlib.residual.conv_network` (ReLU, BatchNorm) with
+        ``depth`` blocks of two convolutions, as He et al.'s CIFAR networks scaled down to the digit images."""
+        from revlib.residual import conv_network
+
+        return conv_network(data.feature_shape[0], self.batch_norm_channels, depth, data.classes, residual=residual, device=device)
+
     def training_runs(self, device: torch.device | str | None = None) -> dict[str, TrainingRun]:
         """The networks the chapter trains, by name, with their data."""
-        data = load_digits(flat=True, device=device)
-        return {f"{'residual' if residual else 'plain'}, {depth} blocks":
+        data, images = load_digits(flat=True, device=device), load_digits(device=device)
+        runs = {f"{'residual' if residual else 'plain'}, {depth} blocks":
                 TrainingRun(lambda depth=depth, residual=residual: self.network(data, depth, residual, device), data)
                 for residual in (False, True) for depth in self.depths}
+        runs |= {f"{'residual' if residual else 'plain'} conv with BatchNorm, {depth} blocks":
+                 TrainingRun(lambda depth=depth, residual=residual: self.conv_network(images, depth, residual, device), images)
+                 for residual in (False, True) for depth in self.batch_norm_depths}
+        return runs
 
 
 @dataclass(frozen=True)
@@ -400,7 +415,8 @@ CHAPTER_SETTINGS: dict[str, dict[str, Settings]] = {
     },
     "residual": {
         "small": ResidualSettings(),
-        "large": ResidualSettings(width=256, depths=(1, 2, 4, 8, 16, 32), epochs=30),
+        "large": ResidualSettings(width=256, depths=(1, 2, 4, 8, 16, 32), epochs=30, batch_norm_channels=32,
+                                  batch_norm_depths=(3, 9, 27), batch_norm_epochs=20),
     },
     "reversible": {
         "small": ReversibleSettings(),
