@@ -1,6 +1,7 @@
 """tools/portability.py: a variant's kernels and the seed reach the chapter's kernel, failures name their cell."""
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
@@ -71,3 +72,14 @@ def test_kept_runs_are_read_back_by_chapter_variant_and_seed(tmp_path: Path) -> 
     kept = portability.load_runs(path)
     assert list(kept) == [("03_x", "default", 0)] and kept["03_x", "default", 0].passed, "a later run replaces an earlier one"
     assert portability.load_runs(tmp_path / "absent.jsonl") == {}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "chapters").glob("*.ipynb")), ids=lambda path: path.stem)
+def test_stored_outputs_name_no_file_of_the_machine_that_stored_them(path: Path) -> None:
+    """A warning printed with its source file (``/home/.../site-packages/x.py:21: Warning``) is stored with that
+    machine's path, so nbval fails on every other checkout; a stored stream must not contain one."""
+    source_location = re.compile(r"(/[\w.+-]+)+\.py:\d+")
+    for index, cell in enumerate(nbformat.read(path, as_version=4).cells):
+        for output in cell.get("outputs", []):
+            if output.output_type == "stream":
+                assert not source_location.search(output.text), f"cell {index} stores a path of this machine: {output.text[:200]}"

@@ -126,8 +126,8 @@ def report(runs: list[Run]) -> str:
         for statement, entries in seen.items():
             values = [entry["value"] for entry in entries]
             first = entries[0]
-            bounds = " and ".join(part for part in (first["above"] is not None and f"> {first['above']:.3g}",
-                                                     first["below"] is not None and f"< {first['below']:.3g}") if part)
+            bounds = " and ".join(part for part in (first["above"] is not None and f"> {first['above']:.6g}",
+                                                     first["below"] is not None and f"< {first['below']:.6g}") if part)
             margin = min(entry["margin"] for entry in entries)
             shown = f"**{margin:.2f}**" if margin < 0.1 else f"{margin:.2f}"
             lines.append(f"| {chapter} | {statement} | {bounds} | {min(values):.3g} to {max(values):.3g} ({len(values)} run{'s' * (len(values) != 1)}) | {shown} |")

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from revlib.adjoint import ODEResNet
 from revlib.checkpoint import CheckpointedSequence, Offloaded
