@@ -9,8 +9,10 @@ import torch.nn.functional as F
 from revlib.residual import (
     DeepNetwork,
     conv_network,
+    deletion_accuracies,
     filter_normalized_direction,
     gradient_flow,
+    largest_deletion_share,
     lesion_accuracies,
     loss_surface,
     mlp_network,
@@ -117,6 +119,45 @@ def test_lesion_accuracies_bypass_one_block_at_a_time():
     with torch.no_grad():
         expected = (model(x, bypass={3}).argmax(1) == y).float().mean().item()
     assert accuracies[3] == expected
+
+
+def test_deletion_accuracies_draw_subsets_of_the_asked_size():
+    torch.manual_seed(0)
+    model = mlp_network(**MLP, residual=True)
+    x, y = torch.randn(50, 10), torch.randint(0, 3, (50,))
+    accuracies = deletion_accuracies(model, x, y, [0, 2, 5], trials=4, generator=torch.Generator().manual_seed(3))
+    assert [len(trial) for trial in accuracies] == [4, 4, 4] and model.training
+    with torch.no_grad():
+        intact = (model.eval()(x).argmax(1) == y).float().mean().item()
+        none_left = (model(x, bypass=set(range(5))).argmax(1) == y).float().mean().item()
+    assert accuracies[0] == [intact] * 4 and accuracies[2] == [none_left] * 4
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(4):  # the four subsets of size 0
+        torch.randperm(5, generator=generator)
+    first_pair = set(torch.randperm(5, generator=generator)[:2].tolist())
+    with torch.no_grad():
+        assert accuracies[1][0] == (model(x, bypass=first_pair).argmax(1) == y).float().mean().item()
+
+
+@pytest.mark.parametrize(("counts", "trials", "message"), [([0, 6], 3, "between 0 and the number of blocks"),
+                                                         ([-1], 3, "between 0"), ([1], 0, "trials")])
+def test_deletion_accuracies_refuse_impossible_counts(counts, trials, message):
+    model = mlp_network(**MLP, residual=True)
+    with pytest.raises(ValueError, match=message):
+        deletion_accuracies(model, torch.randn(4, 10), torch.zeros(4, dtype=torch.long), counts, trials=trials)
+
+
+def test_largest_deletion_share_tells_a_gradual_loss_from_a_collapse():
+    assert largest_deletion_share([0, 1, 2, 4], [1.0, 0.9, 0.8, 0.6]) == pytest.approx(0.25)
+    assert largest_deletion_share([0, 1, 2, 4], [1.0, 0.4, 0.4, 0.4]) == pytest.approx(1.0)
+    assert largest_deletion_share([0, 2, 4], [1.0, 0.6, 0.2]) == pytest.approx(0.25), "a step over two counts is shared by two blocks"
+
+
+@pytest.mark.parametrize(("counts", "accuracies", "message"), [([0], [1.0], "at least two"), ([0, 1], [1.0], "one accuracy per count"),
+                                                               ([0, 2, 1], [1.0, 0.5, 0.4], "increasing"), ([0, 1], [0.5, 0.5], "lost no accuracy")])
+def test_largest_deletion_share_refuses_bad_input(counts, accuracies, message):
+    with pytest.raises(ValueError, match=message):
+        largest_deletion_share(counts, accuracies)
 
 
 def test_filter_normalized_direction_matches_filter_norms(device):

@@ -293,6 +293,76 @@ def lesion_accuracies(model: DeepNetwork, inputs: Tensor, targets: Tensor) -> li
     return accuracies
 
 
+def deletion_accuracies(
+    model: DeepNetwork,
+    inputs: Tensor,
+    targets: Tensor,
+    counts: Sequence[int],
+    *,
+    trials: int = 20,
+    generator: torch.Generator | None = None,
+) -> list[list[float]]:
+    """Test accuracy with several blocks bypassed at once (Veit et al. 2016's ensemble experiment).
+
+    For every ``count`` in ``counts``, ``trials`` subsets of that many blocks are drawn uniformly without
+    replacement and the model runs without them. Eval mode, no gradients; the model's mode is restored.
+
+    Args:
+        model: a :class:`DeepNetwork`.
+        inputs: the test inputs.
+        targets: their classes.
+        counts: how many blocks to delete, each between 0 and the number of blocks.
+        trials: random subsets per count.
+        generator: the source of the subsets (on the CPU), for repeatable draws.
+
+    Returns:
+        One list of ``trials`` accuracies per count, in the order of ``counts``.
+
+    Raises:
+        ValueError: a count is outside ``[0, len(model.blocks)]`` or ``trials`` is not positive.
+    """
+    blocks = len(model.blocks)
+    if any(not 0 <= count <= blocks for count in counts):
+        raise ValueError(f"counts must lie between 0 and the number of blocks ({blocks}), got {list(counts)}")
+    if trials < 1:
+        raise ValueError(f"trials must be a positive integer, got {trials!r}")
+    was_training = model.training
+    model.eval()
+    accuracies = []
+    with torch.no_grad():
+        for count in counts:
+            subsets = [set(torch.randperm(blocks, generator=generator)[:count].tolist()) for _ in range(trials)]
+            accuracies.append([(model(inputs, bypass=subset).argmax(dim=1) == targets).float().mean().item() for subset in subsets])
+    model.train(was_training)
+    return accuracies
+
+
+def largest_deletion_share(counts: Sequence[int], accuracies: Sequence[float]) -> float:
+    r"""How much of the accuracy lost by deleting blocks one extra deleted block can account for.
+
+    With mean accuracies :math:`a_0, \dots, a_m` after deleting :math:`c_0 < \dots < c_m` blocks, the
+    loss per deleted block between neighbouring counts, as a share of the whole loss, is at most
+
+    .. math:: s = \max_j \frac{(a_j - a_{j+1}) / (c_{j+1} - c_j)}{a_0 - a_m}.
+
+    An ensemble of many paths loses its accuracy gradually (:math:`s` near :math:`1/c_m`); a network
+    whose first deletion destroys it has :math:`s \approx 1`.
+
+    Raises:
+        ValueError: fewer than two counts, counts not increasing, lengths differing, or no accuracy lost.
+    """
+    if len(counts) != len(accuracies) or len(counts) < 2:
+        raise ValueError(f"give at least two counts and one accuracy per count, got {len(counts)} counts and {len(accuracies)} accuracies")
+    if any(later <= earlier for earlier, later in zip(counts, counts[1:])):
+        raise ValueError(f"counts must be increasing, got {list(counts)}")
+    total = accuracies[0] - accuracies[-1]
+    if total <= 0:
+        raise ValueError(f"deleting blocks lost no accuracy ({accuracies[0]:.3g} to {accuracies[-1]:.3g}): there is no share to measure")
+    steps = [(before - after) / (c_after - c_before)
+             for before, after, c_before, c_after in zip(accuracies, accuracies[1:], counts, counts[1:])]
+    return max(steps) / total
+
+
 def filter_normalized_direction(model: nn.Module, *, generator: torch.Generator | None = None) -> dict[str, Tensor]:
     r"""A random direction in parameter space, scaled filter by filter (Li et al. 2018).
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from revlib.adjoint import GradientMode
-from revlib.data import Dataset, find_cifar10, load_cifar10, load_digits
+from revlib.data import Dataset, find_cifar10, load_cifar10, load_digits, make_spirals
 from revlib.runtime import Scale, book_scale, resolve_device
 
 ImageData = Literal["digits", "cifar10"]
@@ -121,13 +121,21 @@ class BackpropSettings:
 
 @dataclass(frozen=True)
 class ResidualSettings:
-    """Chapter 02: plain and residual tanh MLPs over a range of depths, and plain and residual conv nets with BatchNorm."""
+    """Chapter 02: plain and residual tanh MLPs over a range of depths, plain and residual conv nets with BatchNorm,
+    and ReLU MLPs on the spirals for the lesion study."""
 
     width: int = 64
     depths: tuple[int, ...] = (1, 2, 4, 8, 16)
     epochs: int = 15
     learning_rate: float = 0.05
-    lesion_depth: int = 4
+    landscape_depth: int = 4
+    lesion_samples: int = 3000
+    lesion_noise: float = 0.05
+    lesion_width: int = 32
+    lesion_depths: tuple[int, int] = (4, 16)
+    lesion_epochs: int = 60
+    lesion_learning_rate: float = 3e-3
+    lesion_trials: int = 20
     batch_norm_channels: int = 16
     batch_norm_depths: tuple[int, ...] = (3, 12)
     batch_norm_epochs: int = 8
@@ -146,6 +154,22 @@ class ResidualSettings:
 
         return conv_network(data.feature_shape[0], self.batch_norm_channels, depth, data.classes, residual=residual, device=device)
 
+    def lesion_data(self, seed: int = 0, device: torch.device | str | None = None) -> Dataset:
+        """The lesion study's task: three spirals (:func:`revlib.data.make_spirals`), which a network with one
+        hidden layer cannot separate, so that the blocks carry the accuracy."""
+        return make_spirals(self.lesion_samples, noise=self.lesion_noise, seed=seed, device=device)
+
+    def lesion_network(self, data: Dataset, depth: int, residual: bool, device: torch.device | str | None = None) -> nn.Module:
+        """The lesion study's network: :func:`revlib.residual.mlp_network` with ReLU, as in Veit et al.'s ResNets."""
+        from revlib.residual import mlp_network
+
+        return mlp_network(data.feature_shape[0], self.lesion_width, depth, data.classes, residual=residual, activation="relu", device=device)
+
+    def lesion_networks(self) -> list[tuple[bool, int]]:
+        """(residual, blocks) of the lesion study's networks: a shallow plain one (a deep plain one does not
+        train) and residual ones of every depth in ``lesion_depths``."""
+        return [(False, self.lesion_depths[0])] + [(True, depth) for depth in self.lesion_depths]
+
     def training_runs(self, device: torch.device | str | None = None) -> dict[str, TrainingRun]:
         """The networks the chapter trains, by name, with their data."""
         data, images = load_digits(flat=True, device=device), load_digits(device=device)
@@ -155,6 +179,10 @@ class ResidualSettings:
         runs |= {f"{'residual' if residual else 'plain'} conv with BatchNorm, {depth} blocks":
                  TrainingRun(lambda depth=depth, residual=residual: self.conv_network(images, depth, residual, device), images)
                  for residual in (False, True) for depth in self.batch_norm_depths}
+        spirals = self.lesion_data(device=device)
+        runs |= {f"{'residual' if residual else 'plain'} on the spirals, {depth} blocks":
+                 TrainingRun(lambda depth=depth, residual=residual: self.lesion_network(spirals, depth, residual, device), spirals)
+                 for residual, depth in self.lesion_networks()}
         return runs
 
 
@@ -416,7 +444,7 @@ CHAPTER_SETTINGS: dict[str, dict[str, Settings]] = {
     "residual": {
         "small": ResidualSettings(),
         "large": ResidualSettings(width=256, depths=(1, 2, 4, 8, 16, 32), epochs=30, batch_norm_channels=32,
-                                  batch_norm_depths=(3, 9, 27), batch_norm_epochs=20),
+                                  batch_norm_depths=(3, 9, 27), batch_norm_epochs=20, lesion_width=64, lesion_depths=(4, 32), lesion_epochs=100),
     },
     "reversible": {
         "small": ReversibleSettings(),
