@@ -118,3 +118,10 @@ def test_step_memory_by_hand_and_the_peak_between_floor_and_sum(width: int, batc
     mib = 2**20
     assert memory.floor == (memory.activations if dominant == "activations" else 3 * weights)
     assert 0.9 * memory.floor - 2 * mib < memory.peak < memory.parts + 2 * activation + weights + 8 * mib, memory
+
+
+def test_gradient_errors_are_those_of_the_initial_weights(rows: dict[str, FrontierRow]) -> None:
+    """The timed steps train the networks; the errors must not depend on how many of them ran."""
+    longer = frontier("mlp", depth=DEPTH, width=WIDTH, batch=16, optimizer="adam", device="cpu", repeats=4, progress=False)
+    for row in longer:
+        assert row.gradient_error == rows[row.method].gradient_error, row.method

@@ -57,7 +57,8 @@ class FrontierRow:
     ``peak`` is :func:`revlib.measure.peak_memory` of the step: the most memory it held *beyond* what was
     resident before it (the parameters were). It is a maximum over time, not a sum: activations are freed
     during the backward pass while gradients appear, and the optimiser's state is created after that, so
-    ``peak`` can be smaller than ``parts``.
+    ``peak`` can be smaller than ``parts``. ``gradient_error`` is measured at the initial weights, before any
+    step.
     """
 
     method: str
@@ -272,6 +273,10 @@ def frontier(family: str = "conv", depth: int = 16, width: int = 32, batch: int 
              device: torch.device | str | None = None, repeats: int = 3, seed: int = 0, progress: bool = True) -> list[FrontierRow]:
     """One training step of every method on ``batch`` digits; a :class:`FrontierRow` per method.
 
+    The gradient error is measured first, at the weights every method starts from; the timing and the
+    memory measurement then take optimiser steps, which move the weights (and, for the invertible networks,
+    how much rounding the rebuilt activations carry), so their own errors would depend on ``repeats``.
+
     Args:
         family: ``"mlp"`` or ``"conv"`` residual functions.
         depth: blocks in the stack.
@@ -299,12 +304,13 @@ def frontier(family: str = "conv", depth: int = 16, width: int = 32, batch: int 
     for name, build in methods(family, depth, width, device).items():
         torch.manual_seed(seed)
         networks[name] = build()
+    errors = {name: relative_error(_gradients(network.model, inputs, targets), _gradients(network.exact, inputs, targets))
+              for name, network in networks.items()}  # at the initial weights: the timed steps below change them
     steps = {name: functools.partial(training_step, network.model, inputs, targets, optimizer) for name, network in networks.items()}
     times = {name: timing.median for name, timing in compare_times(steps, repeats=repeats, device=device).items()}
     rows = []
     for name, network in tqdm(networks.items(), desc="frontier", disable=not progress):
         model = network.model
-        error = relative_error(_gradients(model, inputs, targets), _gradients(network.exact, inputs, targets))
         calls = count_calls(network.functions, _gradients, model, inputs, targets)
         memory = step_memory(model, inputs, targets, optimizer)
         rows.append(FrontierRow(
@@ -315,7 +321,7 @@ def frontier(family: str = "conv", depth: int = 16, width: int = 32, batch: int 
             activations=memory.activations,
             peak=memory.peak,
             seconds=times[name],
-            gradient_error=error,
+            gradient_error=errors[name],
             recomputations=calls / len(network.functions) - 1,
         ))
     return rows
