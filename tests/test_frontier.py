@@ -125,3 +125,14 @@ def test_gradient_errors_are_those_of_the_initial_weights(rows: dict[str, Fronti
     longer = frontier("mlp", depth=DEPTH, width=WIDTH, batch=16, optimizer="adam", device="cpu", repeats=4, progress=False)
     for row in longer:
         assert row.gradient_error == rows[row.method].gradient_error, row.method
+
+
+def test_a_method_network_measures_its_error_against_its_exact_twin() -> None:
+    torch.manual_seed(0)
+    builders = frontier_module.methods("mlp", 3, WIDTH, "cpu")
+    inputs, targets = torch.randn(8, 64, dtype=torch.float64), torch.randint(0, 10, (8,))
+    momentum, adjoint = builders["momentum"](), builders["adjoint euler"]()
+    for network in (momentum, adjoint):
+        network.model.double()
+    assert momentum.gradient_error(inputs, targets) < 1e-12, "an invertible network is exact to float64 rounding"
+    assert adjoint.gradient_error(inputs, targets) > 1e-3, "the Euler adjoint is not"

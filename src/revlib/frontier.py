@@ -92,6 +92,11 @@ class MethodNetwork:
     exact: nn.Module
     functions: list[nn.Module]
 
+    def gradient_error(self, inputs: Tensor, targets: Tensor) -> float:
+        r"""The relative error :math:`\lVert g - g^\star \rVert / \lVert g^\star \rVert` of the method's parameter
+        gradient :math:`g` of the cross-entropy against :attr:`exact`'s :math:`g^\star`, at the current weights."""
+        return relative_error(_gradients(self.model, inputs, targets), _gradients(self.exact, inputs, targets))
+
 
 def residual_function(family: str, width: int) -> nn.Module:
     """One shape-preserving residual function of ``family`` on ``width`` features or channels.
@@ -304,8 +309,7 @@ def frontier(family: str = "conv", depth: int = 16, width: int = 32, batch: int 
     for name, build in methods(family, depth, width, device).items():
         torch.manual_seed(seed)
         networks[name] = build()
-    errors = {name: relative_error(_gradients(network.model, inputs, targets), _gradients(network.exact, inputs, targets))
-              for name, network in networks.items()}  # at the initial weights: the timed steps below change them
+    errors = {name: network.gradient_error(inputs, targets) for name, network in networks.items()}  # before the timed steps train them
     steps = {name: functools.partial(training_step, network.model, inputs, targets, optimizer) for name, network in networks.items()}
     times = {name: timing.median for name, timing in compare_times(steps, repeats=repeats, device=device).items()}
     rows = []

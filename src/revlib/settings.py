@@ -418,6 +418,7 @@ class FrontierSettings:
     adjoint_depths: tuple[int, ...] = (4, 8, 16, 32, 64)
     momentum_depth: int = 16
     gammas: tuple[float, ...] = (0.99, 0.9, 0.7, 0.5, 0.3, 0.2, 0.1)
+    rounding_depths: tuple[int, ...] = (16, 32, 64)
 
     def training_runs(self, device: torch.device | str | None = None) -> dict[str, TrainingRun]:
         """The networks the chapter trains: each method's network on the digits (vectors for the MLP family)."""
@@ -475,7 +476,7 @@ CHAPTER_SETTINGS: dict[str, dict[str, Settings]] = {
         "small": FrontierSettings(),
         "large": FrontierSettings(depth=64, width=128, batch=256, timing_repeats=5, batch_sweep=(1, 4, 16, 64, 256, 1024),
                                   train_depth=32, train_width=256, epochs=20, adjoint_depths=(4, 8, 16, 32, 64, 128, 256),
-                                  momentum_depth=64),
+                                  momentum_depth=64, rounding_depths=(16, 64, 256)),
     },
 }
 
