@@ -288,9 +288,14 @@ def lesion_accuracies(model: DeepNetwork, inputs: Tensor, targets: Tensor) -> li
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        accuracies = [(model(inputs, bypass={index}).argmax(dim=1) == targets).float().mean().item() for index in range(len(model.blocks))]
+        accuracies = [_accuracy_without(model, inputs, targets, {index}) for index in range(len(model.blocks))]
     model.train(was_training)
     return accuracies
+
+
+def _accuracy_without(model: DeepNetwork, inputs: Tensor, targets: Tensor, bypass: Collection[int]) -> float:
+    """The share of ``inputs`` classified correctly with the blocks in ``bypass`` deleted."""
+    return (model(inputs, bypass=bypass).argmax(dim=1) == targets).float().mean().item()
 
 
 def deletion_accuracies(
@@ -332,16 +337,16 @@ def deletion_accuracies(
     with torch.no_grad():
         for count in counts:
             subsets = [set(torch.randperm(blocks, generator=generator)[:count].tolist()) for _ in range(trials)]
-            accuracies.append([(model(inputs, bypass=subset).argmax(dim=1) == targets).float().mean().item() for subset in subsets])
+            accuracies.append([_accuracy_without(model, inputs, targets, subset) for subset in subsets])
     model.train(was_training)
     return accuracies
 
 
 def largest_deletion_share(counts: Sequence[int], accuracies: Sequence[float]) -> float:
-    r"""How much of the accuracy lost by deleting blocks one extra deleted block can account for.
+    r"""The largest share of the accuracy lost by deleting blocks that one extra deleted block accounts for.
 
-    With mean accuracies :math:`a_0, \dots, a_m` after deleting :math:`c_0 < \dots < c_m` blocks, the
-    loss per deleted block between neighbouring counts, as a share of the whole loss, is at most
+    With mean accuracies :math:`a_0, \dots, a_m` after deleting :math:`c_0 < \dots < c_m` blocks, it is the
+    largest loss per deleted block between neighbouring counts, as a share of the whole loss:
 
     .. math:: s = \max_j \frac{(a_j - a_{j+1}) / (c_{j+1} - c_j)}{a_0 - a_m}.
 

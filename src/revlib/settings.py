@@ -155,8 +155,8 @@ class ResidualSettings:
         return conv_network(data.feature_shape[0], self.batch_norm_channels, depth, data.classes, residual=residual, device=device)
 
     def lesion_data(self, seed: int = 0, device: torch.device | str | None = None) -> Dataset:
-        """The lesion study's task: three spirals (:func:`revlib.data.make_spirals`), which a network with one
-        hidden layer cannot separate, so that the blocks carry the accuracy."""
+        """The lesion study's task: three spirals (:func:`revlib.data.make_spirals`), on which a trained network
+        with every block deleted (its stem and head) is near chance, so that the blocks carry the accuracy."""
         return make_spirals(self.lesion_samples, noise=self.lesion_noise, seed=seed, device=device)
 
     def lesion_network(self, data: Dataset, depth: int, residual: bool, device: torch.device | str | None = None) -> nn.Module:
