@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,10 +15,10 @@ from revlib.residual import (
     filter_normalized_direction,
     gradient_flow,
     largest_deletion_share,
+    largest_dip,
     lesion_accuracies,
     loss_surface,
     mlp_network,
-    nonconvex_fraction,
 )
 
 
@@ -215,13 +217,29 @@ def test_deep_network_is_a_module_of_blocks():
     assert isinstance(model, DeepNetwork) and len(model.blocks) == 5
 
 
-def test_nonconvex_fraction_of_a_bowl_a_saddle_and_a_ripple():
-    a = torch.linspace(-1, 1, 11, dtype=torch.float64)
-    u, v = torch.meshgrid(a, a, indexing="ij")
-    assert nonconvex_fraction(u**2 + 3 * v**2) == 0.0
-    assert nonconvex_fraction(u**2 - v**2) == 1.0
-    assert nonconvex_fraction(u * v) == 1.0, "a rotated saddle is caught by the mixed derivative"
-    ripple = nonconvex_fraction(u**2 + v**2 + 0.2 * torch.cos(12 * u))
-    assert 0.2 < ripple < 0.8
-    with pytest.raises(ValueError, match="3x3"):
-        nonconvex_fraction(a)
+def test_largest_dip_is_zero_for_a_bowl_wherever_its_lowest_point_lies():
+    a = torch.linspace(-1, 1, 41, dtype=torch.float64)
+    assert largest_dip(a**2 + 0.01) == 0.0
+    assert largest_dip((a - 0.4) ** 2 + 0.01) == 0.0, "a minimum off the centre is still a bowl"
+    assert largest_dip(torch.exp(a)) == 0.0, "a monotone slice has its minimum at one end"
+
+
+def test_largest_dip_is_the_log_of_the_fall_from_a_ridge():
+    line = torch.tensor([1.0, 0.5, 0.1, 0.5, 2.0, 1.0, 3.0])  # valley at 0.1, ridge at 2 falls to 1 on the right
+    assert largest_dip(line) == pytest.approx(math.log(2.0))
+    assert largest_dip(line.flip(0)) == pytest.approx(math.log(2.0)), "both sides are walked"
+    scaled = largest_dip(line * 1e4)
+    assert scaled == pytest.approx(math.log(2.0)), "a relative fall: independent of the loss's scale"
+    a = torch.linspace(-1, 1, 201, dtype=torch.float64)
+    assert largest_dip(a**2 + 0.01 + 0.05 * torch.cos(40 * a) ** 2) > 0.1, "a rippled bowl"
+
+
+def test_largest_dip_rejects_what_is_not_a_slice_of_losses():
+    with pytest.raises(ValueError, match="1-D"):
+        largest_dip(torch.ones(3, 3))
+    with pytest.raises(ValueError, match="at least 3"):
+        largest_dip(torch.ones(2))
+    with pytest.raises(ValueError, match="positive, finite"):
+        largest_dip(torch.tensor([1.0, 0.0, 1.0]))
+    with pytest.raises(ValueError, match="positive, finite"):
+        largest_dip(torch.tensor([1.0, 0.5, float("inf")]))

@@ -20,7 +20,7 @@ and the identity in every factor keeps the product from vanishing when the Jacob
 This module builds plain and residual networks that differ *only* in the skip connection (so they have
 identical parameters), can bypass chosen blocks at test time (the lesion study of Veit et al. 2016), and
 measures what the chapter plots: the gradient reaching each block, and slices of the loss surface along
-filter-normalised random directions (Li et al. 2018).
+filter-normalised random directions (Li et al. 2018) with how far each falls again after rising.
 """
 
 from __future__ import annotations
@@ -451,29 +451,29 @@ def loss_surface(
     return torch.tensor(losses, dtype=torch.float64).reshape([len(c) for c in coordinates])
 
 
-def nonconvex_fraction(surface: Tensor) -> float:
-    r"""The fraction of interior grid points where a 2-D loss surface curves downwards in some direction.
+def largest_dip(line: Tensor) -> float:
+    r"""How far a 1-D loss slice falls again after rising, walking outward from its lowest point.
 
-    At each interior point the Hessian of the surface is estimated by central differences (unit grid
-    spacing: only signs matter),
+    From the slice's minimum the loss of a bowl only rises, on both sides. The dip is the largest fall of
+    the log-loss below its running maximum on the way out,
 
     .. math::
 
-        H = \begin{pmatrix} \partial_{aa} L & \partial_{ab} L \\ \partial_{ab} L & \partial_{bb} L \end{pmatrix},
-        \qquad \lambda_{\min} = \tfrac12(\partial_{aa}L + \partial_{bb}L) - \sqrt{\tfrac14(\partial_{aa}L - \partial_{bb}L)^2 + (\partial_{ab}L)^2},
+        \operatorname{dip} = \max_{\text{both sides}}\ \max_{k}\Big(\max_{j \le k} \log L_j - \log L_k\Big),
 
-    and the point counts as non-convex when :math:`\lambda_{\min} < 0`. Li et al. (2018) map
-    :math:`|\lambda_{\min}/\lambda_{\max}|` of the full Hessian; this is the same idea restricted to the
-    plotted plane: 0 for a bowl, larger for a rugged surface.
+    with :math:`j, k` counting grid points outward from the minimum: 0 for a bowl (a slice with a single
+    valley, wherever its lowest point lies), :math:`\log(h/l)` when the loss climbs to a ridge :math:`h`
+    and falls back to :math:`l` before it rises again. Measured on the log-loss, a dip is a relative fall
+    (0.1: about 10 %) whatever the scale of the loss, so a deep valley and a shallow one compare fairly.
 
     Raises:
-        ValueError: ``surface`` is not a 2-D grid of at least 3×3 points.
+        ValueError: ``line`` is not 1-D with at least three positive, finite losses.
     """
-    if surface.dim() != 2 or min(surface.shape) < 3:
-        raise ValueError(f"surface must be a 2-D grid of at least 3x3 losses, got shape {tuple(surface.shape)}")
-    centre = surface[1:-1, 1:-1]
-    d_aa = surface[2:, 1:-1] - 2 * centre + surface[:-2, 1:-1]
-    d_bb = surface[1:-1, 2:] - 2 * centre + surface[1:-1, :-2]
-    d_ab = (surface[2:, 2:] - surface[2:, :-2] - surface[:-2, 2:] + surface[:-2, :-2]) / 4
-    smallest_eigenvalue = (d_aa + d_bb) / 2 - torch.sqrt(((d_aa - d_bb) / 2) ** 2 + d_ab**2)
-    return (smallest_eigenvalue < 0).double().mean().item()
+    if line.dim() != 1 or len(line) < 3:
+        raise ValueError(f"line must be a 1-D slice of at least 3 losses, got shape {tuple(line.shape)}")
+    if not (torch.isfinite(line).all() and (line > 0).all()):
+        raise ValueError("line must hold positive, finite losses (a cross-entropy is positive; an overflow is not a loss)")
+    lowest = int(line.argmin())
+    log_loss = line.double().log()
+    dips = [(side.cummax(0).values - side).max() for side in (log_loss[lowest:], log_loss[: lowest + 1].flip(0))]
+    return max(dips).item()

@@ -121,14 +121,13 @@ class BackpropSettings:
 
 @dataclass(frozen=True)
 class ResidualSettings:
-    """Chapter 02: plain and residual tanh MLPs over a range of depths, plain and residual conv nets with BatchNorm,
-    and ReLU MLPs on the spirals for the lesion study."""
+    """Chapter 02: plain and residual tanh MLPs over a range of depths, plain and residual conv nets with BatchNorm
+    (whose deepest pair also gives the loss landscapes), and ReLU MLPs on the spirals for the lesion study."""
 
     width: int = 64
     depths: tuple[int, ...] = (1, 2, 4, 8, 16)
     epochs: int = 15
     learning_rate: float = 0.05
-    landscape_depth: int = 4
     lesion_samples: int = 3000
     lesion_noise: float = 0.05
     lesion_width: int = 32
@@ -137,9 +136,11 @@ class ResidualSettings:
     lesion_learning_rate: float = 3e-3
     lesion_trials: int = 20
     batch_norm_channels: int = 16
-    batch_norm_depths: tuple[int, ...] = (3, 12)
-    batch_norm_epochs: int = 8
+    batch_norm_depths: tuple[int, ...] = (3, 16)
+    batch_norm_epochs: int = 20
     batch_norm_learning_rate: float = 0.05
+    landscape_directions: int = 8
+    landscape_images: int = 256
 
     def network(self, data: Dataset, depth: int, residual: bool, device: torch.device | str | None = None) -> nn.Module:
         """The chapter's network with ``depth`` blocks: :func:`revlib.residual.mlp_network` with tanh."""
@@ -148,8 +149,9 @@ class ResidualSettings:
         return mlp_network(data.feature_shape[0], self.width, depth, data.classes, residual=residual, activation="tanh", device=device)
 
     def conv_network(self, data: Dataset, depth: int, residual: bool, device: torch.device | str | None = None) -> nn.Module:
-        """The degradation experiment with BatchNorm: :func:`revlib.residual.conv_network` (ReLU, BatchNorm) with
-        ``depth`` blocks of two convolutions, as He et al.'s CIFAR networks scaled down to the digit images."""
+        """The degradation experiment with BatchNorm and the loss landscapes: :func:`revlib.residual.conv_network`
+        (ReLU, BatchNorm) with ``depth`` blocks of two convolutions, as He et al.'s and Li et al.'s CIFAR
+        networks scaled down to the digit images."""
         from revlib.residual import conv_network
 
         return conv_network(data.feature_shape[0], self.batch_norm_channels, depth, data.classes, residual=residual, device=device)
@@ -445,7 +447,8 @@ CHAPTER_SETTINGS: dict[str, dict[str, Settings]] = {
     "residual": {
         "small": ResidualSettings(),
         "large": ResidualSettings(width=256, depths=(1, 2, 4, 8, 16, 32), epochs=30, batch_norm_channels=32,
-                                  batch_norm_depths=(3, 9, 27), batch_norm_epochs=20, lesion_width=64, lesion_depths=(4, 32), lesion_epochs=100),
+                                  batch_norm_depths=(3, 9, 27), batch_norm_epochs=40, landscape_directions=16,
+                                  landscape_images=1024, lesion_width=64, lesion_depths=(4, 32), lesion_epochs=100),
     },
     "reversible": {
         "small": ReversibleSettings(),
