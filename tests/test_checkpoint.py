@@ -10,8 +10,11 @@ import pytest
 import torch
 from torch import nn
 
+from allocations import Marked, added_peak, live_at_marks
 from revlib.checkpoint import (
+    CheckpointPlan,
     CheckpointedSequence,
+    check_plan,
     Offloaded,
     TorchSegmentCheckpointed,
     TorchSelectiveCheckpointed,
@@ -237,8 +240,6 @@ def test_bad_arguments(kwargs: dict, error: type, match: str) -> None:
 
 
 def test_bad_blocks_and_counts() -> None:
-    with pytest.raises(ValueError, match="at least one block"):
-        CheckpointedSequence()
     with pytest.raises(TypeError, match="block 1 must be an nn.Module"):
         CheckpointedSequence(nn.Linear(2, 2), torch.tanh)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="steps must be a positive integer"):
@@ -257,3 +258,147 @@ def test_pytorch_tools_wrapped_for_comparison_give_plain_gradients(wrapper: type
         assert torch.equal(wrapped(x), plain(x))
     if wrapper is TorchSegmentCheckpointed:
         assert wrapped.segments == 3 and saved_tensor_bytes(wrapped, x.requires_grad_(True), exclude=wrapped.parameters()) < saved_tensor_bytes(plain, x, exclude=plain.parameters())
+
+
+def frozen_blocks(count: int, width: int) -> list[nn.Module]:
+    """Blocks whose parameters need no gradient, so that a backward pass holds activations and nothing else."""
+    return [Marked(nn.Sequential(nn.Linear(width, width), nn.Tanh())).requires_grad_(False) for _ in range(count)]
+
+
+def test_revolve_holds_one_more_block_input_per_slot_during_backward() -> None:
+    """The budget is kept at run time: each added slot raises the step's measured peak by exactly one block
+    input (the forward pass's checkpoints are released when the plan drops them; kept for the whole backward
+    pass they made it 1.5 inputs per slot)."""
+    torch.manual_seed(0)
+    made = frozen_blocks(32, 64)
+    x = torch.randn(64, 64, requires_grad=True)
+    block_input = x.numel() * x.element_size()
+    peaks = {}
+    for slots in (2, 3, 5, 8):
+        sequence = CheckpointedSequence(*made, schedule="revolve", slots=slots)
+        peaks[slots] = added_peak(lambda: sequence(x).sum().backward())
+    per_slot = [(peaks[b] - peaks[a]) / ((b - a) * block_input) for a, b in ((2, 3), (3, 5), (5, 8))]
+    assert per_slot == pytest.approx([1.0, 1.0, 1.0], abs=1e-3), per_slot
+
+
+def predicted_at_turns(plan: CheckpointPlan) -> list[int]:
+    """Block inputs held at each turn by the plan: the kept ones, plus the current one when it is not kept."""
+    kept, current, held = set(plan.forward_checkpoints), None, []
+    for action, index in plan.backward:
+        if action == "turn":
+            held.append(len(kept) + (current is not None and current not in kept))
+            current = None
+        elif action == "restore":
+            current = index
+        elif action == "advance":
+            current = index + 1
+        elif action == "store":
+            kept.add(index)
+        elif action == "drop":
+            kept.discard(index)
+    return held
+
+
+@pytest.mark.parametrize("schedule, slots", [("every", None), ("sqrt", None), ("revolve", 2), ("revolve", 4)])
+def test_memory_during_backward_follows_the_plan(schedule: str, slots: int | None) -> None:
+    """At every turn the bytes held, less the block inputs the plan holds then, are the same: what the backward
+    pass holds rises and falls with the plan, input by input (kept for the whole pass, the forward pass's
+    checkpoints made it drift by several inputs)."""
+    torch.manual_seed(0)
+    made = frozen_blocks(16, 64)
+    sequence = CheckpointedSequence(*made, schedule=schedule, slots=slots)  # type: ignore[arg-type]
+    x = torch.randn(64, 64, requires_grad=True)
+    block_input = x.numel() * x.element_size()
+    live = live_at_marks(lambda: sequence(x).sum().backward())
+    predicted = predicted_at_turns(sequence.plan)
+    assert len(live) == len(predicted) == 16
+    if schedule == "every":
+        assert predicted == list(range(16, 0, -1)), "each input is released once its block has turned"
+    rest = [(bytes_ - held * block_input) / block_input for bytes_, held in zip(live[1:], predicted[1:])]  # the first
+    assert max(rest) - min(rest) < 0.01, rest  # turn's upstream gradient (of .sum()) is a view, not an allocation
+
+
+def test_a_second_backward_pass_gives_the_same_gradients() -> None:
+    """The first backward pass releases the checkpoints; a second one (retain_graph=True) rebuilds them."""
+    torch.manual_seed(0)
+    sequence = CheckpointedSequence(*blocks(7, dropout=0.2, batch_norm=True), schedule="revolve", slots=2).double()
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    out = sequence(x).pow(2).sum()
+    first = torch.autograd.grad(out, [x, *sequence.parameters()], retain_graph=True)
+    second = torch.autograd.grad(out, [x, *sequence.parameters()])
+    assert relative_error(list(second), list(first)) == 0.0
+
+
+def test_a_repeated_block_runs_each_time_and_sums_its_gradients(device: torch.device) -> None:
+    torch.manual_seed(0)
+    shared, other = blocks(2)
+    order = [shared, other, shared, shared]
+    for schedule, slots in SCHEDULES:
+        sequence = CheckpointedSequence(*order, schedule=schedule, slots=slots).to(device, torch.float64)  # type: ignore[arg-type]
+        plain = nn.Sequential(*order)
+        x = torch.randn(3, 5, dtype=torch.float64, device=device)
+        assert len(sequence) == 4 and list(sequence) == order
+        assert relative_error(gradients(sequence, x), gradients(plain, x)) < 1e-13
+
+
+def sequences_agree(made: nn.Module, expected: list[nn.Module]) -> None:
+    assert isinstance(made, CheckpointedSequence) and list(made) == expected
+    assert made.plan == checkpoint_plan(len(expected), made.schedule, made.slots)  # type: ignore[arg-type]
+    x = torch.randn(3, 5, dtype=torch.float64)
+    assert relative_error(gradients(made, x), gradients(nn.Sequential(*expected), x)) < 1e-13
+
+
+def test_the_plan_follows_every_change_of_the_blocks() -> None:
+    torch.manual_seed(0)
+    made = [block.double() for block in blocks(6)]
+    sequence = CheckpointedSequence(*made[:3], schedule="revolve", slots=2)
+    sequence.append(made[3])
+    sequences_agree(sequence, made[:4])
+    sequence.insert(0, made[4])
+    sequences_agree(sequence, [made[4], *made[:4]])
+    del sequence[1]
+    sequences_agree(sequence, [made[4], *made[1:4]])
+    sequence.extend([made[5]])
+    sequences_agree(sequence, [made[4], *made[1:4], made[5]])
+    sequences_agree(sequence[1:4], made[1:4])
+    sequences_agree(sequence + nn.Sequential(made[0]), [made[4], *made[1:4], made[5], made[0]])
+    sequences_agree(sequence[:2] * 2, [made[4], made[1]] * 2)
+    assert sequence[0] is made[4]
+    empty = sequence[5:]
+    assert len(empty) == 0 and torch.equal(empty(torch.ones(2, 5)), torch.ones(2, 5)), "an empty sequence is the identity"
+
+
+def test_a_block_that_changes_its_input_in_place_is_refused_by_name() -> None:
+    torch.manual_seed(0)
+    sequence = CheckpointedSequence(nn.Linear(4, 4), nn.ReLU(inplace=True), nn.Linear(4, 4), schedule="every")
+    with pytest.raises(ValueError, match=r"block 1 changed its input in place.*inplace=False"):
+        sequence(torch.randn(2, 4, requires_grad=True))
+
+
+def test_a_kept_input_changed_in_place_is_refused() -> None:
+    torch.manual_seed(0)
+    sequence = CheckpointedSequence(*blocks(4), schedule="every")
+    x = torch.randn(2, 5, requires_grad=True)
+    out = sequence(x * 1.0)
+    kept = out.grad_fn.kept  # type: ignore[union-attr]
+    kept.get(2, "block 2").mul_(2)  # a kept block input, changed behind the sequence's back
+    with pytest.raises(RuntimeError, match="kept input of block 2 was modified by an inplace operation"):
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("schedule, slots", [("every", None), ("sqrt", None), ("revolve", 1), ("revolve", 3)])
+def test_every_plan_is_executable(schedule: str, slots: int | None) -> None:
+    for steps in range(1, 20):
+        check_plan(checkpoint_plan(steps, schedule, slots))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("forward, backward, match", [
+    ((("advance", 1),), (), "the current input is x_0"),
+    ((("store", 0), ("advance", 0)), (("restore", 0), ("turn", 1)), "runs 1 of 2 blocks|the next block to turn is 0"),
+    ((("advance", 0), ("advance", 1)), (("restore", 0),), "x_0 is not kept"),
+    ((("store", 0), ("advance", 0), ("advance", 1)), (("restore", 0), ("turn", 1)), "has neither its input current"),
+    ((("store", 0), ("advance", 0), ("advance", 1)), (("restore", 0), ("advance", 0), ("turn", 1)), "turns 1 of 2 blocks"),
+])
+def test_check_plan_names_what_is_wrong(forward: tuple, backward: tuple, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        check_plan(CheckpointPlan(2, "by hand", forward, backward))

@@ -60,3 +60,13 @@ def test_bad_arguments_are_refused(arguments: tuple, error: type, message: str) 
 def test_bounds_must_be_ordered() -> None:
     with pytest.raises(ValueError, match="above must be less than below"):
         revlib.claim("s", 1.0, above=2.0, below=1.0)
+
+
+def test_a_false_claim_fails_under_python_optimisations() -> None:
+    """``python -O`` strips assert statements; a claim must still fail."""
+    import subprocess
+    import sys
+
+    code = "import revlib; revlib.claim('one is below zero', 1.0, below=0.0)"
+    run = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True)
+    assert run.returncode != 0 and "one is below zero" in run.stderr

@@ -136,3 +136,11 @@ def test_a_method_network_measures_its_error_against_its_exact_twin() -> None:
         network.model.double()
     assert momentum.gradient_error(inputs, targets) < 1e-12, "an invertible network is exact to float64 rounding"
     assert adjoint.gradient_error(inputs, targets) > 1e-3, "the Euler adjoint is not"
+
+
+def test_the_frontier_leaves_the_callers_random_stream_alone() -> None:
+    torch.manual_seed(11)
+    expected = torch.rand(3)
+    torch.manual_seed(11)
+    frontier("mlp", depth=2, width=4, batch=4, optimizer="sgd", device="cpu", repeats=1, progress=False)
+    assert torch.equal(torch.rand(3), expected)

@@ -155,3 +155,22 @@ def test_linear_backprop_saves_less_only_where_the_activation_keeps_its_input(ac
         assert plain - linear == layers * activation_bytes
     else:
         assert plain == linear
+
+
+def test_an_in_place_activation_is_marked_dirty_and_gives_the_linear_gradient() -> None:
+    """nn.ReLU(inplace=True) writes into its input: autograd must be told, or the graph silently reads the
+    overwritten values. Linear backprop through Linear → in-place ReLU → Linear equals the same network with
+    the out-of-place ReLU."""
+    torch.manual_seed(0)
+    first, second = nn.Linear(4, 6).double(), nn.Linear(6, 3).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    results = []
+    for inplace in (True, False):
+        first.zero_grad(), second.zero_grad()
+        hidden = first(x)
+        version = hidden._version
+        out = second(LinearBackprop(nn.ReLU(inplace=inplace))(hidden))
+        assert (hidden._version != version) == inplace
+        out.pow(2).sum().backward()
+        results.append([out.detach(), first.weight.grad.clone(), second.weight.grad.clone()])
+    assert all(torch.equal(a, b) for a, b in zip(*results))

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from allocations import added_peak
 from revlib.measure import saved_tensor_bytes
 from revlib.momentum import MomentumSequence
 from revlib.verify import relative_error
@@ -183,3 +184,27 @@ def test_bad_functions_and_velocity_are_refused() -> None:
         MomentumSequence(lambda x: x)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="v must have the shape of x"):
         MomentumSequence(nn.Linear(2, 2))(torch.randn(3, 2), torch.randn(3, 3))
+
+
+@pytest.mark.parametrize("memory_free", [True, False])
+def test_a_residual_function_of_the_wrong_shape_is_refused_by_name(memory_free: bool) -> None:
+    """Linear(8, 1) on (2, 8) would broadcast its (2, 1) output into the velocity: a different model, silently."""
+    sequence = MomentumSequence(nn.Tanh(), nn.Linear(8, 1), memory_free=memory_free)
+    with pytest.raises(ValueError, match=r"residual function 1 must preserve the shape of its input: it mapped \(2, 8\) to \(2, 1\)"):
+        sequence(torch.randn(2, 8, requires_grad=True))
+
+
+def test_a_function_that_changes_its_input_in_place_is_refused() -> None:
+    sequence = MomentumSequence(nn.Tanh(), nn.ReLU(inplace=True))
+    with pytest.raises(ValueError, match="residual function 1 changed its input in place"):
+        sequence(torch.randn(2, 8, requires_grad=True))
+
+
+def test_memory_held_during_backward_does_not_grow_with_depth() -> None:
+    x = torch.randn(64, 16, requires_grad=True)
+    peaks = []
+    for depth in (2, 32):
+        torch.manual_seed(0)
+        sequence = MomentumSequence(*[nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(depth)]).requires_grad_(False)
+        peaks.append(added_peak(lambda: sequence(x).sum().backward()))
+    assert peaks[0] == peaks[1] > 0

@@ -167,3 +167,36 @@ def test_only_buffers_updated_in_forward_are_kept_for_restoring() -> None:
             model(torch.randn(5, 4))
         assert len(state.updated_buffers) == expected, f"training={training}: {len(state.updated_buffers)} buffers kept"
         assert all(buffer is not model.constant for buffer in state.updated_buffers)
+
+
+PLAIN_TWINS = {  # each builder's blocks run with ordinary autograd
+    "reversible": lambda model: nn.Sequential(*model.blocks),
+    "adjoint-euler": lambda model: ODEResNet(list(model.residuals), gradient="backprop"),
+    "adjoint-heun": lambda model: ODEResNet(list(model.residuals), scheme="heun", gradient="backprop"),
+    "adjoint-heunnet": lambda model: ODEResNet(list(model.residuals), scheme="heunnet", gradient="backprop"),
+    "checkpointed-revolve": lambda model: nn.Sequential(*model),
+    "momentum": lambda model: MomentumSequence(*model.functions, memory_free=False),
+}
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_dropout_masks_are_replayed_on_every_device(name: str, device: torch.device) -> None:
+    """On the CPU and on any accelerator present, the recomputation draws the forward pass's dropout masks:
+    exact sequences give autograd's gradients through the same masks, to float64 rounding (the adjoints'
+    own error aside: they are compared with a looser bound, and without replay they are far off)."""
+    build, features = BUILDERS[name]
+    if name.startswith("adjoint"):  # deep enough for the adjoint's own error to be small
+        build = lambda make: adjoint(make, steps=32, scheme=name.split("-")[1])  # noqa: E731
+    torch.manual_seed(0)
+    model = build(lambda: nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Dropout(0.3))).to(device, torch.float64)
+    twin = PLAIN_TWINS[name](model)
+    x = torch.randn(6, features, dtype=torch.float64, device=device)
+
+    def gradients(network: nn.Module) -> list[torch.Tensor]:
+        network.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same masks in both forward passes
+        network(x).pow(2).sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    bound = 1e-2 if name.startswith("adjoint") else 1e-12
+    assert relative_error(gradients(model), gradients(twin)) < bound

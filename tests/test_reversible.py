@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import nn
 
+from allocations import added_peak
 from revlib.verify import finite_difference_gradient, relative_error
 from revlib.measure import saved_tensor_bytes
 from revlib.reversible import ResNet, ReversibleBlock, ReversibleSequence, ReversibleTransformer, RevNet
@@ -168,10 +169,9 @@ def test_memory_for_backward_does_not_grow_with_depth() -> None:
     "make, match",
     [
         (lambda: stack(2)(torch.randn(2, 7)), "odd size 7"),
-        (lambda: ReversibleSequence(ReversibleBlock(nn.Linear(4, 5), nn.Tanh()))(torch.randn(2, 8, requires_grad=True)), "f must preserve the shape"),
+        (lambda: ReversibleSequence(ReversibleBlock(nn.Linear(4, 5), nn.Tanh()))(torch.randn(2, 8, requires_grad=True)), "block 0's f must preserve the shape of its input: it mapped \\(2, 4\\) to \\(2, 5\\)"),
         (lambda: ReversibleBlock(nn.Tanh(), nn.Linear(4, 2))(torch.randn(2, 8)), "g must preserve the shape"),
         (lambda: ReversibleBlock(nn.Tanh(), nn.Tanh(), dim=3)(torch.randn(2, 8)), "no dimension 3"),
-        (lambda: ReversibleSequence(), "at least one block"),
         (lambda: ReversibleSequence(ReversibleBlock(nn.Tanh(), nn.Tanh()), ReversibleBlock(nn.Tanh(), nn.Tanh(), dim=-1)), "same dimension"),
     ],
 )
@@ -290,3 +290,42 @@ def test_cuda_autocast_is_replayed(dtype: torch.dtype) -> None:
         return [p.grad for p in model.parameters()]
 
     assert relative_error(autocast_gradients(sequence), autocast_gradients(plain)) < 1e-2
+
+
+def test_a_repeated_block_runs_each_time() -> None:
+    """Weight tying: the same block twice is applied twice, as in nn.Sequential built by hand."""
+    torch.manual_seed(0)
+    block, other = stack(2, dtype=torch.float64).blocks
+    sequence = ReversibleSequence(block, other, block)
+    x, weight = torch.randn(3, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)
+    by_hand = nn.Sequential(block, other, block)
+    assert len(sequence) == 3 and list(sequence) == [block, other, block]
+    with torch.no_grad():
+        assert torch.equal(sequence(x), block(other(block(x))))
+    assert relative_error(gradients(sequence, x, weight), gradients(by_hand, x, weight)) < 1e-12
+
+
+def test_indexing_and_slicing_give_blocks_and_sequences() -> None:
+    sequence = stack(4, dtype=torch.float64)
+    blocks = sequence.blocks
+    assert sequence[1] is blocks[1] and sequence[-1] is blocks[3]
+    part = sequence[1:3]
+    assert isinstance(part, ReversibleSequence) and part.blocks == blocks[1:3]
+    x, weight = torch.randn(3, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)
+    assert relative_error(gradients(part, x, weight), gradients(nn.Sequential(*blocks[1:3]), x, weight)) < 1e-12
+    empty = sequence[4:]
+    assert len(empty) == 0 and torch.equal(empty(x), x), "no block is the identity"
+
+
+def test_a_half_that_changes_its_input_in_place_is_refused_by_name() -> None:
+    sequence = ReversibleSequence(ReversibleBlock(nn.Tanh(), nn.Tanh()), ReversibleBlock(nn.ReLU(inplace=True), nn.Tanh()))
+    with pytest.raises(ValueError, match="block 1's f changed its input in place"):
+        sequence(torch.randn(2, 8, requires_grad=True))
+
+
+def test_memory_held_during_backward_does_not_grow_with_depth() -> None:
+    """Measured while backward runs, not counted after forward: the most bytes a step holds beyond its input
+    is the same at 2 and at 32 blocks (parameters frozen, so that no gradient of theirs is allocated)."""
+    x = torch.randn(64, 32, requires_grad=True)
+    peaks = [added_peak(lambda: sequence(x).sum().backward()) for sequence in (stack(blocks, features=16).requires_grad_(False) for blocks in (2, 32))]
+    assert peaks[0] == peaks[1] > 0

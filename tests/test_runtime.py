@@ -34,8 +34,14 @@ def test_resolve_device_rejects_bad_arguments() -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="only meaningful without a GPU")
 def test_resolve_device_refuses_cuda_without_gpu() -> None:
-    with pytest.raises(ValueError, match="no CUDA device"):
+    with pytest.raises(ValueError, match="asks for CUDA, but PyTorch sees no such device"):
         resolve_device("cuda")
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="only meaningful without Apple's GPU")
+def test_resolve_device_refuses_an_accelerator_that_is_not_there() -> None:
+    with pytest.raises(ValueError, match="asks for MPS, but PyTorch sees no such device"):
+        resolve_device("mps")
 
 
 def test_seed_everything_makes_all_generators_repeat() -> None:

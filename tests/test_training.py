@@ -85,3 +85,16 @@ def test_fit_steps_the_scheduler_after_every_optimiser_step() -> None:
     with pytest.raises(TypeError, match="scheduler must be"):
         other = torch.optim.SGD(model.parameters(), lr=0.1)
         revlib.fit(model, data, optimizer, epochs=1, progress=False, scheduler=torch.optim.lr_scheduler.StepLR(other, 1))
+
+
+def test_evaluate_restores_the_training_mode_when_the_model_raises() -> None:
+    import pytest
+
+    class Failing(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("a model that fails")
+
+    model = Failing().train()
+    with pytest.raises(RuntimeError, match="fails"):
+        evaluate(model, torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))
+    assert model.training

@@ -47,3 +47,18 @@ def test_cosine_similarity_measures_direction_only() -> None:
         cosine_similarity(torch.ones(4), reference)
     with pytest.raises(ValueError, match="zero"):
         cosine_similarity(torch.zeros(2, 2), reference)
+
+
+def test_finite_differences_put_the_entry_back_when_the_function_raises() -> None:
+    import pytest
+
+    from revlib.verify import finite_difference_gradient
+
+    tensor = torch.tensor([1.0, 2.0], dtype=torch.float64)
+
+    def failing() -> torch.Tensor:
+        raise RuntimeError("a function that fails")
+
+    with pytest.raises(RuntimeError, match="fails"):
+        finite_difference_gradient(failing, tensor)
+    assert torch.equal(tensor, torch.tensor([1.0, 2.0], dtype=torch.float64))

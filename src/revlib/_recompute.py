@@ -1,28 +1,51 @@
 """Replaying part of a forward pass in the backward pass: the one mechanism every recomputing Function shares.
 
-A backward pass that recomputes (reversible blocks, adjoint steps, checkpointed segments) must run each
-piece of the network again *as it ran the first time*: the same dropout masks, the same autocast precisions,
-and without updating BatchNorm's running statistics a second time. :class:`ForwardState` records what that
-takes while the piece runs forward, and :meth:`ForwardState.replayed` and :meth:`ForwardState.buffers_restored` restore it around
-the recomputation, in the manner of ``torch.utils.checkpoint``:
+A backward pass that recomputes (reversible blocks, momentum blocks, adjoint steps, checkpointed segments)
+must run each piece of the network again *as it ran the first time*: the same dropout masks, the same
+autocast precisions, and without updating BatchNorm's running statistics a second time. :class:`ForwardState`
+records what that takes while the piece runs forward, and :meth:`ForwardState.replayed` and
+:meth:`ForwardState.buffers_restored` restore it around the recomputation, in the manner of
+``torch.utils.checkpoint``:
 
-* the CPU random state, and a CUDA device's only if that device's generator had already been initialised,
-  restored inside ``torch.random.fork_rng`` so that the caller's random stream is untouched;
+* the CPU random state, and the accelerator's (CUDA, MPS, XPU, … through ``torch.get_device_module``) only
+  if that device's generator had already been initialised, restored inside ``torch.random.fork_rng`` so
+  that the caller's random stream is untouched;
 * the autocast state of the device type (enabled or not, and the dtype), re-entered;
 * the buffers that the piece updated in forward — detected per module by their version counters (BatchNorm
   in training mode counts its batches in place) — copied before the recomputation and put back after it.
   Constant buffers are not copied. A module that overwrote a buffer without bumping its version counter
   would not be detected.
+
+The rest is the plumbing the four Functions share: :func:`needs_graph` (does this call need a backward
+pass at all?), :func:`run_checked` (a block run with its shape and in-place checks), :class:`Stash` (block
+inputs kept for backward that can be released before the backward pass ends), :func:`check_parameters_unchanged`,
+:func:`vector_jacobian_products` and :func:`accumulate` (parameter gradients summed by parameter).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+
+def _accelerator_module(device: torch.device) -> ModuleType | None:
+    """``torch.cuda``, ``torch.mps``, … for an accelerator; ``None`` for the CPU (whose state is always kept)."""
+    if device.type in ("cpu", "meta"):
+        return None
+    return torch.get_device_module(device.type)
+
+
+def _generator_initialised(module: ModuleType) -> bool:
+    """Whether the accelerator's generator has been used (CUDA and XPU say; others are always ready)."""
+    is_initialized = getattr(module, "is_initialized", None)
+    return True if is_initialized is None else bool(is_initialized())
 
 
 @dataclass
@@ -31,7 +54,7 @@ class ForwardState:
 
     device: torch.device
     cpu_rng: Tensor | None
-    cuda_rng: Tensor | None
+    device_rng: Tensor | None  # the accelerator's generator state, when there is an accelerator
     autocast_enabled: bool
     autocast_dtype: torch.dtype
     updated_buffers: list[Tensor] = field(default_factory=list)  # references to the module's own buffers
@@ -47,14 +70,15 @@ class ForwardState:
         """
         kind = device.type
         cpu_rng = torch.get_rng_state() if preserve_rng else None
+        module = _accelerator_module(device)
         # like torch.utils.checkpoint: only a device whose generator was already used has a state worth keeping
-        cuda_rng = torch.cuda.get_rng_state(device) if preserve_rng and kind == "cuda" and torch.cuda.is_initialized() else None
+        device_rng = module.get_rng_state(device) if preserve_rng and module is not None and _generator_initialised(module) else None
         if previous is not None:
-            cpu_rng, cuda_rng = _shared(previous.cpu_rng, cpu_rng), _shared(previous.cuda_rng, cuda_rng)
+            cpu_rng, device_rng = _shared(previous.cpu_rng, cpu_rng), _shared(previous.device_rng, device_rng)
         return cls(
             device=device,
             cpu_rng=cpu_rng,
-            cuda_rng=cuda_rng,
+            device_rng=device_rng,
             autocast_enabled=torch.is_autocast_enabled(kind),
             autocast_dtype=torch.get_autocast_dtype(kind),
         )
@@ -74,14 +98,24 @@ class ForwardState:
 
         The grad mode is the caller's to choose (``torch.enable_grad()`` to build the piece's graph).
         """
-        devices = [self.device] if self.cuda_rng is not None else []
-        with torch.random.fork_rng(devices=devices, enabled=self.cpu_rng is not None):
+        devices = [self.device] if self.device_rng is not None else []
+        with torch.random.fork_rng(devices=devices, enabled=self.cpu_rng is not None, device_type=self.device.type if devices else None):
             if self.cpu_rng is not None:
                 torch.set_rng_state(self.cpu_rng)
-            if self.cuda_rng is not None:
-                torch.cuda.set_rng_state(self.cuda_rng, self.device)
+            if self.device_rng is not None:
+                _accelerator_module(self.device).set_rng_state(self.device_rng, self.device)  # type: ignore[union-attr]
             with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_enabled):
                 yield
+
+    def snapshot_buffers(self) -> list[Tensor]:
+        """Copies of the buffers the piece updated in its first run, for :meth:`restore_buffers`."""
+        return [buffer.clone() for buffer in self.updated_buffers]
+
+    def restore_buffers(self, snapshot: list[Tensor]) -> None:
+        """Write a :meth:`snapshot_buffers` back into the module's buffers."""
+        with torch.no_grad():
+            for buffer, value in zip(self.updated_buffers, snapshot):
+                buffer.copy_(value)
 
     @contextmanager
     def buffers_restored(self) -> Iterator[None]:
@@ -90,13 +124,11 @@ class ForwardState:
         Wrap the recomputation *and* the backward pass through it: autograd saves the running statistics
         with BatchNorm's graph, and writing them back before that graph is used would fail its version check.
         """
-        saved = [buffer.clone() for buffer in self.updated_buffers]
+        snapshot = self.snapshot_buffers()
         try:
             yield
         finally:
-            with torch.no_grad():
-                for buffer, value in zip(self.updated_buffers, saved):
-                    buffer.copy_(value)
+            self.restore_buffers(snapshot)
 
 
 def _shared(kept: Tensor | None, now: Tensor | None) -> Tensor | None:
@@ -104,12 +136,102 @@ def _shared(kept: Tensor | None, now: Tensor | None) -> Tensor | None:
     return kept if kept is not None and now is not None and torch.equal(kept, now) else now
 
 
+def needs_graph(inputs: Iterable[Tensor], parameters: Iterable[Tensor]) -> bool:
+    """Whether a call must prepare a backward pass: grad mode is on and an input or a parameter requires grad."""
+    return torch.is_grad_enabled() and (any(t.requires_grad for t in inputs) or any(p.requires_grad for p in parameters))
+
+
+def run_checked(module: nn.Module, x: Tensor, name: str, *, same_shape: bool = True) -> Tensor:
+    """``module(x)``, refusing what a recomputing sequence cannot work with, with an error that names ``name``.
+
+    A recomputing sequence runs its blocks again from inputs it kept or rebuilt, so a block must not write
+    into its input (an in-place first operation such as ``nn.ReLU(inplace=True)`` would overwrite a kept
+    input, and autograd refuses it on the input of a recomputation); and a residual function or coupling
+    half must return a tensor of its input's shape.
+
+    Raises:
+        ValueError: the module changed its input in place, or (``same_shape``) returned another shape.
+    """
+    version = x._version
+    try:
+        out = module(x)
+    except RuntimeError as error:
+        if "in-place operation" in str(error) or "inplace operation" in str(error):
+            raise ValueError(_in_place_message(name)) from error
+        raise
+    if x._version != version:
+        raise ValueError(_in_place_message(name))
+    if same_shape and (not isinstance(out, Tensor) or out.shape != x.shape):
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"{name} must preserve the shape of its input: it mapped {tuple(x.shape)} to {shape}")
+    return out
+
+
+def _in_place_message(name: str) -> str:
+    return (
+        f"{name} changed its input in place (its first operation is in-place, e.g. nn.ReLU(inplace=True)). "
+        "A recomputing sequence keeps block inputs and runs the blocks on them again, so a block must leave "
+        "its input unchanged: make that operation out of place (inplace=False), or put it after a layer "
+        "that creates a new tensor."
+    )
+
+
+class Stash:
+    """Block inputs a recomputing Function keeps for its backward pass, each releasable before the pass ends.
+
+    ``ctx.save_for_backward`` holds its tensors until the backward pass returns, but a checkpointing schedule
+    must let a kept input go as soon as its plan drops it, or it holds more than its budget. A stash keeps
+    what the forward pass hands it as autograd keeps saved tensors — through the saved-tensor hooks active at
+    that moment, so that :func:`revlib.measure.saved_tensor_bytes` counts it and
+    ``torch.autograd.graph.save_on_cpu`` moves it, and with autograd's check that it was not changed in place
+    before it is used — and lets each go on :meth:`release`. What the backward pass stores is kept as it is.
+    """
+
+    def __init__(self) -> None:
+        # the innermost (pack, unpack) saved-tensor hooks now, or None; PyTorch reads them the same way
+        # (torch._functorch), there is no public accessor
+        top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+        self._hooks: tuple[Any, Any] | None = top_hooks(True) if top_hooks is not None else None
+        self._kept: dict[Hashable, tuple[Any, bool, weakref.ref[Tensor], int]] = {}  # key: (packed, hooked, tensor, version)
+
+    def keep(self, key: Hashable, tensor: Tensor, *, from_forward: bool = True) -> None:
+        """Keep ``tensor`` under ``key`` (packed by the forward pass's hooks when ``from_forward``)."""
+        hooked = from_forward and self._hooks is not None
+        packed = self._hooks[0](tensor) if hooked else tensor  # type: ignore[index]
+        self._kept[key] = (packed, hooked, weakref.ref(tensor), tensor._version)
+
+    def get(self, key: Hashable, name: str) -> Tensor:
+        """The tensor kept under ``key``.
+
+        Raises:
+            RuntimeError: it was changed in place since it was kept (``name`` says whose input it is).
+        """
+        packed, hooked, original, version = self._kept[key]
+        tensor = original()
+        if tensor is not None and tensor._version != version:
+            raise RuntimeError(
+                f"the kept input of {name} was modified by an inplace operation between the forward pass and its "
+                "recomputation; leave the network's intermediate tensors unchanged until backward has run"
+            )
+        return self._hooks[1](packed) if hooked else packed  # type: ignore[index]
+
+    def release(self, key: Hashable) -> None:
+        """Let the tensor kept under ``key`` go."""
+        del self._kept[key]
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._kept
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+
 def distinct_parameters(modules: Sequence[nn.Module]) -> list[Tensor]:
     """The parameters of ``modules`` in the order ``nn.Module.parameters()`` gives them, each once."""
     return list(dict.fromkeys(p for module in modules for p in module.parameters()))
 
 
-def check_parameters_unchanged(saved: tuple[Tensor, ...], current: list[Tensor], owner: str) -> None:
+def check_parameters_unchanged(saved: Sequence[Tensor], current: Sequence[Tensor], owner: str) -> None:
     """Raise a clear error when the parameters a backward pass finds are not the ones its forward pass used.
 
     ``saved`` come from ``ctx.saved_tensors`` (so autograd has already refused any that were modified in
@@ -127,15 +249,26 @@ def check_parameters_unchanged(saved: tuple[Tensor, ...], current: list[Tensor],
         )
 
 
-def vector_jacobian_products(output: Tensor, point: Tensor, parameters: list[Tensor], grad_output: Tensor) -> tuple[Tensor, list[tuple[int, Tensor]]]:
+def vector_jacobian_products(output: Tensor, point: Tensor | None, parameters: Iterable[Tensor], grad_output: Tensor) -> tuple[Tensor | None, list[tuple[int, Tensor]]]:
     """Vector-Jacobian products of ``output`` with respect to ``point`` and to the parameters that require grad.
 
-    Returns the gradient of ``point`` (zeros when ``output`` does not depend on it) and ``(id, gradient)``
-    pairs for the parameters that received one.
+    Returns the gradient of ``point`` (zeros when ``output`` does not depend on it; ``None`` when ``point``
+    is ``None``, i.e. not wanted) and ``(id, gradient)`` pairs for the parameters that received one.
     """
     wanted = [p for p in parameters if p.requires_grad]
-    if not output.requires_grad:
-        return torch.zeros_like(point), []
-    found = torch.autograd.grad(output, [point, *wanted], grad_output.to(output.dtype), allow_unused=True)
-    point_gradient = torch.zeros_like(point) if found[0] is None else found[0].to(point.dtype)
-    return point_gradient, [(id(p), g) for p, g in zip(wanted, found[1:]) if g is not None]
+    inputs = ([] if point is None else [point]) + wanted
+    if not output.requires_grad or not inputs:
+        return (None if point is None else torch.zeros_like(point)), []
+    found = list(torch.autograd.grad(output, inputs, grad_output.to(output.dtype), allow_unused=True))
+    point_gradient = None
+    if point is not None:
+        first = found.pop(0)
+        point_gradient = torch.zeros_like(point) if first is None else first.to(point.dtype)
+    return point_gradient, [(id(p), g) for p, g in zip(wanted, found) if g is not None]
+
+
+def accumulate(gradients: dict[int, Tensor], found: Iterable[tuple[int, Tensor]]) -> None:
+    """Add ``(id, gradient)`` pairs into ``gradients``, keyed by parameter id: a module that appears twice in a
+    sequence (tied weights) receives the sum of its uses' gradients, as autograd would give it."""
+    for key, gradient in found:
+        gradients[key] = gradients[key] + gradient if key in gradients else gradient

@@ -44,16 +44,18 @@ gradient error shrinks like :math:`1/N` and :math:`1/N^2`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from revlib._recompute import ForwardState, check_parameters_unchanged
+from revlib._recompute import ForwardState, accumulate, check_parameters_unchanged, distinct_parameters, needs_graph, run_checked, vector_jacobian_products
 from revlib.runtime import resolve_device
 from revlib.verify import flat_gradient, relative_error  # flat_gradient re-exported: chapter 04 imports it from here
 
@@ -63,19 +65,19 @@ SCHEMES = ("euler", "heun", "heunnet")
 GRADIENTS = ("backprop", "adjoint")
 
 
-def _residual(f: nn.Module, x: Tensor) -> Tensor:
-    out = f(x)
-    if not isinstance(out, Tensor) or out.shape != x.shape:
-        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ValueError(f"every residual function must preserve the shape of its input {tuple(x.shape)}, but one returned {shape}")
-    return out
+@dataclass(frozen=True)
+class _Stage:
+    """One step's functions: the predictor :math:`f_n` and the corrector (:math:`f_n` again, or :math:`f_{n+1}`
+    for HeunNet), with their indices among the residual functions (for error messages)."""
+
+    predictor: nn.Module
+    corrector: nn.Module
+    predictor_index: int
+    corrector_index: int
 
 
-Stage = tuple[nn.Module, nn.Module]  # the functions of a step's predictor and corrector
-
-
-def _stages(residuals: Sequence[nn.Module], scheme: Scheme) -> list[Stage]:
-    """Each step's (predictor, corrector) functions: f_n twice (Euler, Heun), or f_n then f_{n+1} (HeunNet).
+def _stages(residuals: Sequence[nn.Module], scheme: Scheme) -> list[_Stage]:
+    """Each step's predictor and corrector: f_n twice (Euler, Heun), or f_n then f_{n+1} (HeunNet).
 
     Raises:
         ValueError: HeunNet with fewer than two functions.
@@ -83,24 +85,40 @@ def _stages(residuals: Sequence[nn.Module], scheme: Scheme) -> list[Stage]:
     if scheme == "heunnet":
         if len(residuals) < 2:
             raise ValueError("scheme='heunnet' needs N + 1 residual functions for N steps: at least 2")
-        return list(zip(residuals[:-1], residuals[1:]))
-    return [(f, f) for f in residuals]
+        return [_Stage(f, g, n, n + 1) for n, (f, g) in enumerate(zip(residuals[:-1], residuals[1:]))]
+    return [_Stage(f, f, n, n) for n, f in enumerate(residuals)]
 
 
-def _step(stage: Stage, x: Tensor, h: float, scheme: Scheme) -> Tensor:
-    """One step forward in depth: :math:`x_{n+1}` from :math:`x_n`."""
-    f, g = stage
-    velocity = _residual(f, x)
+StepStates = tuple[ForwardState, ...]  # the random and autocast states of a step's predictor (and corrector)
+
+
+def _evaluate(f: nn.Module, x: Tensor, index: int, state: ForwardState | None) -> Tensor:
+    """:math:`f(x)` for residual function ``index``, replaying ``state`` when given (a recomputation)."""
+    with state.replayed() if state is not None else contextlib.nullcontext():
+        return run_checked(f, x, f"residual function {index}")
+
+
+def _step(stage: _Stage, x: Tensor, h: float, scheme: Scheme, states: StepStates | None = None) -> Tensor:
+    """One step forward in depth: :math:`x_{n+1}` from :math:`x_n` (each stage replaying its state in ``states``)."""
+    velocity = _evaluate(stage.predictor, x, stage.predictor_index, states[0] if states else None)
     if scheme == "euler":
         return x + h * velocity  # x_{n+1} = x_n + h f_n(x_n)
     predictor = x + h * velocity  # y_n = x_n + h f_n(x_n)
-    return x + (h / 2) * (velocity + _residual(g, predictor))  # x_{n+1} = x_n + h/2 (f_n(x_n) + g(y_n)), g = f_n or f_{n+1}
+    correction = _evaluate(stage.corrector, predictor, stage.corrector_index, states[1] if states else None)
+    return x + (h / 2) * (velocity + correction)  # x_{n+1} = x_n + h/2 (f_n(x_n) + g(y_n)), g = f_n or f_{n+1}
 
 
-def _reverse_step(stage: Stage, x_next: Tensor, h: float, scheme: Scheme) -> Tensor:
-    """One step backward in depth, the same scheme with step −h and the stages exchanged: approximately :math:`x_n`."""
-    f, g = stage
-    return _step((g, f), x_next, -h, scheme)
+def _reverse_step(stage: _Stage, x_next: Tensor, h: float, scheme: Scheme, states: StepStates | None = None) -> Tensor:
+    r"""One step backward in depth, approximately :math:`x_n`: the same scheme with step :math:`-h` and the
+    stages exchanged. The corrector's function is evaluated first, at :math:`x_{n+1}` (where the forward
+    pass evaluated it at :math:`y_n`), and the predictor's at the rebuilt :math:`\tilde y`; each replays the
+    random state of *its* stage in the forward pass, so that dropout draws the same masks."""
+    if scheme == "euler":
+        return x_next - h * _evaluate(stage.predictor, x_next, stage.predictor_index, states[0] if states else None)
+    correction = _evaluate(stage.corrector, x_next, stage.corrector_index, states[1] if states else None)
+    predictor = x_next - h * correction  # ỹ = x_{n+1} − h g(x_{n+1})
+    velocity = _evaluate(stage.predictor, predictor, stage.predictor_index, states[0] if states else None)
+    return x_next - (h / 2) * (correction + velocity)  # x̃_n = x_{n+1} − h/2 (g(x_{n+1}) + f_n(ỹ))
 
 
 class _AdjointFunction(torch.autograd.Function):
@@ -109,16 +127,24 @@ class _AdjointFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, residuals: Sequence[nn.Module], scheme: Scheme, preserve_rng: bool, *parameters: Tensor) -> Tensor:
         ctx.residuals, ctx.scheme = residuals, scheme  # modules and a name, not tensors: needed to recompute
-        ctx.states = []  # per step, the random, autocast and buffer states: a few KiB, no activations
+        ctx.states = []  # per step, its stages' random, autocast and buffer states: a few KiB, no activations
         stages = _stages(residuals, scheme)
         h = 1.0 / len(stages)
-        state = None
+        state: ForwardState | None = None
         with torch.no_grad():
             for stage in stages:
-                state = ForwardState.capture(x.device, preserve_rng, previous=state)
-                with state.recording(nn.ModuleList(stage)):
-                    x = _step(stage, x, h, scheme)
-                ctx.states.append(state)
+                state_f = state = ForwardState.capture(x.device, preserve_rng, previous=state)
+                with state_f.recording(stage.predictor):
+                    velocity = run_checked(stage.predictor, x, f"residual function {stage.predictor_index}")
+                if scheme == "euler":
+                    x = x + h * velocity
+                    ctx.states.append((state_f,))
+                    continue
+                state_g = state = ForwardState.capture(x.device, preserve_rng, previous=state)
+                with state_g.recording(stage.corrector):
+                    correction = run_checked(stage.corrector, x + h * velocity, f"residual function {stage.corrector_index}")
+                x = x + (h / 2) * (velocity + correction)
+                ctx.states.append((state_f, state_g))
         # the only activation kept is x_N; the parameters are saved so that autograd's version check catches an
         # in-place change to one of them before backward
         ctx.save_for_backward(x, *parameters)
@@ -128,25 +154,24 @@ class _AdjointFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         x_next, *parameters = ctx.saved_tensors
-        check_parameters_unchanged(tuple(parameters), list(dict.fromkeys(p for f in ctx.residuals for p in f.parameters())), "ODEResNet")
+        check_parameters_unchanged(parameters, distinct_parameters(ctx.residuals), "ODEResNet")
         stages = _stages(ctx.residuals, ctx.scheme)
         h = 1.0 / len(stages)
         adjoint = grad_output  # a_N = ∂L/∂x_N
         parameter_gradients: dict[int, Tensor] = {}  # by id, summed: a residual function may appear twice
-        for stage, state in zip(reversed(stages), reversed(ctx.states)):
-            with state.buffers_restored():
-                with state.replayed(), torch.no_grad():  # the step's own dropout masks and precisions, run at −h
-                    x = _reverse_step(stage, x_next, h, ctx.scheme)  # x̃_n from x̃_{n+1}
+        for stage, states in zip(reversed(stages), reversed(ctx.states)):
+            with contextlib.ExitStack() as restoring:  # BatchNorm's statistics as the forward pass left them
+                for state in states:
+                    restoring.enter_context(state.buffers_restored())
+                with torch.no_grad():  # each stage's own dropout masks and precisions, run at −h
+                    x = _reverse_step(stage, x_next, h, ctx.scheme, states)  # x̃_n from x̃_{n+1}
                 x = x.detach().requires_grad_(True)
-                wanted = [p for p in nn.ModuleList(stage).parameters() if p.requires_grad]
-                with state.replayed(), torch.enable_grad():
-                    recomputed = _step(stage, x, h, ctx.scheme)  # the step at x̃_n, with its graph
-                found = torch.autograd.grad(recomputed, [x, *wanted], adjoint, allow_unused=True)
-            adjoint = found[0]  # a_n = (∂x_{n+1}/∂x_n)ᵀ a_{n+1}, evaluated at x̃_n
-            for p, gradient in zip(wanted, found[1:]):
-                if gradient is not None:
-                    key = id(p)
-                    parameter_gradients[key] = parameter_gradients[key] + gradient if key in parameter_gradients else gradient
+                with torch.enable_grad():
+                    recomputed = _step(stage, x, h, ctx.scheme, states)  # the step at x̃_n, with its graph
+                modules = nn.ModuleList([stage.predictor, stage.corrector])
+                # a_n = (∂x_{n+1}/∂x_n)ᵀ a_{n+1}, evaluated at x̃_n; the step's parameter gradients
+                adjoint, found = vector_jacobian_products(recomputed, x, distinct_parameters(list(modules)), adjoint)
+            accumulate(parameter_gradients, found)
             x_next = x.detach()
         return (
             adjoint if ctx.needs_input_grad[0] else None,  # x
@@ -249,8 +274,7 @@ class ODEResNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         stages = _stages(self.residuals, self.scheme)
         h = 1.0 / len(stages)
-        parameters = [p for p in self.parameters() if p.requires_grad]
-        if self.gradient == "backprop" or not torch.is_grad_enabled() or not (x.requires_grad or parameters):
+        if self.gradient == "backprop" or not needs_graph([x], self.parameters()):
             for stage in stages:
                 x = _step(stage, x, h, self.scheme)
             return x
@@ -323,7 +347,8 @@ def interpolate_depth(model: ODEResNet, depth: int) -> ODEResNet:
     The new network has ``depth`` residual functions (``depth − 1`` steps for HeunNet). Layer :math:`n` sits
     at depth :math:`s = n/(\text{depth}-1)` and takes the linear interpolation of the two trained layers
     around :math:`s\,(L-1)`, :math:`L` the trained functions; the first and last layers are kept.
-    Buffers are copied from the nearest trained layer. The scheme and gradient mode are kept.
+    Buffers are copied from the nearest trained layer. The scheme, gradient mode and ``preserve_rng_state``
+    are kept.
 
     Raises:
         ValueError: ``depth`` is below 2 while the model has more than one layer, or the residual
@@ -348,7 +373,7 @@ def interpolate_depth(model: ODEResNet, depth: int) -> ODEResNet:
             for name in states[below]
         })
         residuals.append(f)
-    return ODEResNet(residuals, scheme=model.scheme, gradient=model.gradient)
+    return ODEResNet(residuals, scheme=model.scheme, gradient=model.gradient, preserve_rng_state=model.preserve_rng_state)
 
 
 def adjoint_and_exact_gradients(model: ODEResNet, inputs: Tensor, loss_fn: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:

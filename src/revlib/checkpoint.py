@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal
@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, checkpoint_sequential, create_selective_checkpoint_contexts
 
-from revlib._recompute import ForwardState, check_parameters_unchanged
+from revlib._recompute import ForwardState, Stash, accumulate, check_parameters_unchanged, distinct_parameters, needs_graph, run_checked, vector_jacobian_products
 
 ScheduleName = Literal["every", "sqrt", "revolve"]
 SCHEDULES = ("every", "sqrt", "revolve")
@@ -107,55 +107,86 @@ def _free_sweep_split(steps: int, slots: int) -> int:
     return min(range(1, steps), key=lambda j: optimal_recomputations(steps - j, slots - 1) + griewank_steps(j, slots))
 
 
-Action = tuple[str, int]  # ("store", i) keep x_i; ("advance", i) x_i → x_{i+1}; ("restore", i); ("drop", i); ("turn", i)
+Action = tuple[str, int]  # (name, block index i); the names are those of CheckpointPlan's docstring
+_FORWARD_ACTIONS = ("store", "advance", "record")
+_BACKWARD_ACTIONS = ("restore", "store", "drop", "advance", "record", "turn")
 
 
 @dataclass(frozen=True)
 class CheckpointPlan:
-    """What a schedule does: the inputs the forward pass keeps, then the backward pass's actions in order.
+    """What a schedule does: the forward pass's actions, then the backward pass's, in order.
+
+    Actions are ``(name, i)`` pairs about block :math:`i` and its input :math:`x_i`:
+
+    * ``"store"`` keeps the current :math:`x_i` (a checkpoint); ``"drop"`` releases a kept one;
+      ``"restore"`` makes a kept :math:`x_i` current;
+    * ``"advance"`` runs block :math:`i` on the current :math:`x_i` without a graph, making
+      :math:`x_{i+1}` current; ``"record"`` runs it *with* its graph and keeps that graph until its turn;
+    * ``"turn"`` (backward only) back-propagates through block :math:`i`: through its recorded graph if it
+      has one, else by evaluating it with its graph on the current :math:`x_i`.
+
+    The forward pass starts with :math:`x_0` current and must run every block once, in order.
 
     Attributes:
         steps: the number of blocks :math:`N`.
         schedule: its name.
-        forward_checkpoints: the block indices :math:`i` whose inputs :math:`x_i` the forward pass keeps.
-        backward: ``(action, i)`` pairs: ``"restore"`` makes the kept :math:`x_i` current, ``"advance"``
-            runs block :math:`i` on the current :math:`x_i` without a graph, ``"store"`` keeps the current
-            :math:`x_i`, ``"drop"`` releases a kept input, and ``"turn"`` evaluates block :math:`i` with its
-            graph and back-propagates through it.
+        forward: the forward pass's actions.
+        backward: the backward pass's actions.
     """
 
     steps: int
     schedule: str
-    forward_checkpoints: tuple[int, ...]
+    forward: tuple[Action, ...]
     backward: tuple[Action, ...]
+
+    @property
+    def forward_checkpoints(self) -> tuple[int, ...]:
+        """The block indices :math:`i` whose inputs :math:`x_i` the forward pass keeps."""
+        return tuple(index for action, index in self.forward if action == "store")
 
     @property
     def advances(self) -> int:
         """Block evaluations the backward pass adds besides the turns."""
-        return sum(action == "advance" for action, _ in self.backward)
+        return sum(action in ("advance", "record") for action, _ in self.backward)
 
     @property
     def evaluations(self) -> int:
-        """Block evaluations in one forward and backward pass, :math:`2N` plus the advances (the forward
-        pass and the turns evaluate every block once each)."""
-        return 2 * self.steps + self.advances
+        """Block evaluations in one forward and backward pass, which is :math:`2N` plus the advances when
+        nothing is recorded (the forward pass and the turns evaluate every block once each); a turn through a
+        recorded graph evaluates nothing."""
+        recorded = {index for action, index in (*self.forward, *self.backward) if action == "record"}
+        unrecorded_turns = sum(action == "turn" and index not in recorded for action, index in self.backward)
+        return self.steps + self.advances + unrecorded_turns
 
-    @property
-    def most_stored(self) -> int:
-        """The most block inputs kept at once (the current working input of the backward pass not counted)."""
+    def held_inputs(self) -> list[int]:
+        """The number of block inputs kept after each backward action, starting with those the forward pass
+        kept (the current working input not counted unless it is kept)."""
         kept = set(self.forward_checkpoints)
-        most = len(kept)
+        held = [len(kept)]
         for action, index in self.backward:
             if action == "store":
                 kept.add(index)
             elif action == "drop":
                 kept.discard(index)
-            most = max(most, len(kept))
-        return most
+            held.append(len(kept))
+        return held
+
+    @property
+    def most_stored(self) -> int:
+        """The most block inputs kept at once (the current working input of the backward pass not counted)."""
+        return max(self.held_inputs())
+
+
+def _forward_keeping(steps: int, checkpoints: Iterable[int]) -> tuple[Action, ...]:
+    """A forward pass that keeps the inputs ``checkpoints`` and runs every block without a graph."""
+    kept = set(checkpoints)
+    return tuple(action for i in range(steps) for action in ((("store", i),) if i in kept else ()) + (("advance", i),))
 
 
 def checkpoint_plan(steps: int, schedule: ScheduleName = "revolve", slots: int | None = None) -> CheckpointPlan:
     """The plan of a schedule for ``steps`` blocks (``slots`` stored inputs at most, for ``"revolve"``).
+
+    Every plan releases each kept input once the backward pass has turned the last block that needs it.
 
     Raises:
         ValueError: an unknown schedule, ``steps`` not positive, ``slots`` missing or not positive for
@@ -170,9 +201,14 @@ def checkpoint_plan(steps: int, schedule: ScheduleName = "revolve", slots: int |
         _check_positive(slots=slots)
     elif slots is not None:
         raise ValueError(f"slots is the budget of schedule='revolve'; schedule={schedule!r} sets its own, so leave slots out")
+    return _plan(steps, schedule, slots)
+
+
+@lru_cache(maxsize=256)
+def _plan(steps: int, schedule: ScheduleName, slots: int | None) -> CheckpointPlan:
     if schedule == "every":
-        backward = tuple(action for i in reversed(range(steps)) for action in (("restore", i), ("turn", i)))
-        return CheckpointPlan(steps, schedule, tuple(range(steps)), backward)
+        backward = tuple(action for i in reversed(range(steps)) for action in (("restore", i), ("turn", i), ("drop", i)))
+        return CheckpointPlan(steps, schedule, _forward_keeping(steps, range(steps)), backward)
     if schedule == "sqrt":
         return _sqrt_plan(steps)
     return _revolve_plan(steps, min(slots, steps))  # type: ignore[arg-type]
@@ -189,10 +225,8 @@ def _sqrt_plan(steps: int) -> CheckpointPlan:
         for index in range(start, end - 1):
             actions += [("advance", index), ("store", index + 1)]
         for index in reversed(range(start, end)):
-            actions += [("restore", index), ("turn", index)]
-            if index != start:
-                actions.append(("drop", index))
-    return CheckpointPlan(steps, "sqrt", starts, tuple(actions))
+            actions += [("restore", index), ("turn", index), ("drop", index)]
+    return CheckpointPlan(steps, "sqrt", _forward_keeping(steps, starts), tuple(actions))
 
 
 def _revolve_plan(steps: int, slots: int) -> CheckpointPlan:
@@ -208,9 +242,8 @@ def _revolve_plan(steps: int, slots: int) -> CheckpointPlan:
     actions: list[Action] = []
     for first, length, budget in reversed(segments):
         actions += _griewank_reversal(first, length, budget)
-        if first != 0:
-            actions.append(("drop", first))
-    return CheckpointPlan(steps, "revolve", tuple(checkpoints), tuple(actions))
+        actions.append(("drop", first))
+    return CheckpointPlan(steps, "revolve", _forward_keeping(steps, checkpoints), tuple(actions))
 
 
 def _griewank_reversal(start: int, steps: int, checkpoints: int) -> Iterator[Action]:
@@ -233,76 +266,168 @@ def _griewank_reversal(start: int, steps: int, checkpoints: int) -> Iterator[Act
     yield from _griewank_reversal(start, split, checkpoints)
 
 
+def check_plan(plan: CheckpointPlan) -> None:
+    """Check that ``plan`` can be executed and back-propagates through every block exactly once.
+
+    The forward pass must run blocks 0 … N−1 in order, storing only the current input; the backward pass
+    must turn blocks N−1 … 0 in that order, each with its input current (or its graph recorded), restore
+    and drop only kept inputs, and advance or record only from the current input.
+
+    Raises:
+        ValueError: the plan breaks one of these rules (the message names the action).
+    """
+    kept: set[int] = set()
+    recorded: set[int] = set()
+    current = 0
+    for position, (action, index) in enumerate(plan.forward):
+        where = f"forward action {position} {(action, index)}"
+        if action not in _FORWARD_ACTIONS:
+            raise ValueError(f"{where}: the forward pass may only {_FORWARD_ACTIONS}")
+        if index != current:
+            raise ValueError(f"{where}: the current input is x_{current}")
+        if action == "store":
+            kept.add(index)
+        else:
+            recorded |= {index} if action == "record" else set()
+            current += 1
+    if current != plan.steps:
+        raise ValueError(f"the forward pass runs {current} of {plan.steps} blocks")
+    current_index: int | None = None
+    next_turn = plan.steps - 1
+    for position, (action, index) in enumerate(plan.backward):
+        where = f"backward action {position} {(action, index)}"
+        if action not in _BACKWARD_ACTIONS:
+            raise ValueError(f"{where}: the backward pass may only {_BACKWARD_ACTIONS}")
+        if action in ("restore", "drop") and index not in kept:
+            raise ValueError(f"{where}: x_{index} is not kept")
+        if action in ("store", "advance", "record") and current_index != index:
+            raise ValueError(f"{where}: the current input is {'none' if current_index is None else f'x_{current_index}'}")
+        if action == "turn":
+            if index != next_turn:
+                raise ValueError(f"{where}: the next block to turn is {next_turn}")
+            if index not in recorded and current_index != index:
+                raise ValueError(f"{where}: block {index} has neither its input current nor its graph recorded")
+            recorded.discard(index)
+            next_turn -= 1
+            current_index = None
+        elif action == "restore":
+            current_index = index
+        elif action == "store":
+            kept.add(index)
+        elif action == "drop":
+            kept.discard(index)
+        else:  # advance, record
+            recorded |= {index} if action == "record" else set()
+            current_index = index + 1
+    if next_turn != -1:
+        raise ValueError(f"the backward pass turns {plan.steps - 1 - next_turn} of {plan.steps} blocks")
+
+
 class _CheckpointFunction(torch.autograd.Function):
-    """Run the blocks keeping only the plan's checkpoints; execute the plan's backward actions."""
+    """Run the blocks as the plan's forward actions say; execute its backward actions."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, sequence: CheckpointedSequence, plan: CheckpointPlan, *parameters: Tensor) -> Tensor:
-        ctx.sequence, ctx.plan = sequence, plan  # the modules and the plan (not tensors): needed to recompute
+    def forward(ctx: Any, x: Tensor, blocks: list[nn.Module], plan: CheckpointPlan, preserve_rng: bool, *parameters: Tensor) -> Tensor:
+        ctx.blocks, ctx.plan = blocks, plan  # the modules (not tensors) and the plan: needed to recompute
         ctx.states = []  # per block, the random, autocast and buffer states: a few KiB, no activations
-        kept = set(plan.forward_checkpoints)
-        checkpoints: list[Tensor] = []
-        state = None
-        with torch.no_grad():
-            for index, block in enumerate(sequence):
-                if index in kept:
-                    checkpoints.append(x)
-                state = ForwardState.capture(x.device, sequence.preserve_rng_state, previous=state)
-                with state.recording(block):
-                    x = block(x)
-                ctx.states.append(state)
-        # the kept block inputs (x_0 is the caller's tensor: kept, not copied); the parameters, so that
-        # autograd's version check catches an in-place change before backward
-        ctx.save_for_backward(*checkpoints, *parameters)
-        ctx.checkpoint_count = len(checkpoints)
+        ctx.kept = Stash()  # the checkpoints x_i, i > 0, released as the plan drops them (not save_for_backward)
+        ctx.recorded = {}  # block index → (its input, its output with the graph kept for its turn)
+        ctx.backward_runs = 0
+        x_0, state = x, None
+        for action, index in plan.forward:
+            if action == "store":
+                if index:  # x_0 is saved below, for every plan
+                    ctx.kept.keep(index, x)
+                continue
+            state = ForwardState.capture(x.device, preserve_rng, previous=state)
+            with state.recording(blocks[index]):
+                x = _run(blocks[index], x, index, record=action == "record", recorded=ctx.recorded)
+            ctx.states.append(state)
+        # x_0 (the caller's tensor: kept, not copied; a second backward pass rebuilds the checkpoints from it);
+        # the parameters, so that autograd's version check catches an in-place change before backward
+        ctx.save_for_backward(x_0, *parameters)
         return x
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        saved = ctx.saved_tensors
-        parameters = saved[ctx.checkpoint_count :]
-        check_parameters_unchanged(parameters, list(ctx.sequence.parameters()), "CheckpointedSequence")
-        blocks, states = list(ctx.sequence), ctx.states
-        kept = dict(zip(ctx.plan.forward_checkpoints, (t.detach() for t in saved[: ctx.checkpoint_count])))
+        x_0, *parameters = ctx.saved_tensors
+        check_parameters_unchanged(parameters, distinct_parameters(ctx.blocks), "CheckpointedSequence")
+        blocks, states, plan = ctx.blocks, ctx.states, ctx.plan
+        if ctx.backward_runs:  # backward again (retain_graph=True): the first pass released the checkpoints
+            ctx.kept, ctx.recorded = _replay_forward(blocks, states, plan, x_0)
+        ctx.backward_runs += 1
+        kept, recorded = ctx.kept, ctx.recorded
+        if 0 in plan.forward_checkpoints:
+            kept.keep(0, x_0, from_forward=False)
         current: Tensor | None = None
-        current_index = -1
-        upstream = grad_output  # ∂L/∂x_{i+1} for the next block to turn
+        upstream: Tensor | None = grad_output  # ∂L/∂x_{i+1} for the next block to turn
+        snapshots: dict[int, list[Tensor]] = {}  # buffers to put back once a recomputed block has turned
         parameter_gradients: dict[int, Tensor] = {}  # by id, summed: a block may appear twice
-        for action, index in ctx.plan.backward:
+        for action, index in plan.backward:
             if action == "restore":
-                current, current_index = kept[index], index
+                current = kept.get(index, f"block {index}")
             elif action == "store":
-                kept[index] = current  # type: ignore[assignment]
+                kept.keep(index, current, from_forward=False)  # type: ignore[arg-type]
             elif action == "drop":
-                del kept[index]
-            elif action == "advance":  # x_{i+1} = F_i(x_i), no graph, as block i ran in forward
-                with states[index].buffers_restored(), states[index].replayed(), torch.no_grad():
-                    current = blocks[index](current)
-                current_index = index + 1
-            else:  # "turn": back-propagate through block i at x_i
-                assert current_index == index, "the plan turns a block whose input is not current"
+                kept.release(index)
+            elif action in ("advance", "record"):  # x_{i+1} = F_i(x_i), as block i ran in forward
+                snapshots[index] = states[index].snapshot_buffers()
+                with states[index].replayed():
+                    current = _run(blocks[index], current, index, record=action == "record", recorded=recorded)  # type: ignore[arg-type]
+                if action == "advance":
+                    states[index].restore_buffers(snapshots.pop(index))
+            else:  # "turn": back-propagate through block i
                 needs_input = index > 0 or ctx.needs_input_grad[0]
-                wanted = [p for p in blocks[index].parameters() if p.requires_grad]
-                x = current.detach().requires_grad_(needs_input)  # type: ignore[union-attr]
-                with states[index].buffers_restored():
-                    with states[index].replayed(), torch.enable_grad():
-                        out = blocks[index](x)
-                    inputs = ([x] if needs_input else []) + wanted
-                    found = torch.autograd.grad(out, inputs, upstream, allow_unused=True) if out.requires_grad and inputs else [None] * len(inputs)
-                upstream = found[0] if needs_input else None  # ∂L/∂x_i = F_i'(x_i)ᵀ ∂L/∂x_{i+1}
-                if needs_input and upstream is None:
-                    upstream = torch.zeros_like(x)
-                for p, gradient in zip(wanted, found[1:] if needs_input else found):
-                    if gradient is not None:
-                        parameter_gradients[id(p)] = parameter_gradients[id(p)] + gradient if id(p) in parameter_gradients else gradient
+                if index not in recorded:  # evaluate it at x_i with its graph
+                    snapshots[index] = states[index].snapshot_buffers()
+                    with states[index].replayed():
+                        _run(blocks[index], current, index, record=True, recorded=recorded)  # type: ignore[arg-type]
+                block_input, block_output = recorded.pop(index)
+                upstream, found = vector_jacobian_products(  # ∂L/∂x_i = F_i'(x_i)ᵀ ∂L/∂x_{i+1}
+                    block_output, block_input if needs_input else None, blocks[index].parameters(), upstream)  # type: ignore[arg-type]
+                accumulate(parameter_gradients, found)
+                del block_input, block_output
+                if index in snapshots:  # the recomputation updated BatchNorm's statistics again: undo it
+                    states[index].restore_buffers(snapshots.pop(index))
                 current = None
         return (
             upstream if ctx.needs_input_grad[0] else None,  # x
-            None,  # sequence
+            None,  # blocks
             None,  # plan
+            None,  # preserve_rng
             *(parameter_gradients.get(id(p)) for p in parameters),  # every parameter, in the order given
         )
+
+
+def _replay_forward(blocks: list[nn.Module], states: list[ForwardState], plan: CheckpointPlan, x: Tensor) -> tuple[Stash, dict[int, tuple[Tensor, Tensor]]]:
+    """The forward pass's checkpoints and recorded graphs, rebuilt from ``x`` = :math:`x_0` as they were."""
+    kept, recorded = Stash(), {}
+    for action, index in plan.forward:
+        if action == "store":
+            if index:
+                kept.keep(index, x, from_forward=False)
+            continue
+        with states[index].buffers_restored(), states[index].replayed():
+            x = _run(blocks[index], x, index, record=action == "record", recorded=recorded)
+    return kept, recorded
+
+
+def _run(block: nn.Module, x: Tensor, index: int, *, record: bool, recorded: dict[int, tuple[Tensor, Tensor]]) -> Tensor:
+    """Block ``index`` on ``x``: without a graph, or (``record``) with one, kept in ``recorded`` for its turn."""
+    if not record:
+        with torch.no_grad():
+            return run_checked(block, x, f"block {index}", same_shape=False)
+    block_input = x.detach().requires_grad_(x.is_floating_point() or x.is_complex())
+    with torch.enable_grad():
+        block_output = run_checked(block, block_input, f"block {index}", same_shape=False)
+    recorded[index] = (block_input, block_output)
+    return block_output.detach()
+
+
+@torch.compiler.disable  # run eagerly under torch.compile (the plan is Python control flow), its blocks compiled
+def _checkpointed(x: Tensor, blocks: list[nn.Module], plan: CheckpointPlan, preserve_rng: bool, parameters: list[Tensor]) -> Tensor:
+    return _CheckpointFunction.apply(x, blocks, plan, preserve_rng, *parameters)
 
 
 class CheckpointedSequence(nn.Sequential):
@@ -310,16 +435,26 @@ class CheckpointedSequence(nn.Sequential):
 
     ``CheckpointedSequence(block1, block2, ..., schedule="revolve", slots=3)``. With gradients enabled the
     forward pass keeps only the block inputs that the schedule's :func:`checkpoint_plan` names, and none of
-    the blocks' internal activations; the backward pass rebuilds what it needs (see the module
-    documentation for the schedules and their costs). Gradients equal those of ``nn.Sequential`` over the
-    same blocks: the recomputation replays each block's random state (dropout masks), autocast state and
-    BatchNorm statistics (updated once per forward pass), as :class:`~revlib.reversible.ReversibleSequence`
-    does. Blocks may change the shape of their input. Under ``torch.no_grad()``, or when neither the input
-    nor any parameter requires grad, the blocks simply run one after another.
+    the blocks' internal activations; the backward pass rebuilds what it needs, and releases each kept input
+    as soon as the plan has no more use for it, so that at no moment more inputs are held than the plan says
+    (see the module documentation for the schedules and their costs). Gradients equal those of
+    ``nn.Sequential`` over the same blocks: the recomputation replays each block's random state (dropout
+    masks), autocast state and BatchNorm statistics (updated once per forward pass), as
+    :class:`~revlib.reversible.ReversibleSequence` does. Blocks may change the shape of their input, and a
+    block may appear more than once (it then runs each time, and its parameters receive the sum of the
+    gradients, as in ``nn.Sequential``). Under ``torch.no_grad()``, or when neither the input nor any
+    parameter requires grad, the blocks simply run one after another.
+
+    It is an ``nn.Sequential``: indexing, iteration, ``len``, ``append``, ``insert``, ``extend``, ``del``,
+    ``+`` and slicing work as there, and the plan follows the blocks (it is made for the current number of
+    blocks at every call); slices and sums are ``CheckpointedSequence`` objects with the same schedule.
 
     The parameters are saved for backward (an in-place change between forward and backward fails with
-    autograd's error; replaced parameters with a clear one). Tensors that a block captures by closure
-    rather than holds as a parameter or buffer receive no gradient. A double backward raises an error.
+    autograd's error; replaced parameters with a clear one), and so are the kept inputs (a kept input
+    changed in place fails with a clear error). A block must not change its own input in place (an in-place
+    first operation such as ``nn.ReLU(inplace=True)``): that raises a ``ValueError`` naming the block.
+    Tensors that a block captures by closure rather than holds as a parameter or buffer receive no gradient.
+    A double backward raises an error.
 
     Args:
         *blocks: the blocks, ``nn.Module`` objects.
@@ -329,29 +464,55 @@ class CheckpointedSequence(nn.Sequential):
 
     Raises:
         TypeError: a block is not an ``nn.Module``.
-        ValueError: no block, an unknown schedule, or a missing or bad ``slots``.
+        ValueError: an unknown schedule, or a missing or bad ``slots``.
     """
 
     def __init__(self, *blocks: nn.Module, schedule: ScheduleName = "every", slots: int | None = None, preserve_rng_state: bool = True) -> None:
-        if not blocks:
-            raise ValueError("CheckpointedSequence needs at least one block")
         for index, block in enumerate(blocks):
             if not isinstance(block, nn.Module):
                 raise TypeError(f"block {index} must be an nn.Module, got {type(block).__name__}")
+        checkpoint_plan(max(len(blocks), 1), schedule, slots)  # checks the schedule and its budget now
         super().__init__(*blocks)
-        self.plan = checkpoint_plan(len(blocks), schedule, slots)
+        self.schedule = schedule
         self.slots = slots
         self.preserve_rng_state = preserve_rng_state
 
+    @property
+    def plan(self) -> CheckpointPlan:
+        """The schedule's plan for the blocks the sequence holds now."""
+        if not len(self):
+            raise ValueError("an empty CheckpointedSequence has no plan")
+        return checkpoint_plan(len(self), self.schedule, self.slots)
+
+    def _like(self, blocks: Iterable[nn.Module]) -> CheckpointedSequence:
+        return CheckpointedSequence(*blocks, schedule=self.schedule, slots=self.slots, preserve_rng_state=self.preserve_rng_state)
+
+    def __getitem__(self, index: int | slice) -> nn.Module:  # type: ignore[override]
+        if isinstance(index, slice):
+            return self._like(list(self._modules.values())[index])  # type: ignore[misc]
+        return super().__getitem__(index)
+
+    def __add__(self, other: nn.Sequential) -> CheckpointedSequence:  # type: ignore[override]
+        if not isinstance(other, nn.Sequential):
+            return NotImplemented
+        return self._like([*self, *other])
+
+    def __mul__(self, count: int) -> CheckpointedSequence:  # type: ignore[override]
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"a sequence can be repeated a positive integer number of times, got {count!r}")
+        return self._like(list(self) * count)
+
+    __rmul__ = __mul__
+
     def forward(self, x: Tensor) -> Tensor:
-        parameters = list(self.parameters())
-        if not torch.is_grad_enabled() or not (x.requires_grad or any(p.requires_grad for p in parameters)):
+        blocks = list(self)  # in order, a repeated block once per use
+        if not blocks or not needs_graph([x], self.parameters()):
             return super().forward(x)
-        return _CheckpointFunction.apply(x, self, self.plan, *parameters)
+        return _checkpointed(x, blocks, self.plan, self.preserve_rng_state, list(self.parameters()))
 
     def extra_repr(self) -> str:
         slots = f", slots={self.slots}" if self.slots is not None else ""
-        return f"schedule={self.plan.schedule!r}{slots}"
+        return f"schedule={self.schedule!r}{slots}"
 
 
 class TorchSegmentCheckpointed(nn.Sequential):

@@ -306,9 +306,10 @@ def frontier(family: str = "conv", depth: int = 16, width: int = 32, batch: int 
     digits = load_digits(flat=family == "mlp", device=device)
     inputs, targets = digits.x_train[:batch].clone(), digits.y_train[:batch].clone()
     networks = {}
-    for name, build in methods(family, depth, width, device).items():
-        torch.manual_seed(seed)
-        networks[name] = build()
+    with torch.random.fork_rng(devices=[]):  # the networks are built on the CPU; the caller's stream is left alone
+        for name, build in methods(family, depth, width, device).items():
+            torch.default_generator.manual_seed(seed)
+            networks[name] = build()
     errors = {name: network.gradient_error(inputs, targets) for name, network in networks.items()}  # before the timed steps train them
     steps = {name: functools.partial(training_step, network.model, inputs, targets, optimizer) for name, network in networks.items()}
     times = {name: timing.median for name, timing in compare_times(steps, repeats=repeats, device=device).items()}

@@ -51,7 +51,13 @@ class _IdentityBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, activation: Callable[[Tensor], Tensor]) -> Tensor:
-        return _elementwise(activation, x)  # nothing is saved for backward: σ' is never needed
+        version = x._version
+        y = _elementwise(activation, x)  # nothing is saved for backward: σ' is never needed
+        if x._version != version:  # an in-place activation (nn.ReLU(inplace=True)) wrote into x: tell autograd
+            if y is not x:
+                raise ValueError("an in-place activation must return the tensor it modified")
+            ctx.mark_dirty(x)
+        return y
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, None]:

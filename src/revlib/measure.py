@@ -146,14 +146,14 @@ def peak_memory(fn: Callable[..., Any], *args: Any, device: torch.device | str |
     Args:
         fn: the step, e.g. :func:`forward_backward`.
         *args: its arguments, e.g. ``(model, inputs)``.
-        device: ``"cuda"`` or ``"cpu"``; ``None`` takes the device of the first tensor or module in ``args``
-            (:func:`revlib.runtime.default_device` when there is none).
+        device: ``"cuda"`` or ``"cpu"`` (other accelerators are refused); ``None`` takes the device of the
+            first tensor or module in ``args`` (:func:`revlib.runtime.default_device` when there is none).
         timeout: on the CPU, seconds the measuring process may run (both calls and its start) before it is
             stopped.
 
     Raises:
         TypeError: on the CPU, ``fn`` or ``args`` cannot be pickled.
-        ValueError: ``timeout`` is not positive.
+        ValueError: ``timeout`` is not positive, or the device is neither the CPU nor CUDA.
         RuntimeError: the measuring process failed (its error output is included) or ran out of time.
     """
     if not timeout > 0:
@@ -161,6 +161,8 @@ def peak_memory(fn: Callable[..., Any], *args: Any, device: torch.device | str |
     device = _device_of(args) if device is None else resolve_device(device)
     if device.type == "cuda":
         return _peak_cuda(fn, args, device)
+    if device.type != "cpu":
+        raise ValueError(f"peak_memory measures the CPU and CUDA devices, not {device.type!r}")
     return _peak_cpu_subprocess(fn, args, timeout)
 
 
@@ -292,8 +294,8 @@ def time_call(
 ) -> Timing:
     """Time ``fn(*args)``: ``warmup`` untimed calls, then ``repeats`` timed ones.
 
-    On CUDA each timed call is bracketed by ``torch.cuda.synchronize`` so that the time covers the
-    kernels, not just their launch.
+    On an accelerator (CUDA, MPS, …) each timed call is bracketed by ``torch.accelerator.synchronize`` so
+    that the time covers the kernels, not just their launch.
 
     Args:
         fn: the call to time.
@@ -312,8 +314,8 @@ def time_call(
     device = _device_of(args) if device is None else resolve_device(device)
 
     def synchronise() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        if device.type != "cpu":  # wait for the accelerator's queued kernels (CUDA, MPS, XPU, …)
+            torch.accelerator.synchronize(device)
 
     for _ in range(warmup):
         fn(*args)

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from revlib._recompute import ForwardState, check_parameters_unchanged, distinct_parameters, vector_jacobian_products
+from revlib._recompute import ForwardState, accumulate, check_parameters_unchanged, distinct_parameters, needs_graph, run_checked, vector_jacobian_products
 
 
 class _MomentumFunction(torch.autograd.Function):
@@ -55,10 +55,10 @@ class _MomentumFunction(torch.autograd.Function):
         gamma = sequence.gamma
         state = None
         with torch.no_grad():
-            for function in sequence.functions:
+            for index, function in enumerate(sequence.functions):
                 state = ForwardState.capture(x.device, sequence.preserve_rng_state, previous=state)
                 with state.recording(function):
-                    v = gamma * v + (1 - gamma) * function(x)
+                    v = gamma * v + (1 - gamma) * run_checked(function, x, f"residual function {index}")
                 x = x + v
                 ctx.states.append(state)
         # the output and its velocity are all that is kept; the parameters are saved so that autograd's
@@ -83,8 +83,7 @@ class _MomentumFunction(torch.autograd.Function):
                 with state.replayed(), torch.enable_grad():
                     fx = function(x)
                 grad_f, found = vector_jacobian_products(fx, x, list(function.parameters()), (1 - gamma) * u)
-            for key, gradient in found:
-                parameter_gradients[key] = parameter_gradients[key] + gradient if key in parameter_gradients else gradient
+            accumulate(parameter_gradients, found)
             with torch.no_grad():
                 v = (v - (1 - gamma) * fx) / gamma  # v_n = (v_{n+1} − (1 − γ) f_n(x_n)) / γ
             x = x.detach()
@@ -142,20 +141,20 @@ class MomentumSequence(nn.Module):
         """:math:`x_N` from :math:`x_0` and the initial velocity ``v`` (zeros when ``None``).
 
         Raises:
-            ValueError: ``v`` has another shape than ``x``.
+            ValueError: ``v`` has another shape than ``x``; a residual function returns another shape than
+                its input's (it would broadcast into the velocity), or changes its input in place.
         """
         v = self._initial_velocity(x, v)
         parameters = distinct_parameters(list(self.functions))
-        needs_graph = torch.is_grad_enabled() and (x.requires_grad or v.requires_grad or any(p.requires_grad for p in parameters))
-        if self.memory_free and needs_graph:
+        if self.memory_free and needs_graph([x, v], parameters):
             return _MomentumFunction.apply(x, v, self, *parameters)
         return self.run(x, v)[0]
 
     def run(self, x: Tensor, v: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """:math:`(x_N, v_N)` with ordinary autograd (every activation stored when gradients are on)."""
         v = self._initial_velocity(x, v)
-        for function in self.functions:
-            v = self.gamma * v + (1 - self.gamma) * function(x)
+        for index, function in enumerate(self.functions):
+            v = self.gamma * v + (1 - self.gamma) * run_checked(function, x, f"residual function {index}")
             x = x + v
         return x, v
 

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from revlib.backprop import ACTIVATIONS
-from revlib.runtime import resolve_device
+from revlib.runtime import evaluation_mode, resolve_device
 from revlib.training import LossFunction
 
 
@@ -285,12 +285,8 @@ def lesion_accuracies(model: DeepNetwork, inputs: Tensor, targets: Tensor) -> li
 
     Runs in eval mode without gradients; the model's mode is restored afterwards (Veit et al. 2016).
     """
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        accuracies = [_accuracy_without(model, inputs, targets, {index}) for index in range(len(model.blocks))]
-    model.train(was_training)
-    return accuracies
+    with evaluation_mode(model):
+        return [_accuracy_without(model, inputs, targets, {index}) for index in range(len(model.blocks))]
 
 
 def _accuracy_without(model: DeepNetwork, inputs: Tensor, targets: Tensor, bypass: Collection[int]) -> float:
@@ -331,14 +327,11 @@ def deletion_accuracies(
         raise ValueError(f"counts must lie between 0 and the number of blocks ({blocks}), got {list(counts)}")
     if trials < 1:
         raise ValueError(f"trials must be a positive integer, got {trials!r}")
-    was_training = model.training
-    model.eval()
     accuracies = []
-    with torch.no_grad():
+    with evaluation_mode(model):
         for count in counts:
             subsets = [set(torch.randperm(blocks, generator=generator)[:count].tolist()) for _ in range(trials)]
             accuracies.append([_accuracy_without(model, inputs, targets, subset) for subset in subsets])
-    model.train(was_training)
     return accuracies
 
 
@@ -440,14 +433,11 @@ def loss_surface(
         if set(direction) != set(centre):
             raise ValueError(f"direction {index} must have one tensor per parameter of the model, named as in named_parameters()")
     grid = torch.cartesian_prod(*[torch.as_tensor(c, dtype=torch.float64).flatten() for c in coordinates]).reshape(-1, len(directions))
-    was_training = model.training
-    model.eval()
     losses = []
-    with torch.no_grad():
+    with evaluation_mode(model):
         for point in grid.tolist():
             shifted = {name: value + sum(a * d[name] for a, d in zip(point, directions)) for name, value in centre.items()}
             losses.append(float(loss_fn(functional_call(model, shifted, (inputs,)), targets)))
-    model.train(was_training)
     return torch.tensor(losses, dtype=torch.float64).reshape([len(c) for c in coordinates])
 
 

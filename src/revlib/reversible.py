@@ -24,14 +24,14 @@ walks the blocks backwards, rebuilding and back-propagating through one block at
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from revlib._recompute import ForwardState, check_parameters_unchanged, distinct_parameters, vector_jacobian_products
+from revlib._recompute import ForwardState, check_parameters_unchanged, distinct_parameters, needs_graph, run_checked, vector_jacobian_products
 from revlib.checkpoint import CheckpointedSequence
 from revlib.residual import SkipBlock, pre_activation_residual
 from revlib.runtime import resolve_device
@@ -74,11 +74,7 @@ class ReversibleBlock(nn.Module):
         return x1, x2
 
     def _residual(self, name: str, module: nn.Module, half: Tensor) -> Tensor:
-        out = module(half)
-        if not isinstance(out, Tensor) or out.shape != half.shape:
-            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise ValueError(f"{name} must preserve the shape of its input half {tuple(half.shape)}, but returned {shape}")
-        return out
+        return run_checked(module, half, name)
 
     def forward(self, x: Tensor) -> Tensor:
         x1, x2 = self.split(x)
@@ -104,13 +100,13 @@ class _ReversibleFunction(torch.autograd.Function):
         state_g = None
         with torch.no_grad():
             x1, x2 = blocks[0].split(x)
-            for block in blocks:  # the halves pass from block to block without being concatenated
+            for index, block in enumerate(blocks):  # the halves pass from block to block without being concatenated
                 state_f = ForwardState.capture(x.device, preserve_rng, previous=state_g)
                 with state_f.recording(block.f):
-                    y1 = x1 + block._residual("f", block.f, x2)
+                    y1 = x1 + block._residual(f"block {index}'s f", block.f, x2)
                 state_g = ForwardState.capture(x.device, preserve_rng, previous=state_f)
                 with state_g.recording(block.g):
-                    y2 = x2 + block._residual("g", block.g, y1)
+                    y2 = x2 + block._residual(f"block {index}'s g", block.g, y1)
                 x1, x2 = y1, y2
                 ctx.states.append((state_f, state_g))
             y = torch.cat((x1, x2), dim=blocks[-1].dim)
@@ -184,7 +180,13 @@ class ReversibleSequence(nn.Module):
     the blocks' own parameters and raises a clear error if they were replaced in between, so ``torch.func``
     transforms that swap them temporarily (``functional_call``, ``vmap``) are not supported. Tensors that
     ``f`` or ``g`` capture by closure rather than hold as parameters or buffers receive no gradient: make
-    them parameters. A double backward (``create_graph=True``) raises an error.
+    them parameters. ``f`` and ``g`` must not change their input in place (an in-place first operation
+    such as ``nn.ReLU(inplace=True)``): the backward pass runs them on rebuilt inputs, so that raises a
+    ``ValueError`` naming the block. A double backward (``create_graph=True``) raises an error.
+
+    Indexing gives a block, slicing a ``ReversibleSequence`` of those blocks, and iteration and ``len`` go
+    over the blocks in order. A block may appear more than once (tied weights): it then runs each time and
+    its parameters receive the sum of the gradients, as in ``nn.Sequential``. No block at all is the identity.
 
     Args:
         *blocks: the reversible blocks, all splitting the same dimension.
@@ -193,13 +195,11 @@ class ReversibleSequence(nn.Module):
 
     Raises:
         TypeError: a block is not a :class:`ReversibleBlock`.
-        ValueError: no block is given.
+        ValueError: blocks split different dimensions.
     """
 
     def __init__(self, *blocks: ReversibleBlock, preserve_rng_state: bool = True) -> None:
         super().__init__()
-        if not blocks:
-            raise ValueError("ReversibleSequence needs at least one block")
         for index, block in enumerate(blocks):
             if not isinstance(block, ReversibleBlock):
                 raise TypeError(f"block {index} must be a ReversibleBlock, got {type(block).__name__}")
@@ -211,15 +211,23 @@ class ReversibleSequence(nn.Module):
 
     @property
     def blocks(self) -> list[ReversibleBlock]:
-        """The blocks, in order."""
-        return list(self.children())  # type: ignore[arg-type]
+        """The blocks, in order; a block that appears twice (tied weights) is listed twice."""
+        return list(self._modules.values())  # type: ignore[arg-type]
 
     def __len__(self) -> int:
         return len(self._modules)
 
+    def __iter__(self) -> Iterator[ReversibleBlock]:
+        return iter(self.blocks)
+
+    def __getitem__(self, index: int | slice) -> ReversibleBlock | ReversibleSequence:
+        """One block, or (a slice) a ``ReversibleSequence`` of those blocks with the same options."""
+        if isinstance(index, slice):
+            return ReversibleSequence(*self.blocks[index], preserve_rng_state=self.preserve_rng_state)
+        return self.blocks[index]
+
     def forward(self, x: Tensor) -> Tensor:
-        parameters = [p for p in self.parameters() if p.requires_grad]
-        if not torch.is_grad_enabled() or not (x.requires_grad or parameters):
+        if not self.blocks or not needs_graph([x], self.parameters()):
             for block in self.blocks:
                 x = block(x)
             return x

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import numpy as np
 import torch
+from torch import nn
 
 DEVICE_VARIABLE = "REVLIB_DEVICE"
 SCALE_VARIABLE = "REVLIB_SCALE"
@@ -52,9 +55,12 @@ def resolve_device(device: torch.device | str | None, argument: str = "device") 
         device: ``None`` for :func:`default_device`, or anything ``torch.device`` accepts.
         argument: the argument's name, used in error messages.
 
+    Any accelerator PyTorch has a device module for (CUDA, MPS, XPU, …) is accepted when it is available:
+    revlib's recomputations replay its random state through ``torch.get_device_module``.
+
     Raises:
         TypeError: ``device`` is neither ``None``, a string nor a ``torch.device``.
-        ValueError: the string is not a device, or it names CUDA while CUDA is unavailable.
+        ValueError: the string is not a device, or it names an accelerator that is not available here.
     """
     if device is None:
         return default_device()
@@ -63,10 +69,20 @@ def resolve_device(device: torch.device | str | None, argument: str = "device") 
     try:
         resolved = torch.device(device)
     except RuntimeError as error:
-        raise ValueError(f"{argument}={device!r} is not a device PyTorch knows (e.g. 'cpu', 'cuda:0')") from error
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{argument}={device!r} asks for CUDA, but PyTorch sees no CUDA device here")
+        raise ValueError(f"{argument}={device!r} is not a device PyTorch knows (e.g. 'cpu', 'cuda:0', 'mps')") from error
+    if resolved.type not in ("cpu", "meta") and not _available(resolved.type):
+        raise ValueError(f"{argument}={device!r} asks for {resolved.type.upper()}, but PyTorch sees no such device here")
     return resolved
+
+
+def _available(device_type: str) -> bool:
+    """Whether PyTorch can use devices of this type here (an accelerator's module says so)."""
+    try:
+        module = torch.get_device_module(device_type)
+    except (RuntimeError, AttributeError):
+        return False
+    is_available = getattr(module, "is_available", None)
+    return bool(is_available()) if is_available is not None else False
 
 
 def seed_everything(seed: int) -> None:
@@ -113,3 +129,16 @@ def book_seed() -> int:
     if not value.isdigit():
         raise ValueError(f"{SEED_VARIABLE} must be a non-negative integer, got {value!r}")
     return int(value)
+
+
+@contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the block with ``model`` in eval mode and without gradients; its mode is restored on leaving, even
+    when the block raises."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from revlib.data import Dataset
-from revlib.runtime import resolve_device
+from revlib.runtime import evaluation_mode, resolve_device
 
 LossFunction = Callable[[Tensor, Tensor], Tensor]
 
@@ -68,21 +68,18 @@ def evaluate(
 ) -> tuple[float, float]:
     """Mean loss and accuracy of ``model`` on a data set, without gradients and in eval mode.
 
-    The model's training/eval mode is restored afterwards.
+    The model's training/eval mode is restored afterwards, also when it raises.
 
     Returns:
         ``(loss, accuracy)``; the accuracy is ``nan`` when ``targets`` are not class labels.
     """
-    was_training = model.training
-    model.eval()
     total_loss, correct = 0.0, 0
-    with torch.no_grad():
+    with evaluation_mode(model):
         for start in range(0, len(inputs), batch_size):
             x, y = inputs[start : start + batch_size], targets[start : start + batch_size]
             outputs = model(x)
             total_loss += float(loss_fn(outputs, y)) * len(x)
             correct += _correct(outputs, y)
-    model.train(was_training)
     accuracy = correct / len(inputs) if targets.dtype == torch.long else math.nan
     return total_loss / len(inputs), accuracy
 

@@ -72,7 +72,7 @@ def finite_difference_gradient(function: Callable[[], Tensor], tensor: Tensor, e
     .. math:: \frac{\partial f}{\partial \theta_i} \approx \frac{f(\theta + \varepsilon e_i) - f(\theta - \varepsilon e_i)}{2\varepsilon},
 
     with an error of order :math:`\varepsilon^2` (use float64). ``tensor`` is perturbed in place and
-    restored; ``function`` must read it.
+    restored (also when ``function`` raises); ``function`` must read it.
 
     Raises:
         ValueError: ``epsilon`` is not positive.
@@ -84,11 +84,13 @@ def finite_difference_gradient(function: Callable[[], Tensor], tensor: Tensor, e
     with torch.no_grad():
         for index in range(flat.numel()):
             original = flat[index].item()
-            flat[index] = original + epsilon
-            above = function().item()
-            flat[index] = original - epsilon
-            below = function().item()
-            flat[index] = original
+            try:
+                flat[index] = original + epsilon
+                above = function().item()
+                flat[index] = original - epsilon
+                below = function().item()
+            finally:  # the entry is put back even when the function raises
+                flat[index] = original
             flat_gradient[index] = (above - below) / (2 * epsilon)
     return gradient
 
