@@ -32,7 +32,7 @@ def squared(out: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("scheme", ["euler", "heun"])
 def test_backprop_mode_is_the_plain_resnet(scheme: str) -> None:
     residuals = mlp_residuals(5)
-    model = ODEResNet(residuals, scheme=scheme).double()
+    model = ODEResNet(*residuals, scheme=scheme, memory_saving=False).double()
     x = torch.randn(4, 6, dtype=torch.float64)
     expected = x
     for f in residuals:
@@ -46,10 +46,10 @@ def test_backprop_mode_is_the_plain_resnet(scheme: str) -> None:
 
 @pytest.mark.parametrize("scheme", ["euler", "heun", "heunnet"])
 def test_adjoint_forward_equals_backprop_forward(scheme: str) -> None:
-    model = ODEResNet(mlp_residuals(6), scheme=scheme, gradient="adjoint").double()
+    model = ODEResNet(*mlp_residuals(6), scheme=scheme).double()
     x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
     out = model(x)
-    model.gradient = "backprop"
+    model.memory_saving = False
     torch.testing.assert_close(out, model(x), rtol=0, atol=0)
 
 
@@ -60,7 +60,7 @@ def test_adjoint_is_exact_when_the_inverse_is(scheme: str) -> None:
     for f in residuals:
         nn.init.zeros_(f[2].weight)
         nn.init.zeros_(f[2].bias)
-    model = ODEResNet(residuals, scheme=scheme).double()
+    model = ODEResNet(*residuals, scheme=scheme).double()
     x = torch.randn(5, 6, dtype=torch.float64)
     assert gradient_error(model, x, squared) < 1e-14
 
@@ -77,7 +77,7 @@ def test_adjoint_gradients_converge_to_exact_ones_for_a_linear_residual(scheme: 
         layers = [nn.Linear(6, 6, bias=False).double() for _ in range(depth)]
         for layer in layers:
             layer.load_state_dict(shared.state_dict())
-        errors.append(gradient_error(ODEResNet(layers, scheme=scheme), x, squared))
+        errors.append(gradient_error(ODEResNet(*layers, scheme=scheme), x, squared))
     ratios = [errors[i] / errors[i + 1] for i in range(2)]
     assert errors[-1] < 1e-2
     for ratio in ratios:
@@ -87,8 +87,8 @@ def test_adjoint_gradients_converge_to_exact_ones_for_a_linear_residual(scheme: 
 def test_heunnet_step_uses_the_next_layer_in_its_corrector() -> None:
     """HeunNet (Maleki et al. 2021): y = x_n + h f_n(x_n), x_{n+1} = x_n + h/2 (f_n(x_n) + f_{n+1}(y)); N + 1 functions, N steps."""
     residuals = mlp_residuals(5)
-    model = ODEResNet(residuals, scheme="heunnet").double()
-    assert model.depth == 4
+    model = ODEResNet(*residuals, scheme="heunnet", memory_saving=False).double()
+    assert model.depth == 4 and len(model) == 5
     x = torch.randn(4, 6, dtype=torch.float64)
     expected = x
     for f, g in zip(residuals[:-1], residuals[1:]):
@@ -101,14 +101,14 @@ def test_heunnet_step_uses_the_next_layer_in_its_corrector() -> None:
         rebuilt = rebuilt - (g(rebuilt) + f(predictor)) / 8
     torch.testing.assert_close(model.inverse(out), rebuilt)
     with pytest.raises(ValueError, match="at least 2"):
-        ODEResNet(mlp_residuals(1), scheme="heunnet")(x.float())
+        ODEResNet(*mlp_residuals(1), scheme="heunnet")
 
 
 def heunnet_errors(smooth: bool) -> list[float]:
     x = torch.randn(8, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     errors = []
     for steps in (16, 64):
-        model = ODEResNet(mlp_residuals(steps + 1), scheme="heunnet").double()
+        model = ODEResNet(*mlp_residuals(steps + 1), scheme="heunnet").double()
         if smooth:
             smooth_in_depth_(model, generator=torch.Generator().manual_seed(1))
         errors.append(gradient_error(model, x, squared))
@@ -130,25 +130,25 @@ def test_adjoint_input_gradient_gradcheck_at_zero_step_error() -> None:
     for f in residuals:
         nn.init.zeros_(f[2].weight)
         nn.init.zeros_(f[2].bias)
-    model = ODEResNet(residuals, gradient="adjoint").double()
+    model = ODEResNet(*residuals).double()
     x = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(model, (x,))
 
 
 def test_adjoint_gradients_close_to_backprop_for_the_input_and_every_parameter() -> None:
-    model = smooth_in_depth_(ODEResNet(mlp_residuals(64), scheme="heun").double(), generator=torch.Generator().manual_seed(0))
+    model = smooth_in_depth_(ODEResNet(*mlp_residuals(64), scheme="heun").double(), generator=torch.Generator().manual_seed(0))
     x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     grads = {}
-    for mode in ("backprop", "adjoint"):
-        model.gradient = mode
-        grads[mode] = torch.autograd.grad(squared(model(x)), [x, *model.parameters()])
-    for adjoint, exact in zip(grads["adjoint"], grads["backprop"]):
+    for memory_saving in (False, True):
+        model.memory_saving = memory_saving
+        grads[memory_saving] = torch.autograd.grad(squared(model(x)), [x, *model.parameters()])
+    for adjoint, exact in zip(grads[True], grads[False]):
         torch.testing.assert_close(adjoint, exact, rtol=1e-6, atol=1e-9)
 
 
 def test_shared_residual_function_accumulates_gradients() -> None:
     shared = mlp_residuals(1)[0].double()
-    model = ODEResNet([shared, shared, shared], scheme="heun")
+    model = ODEResNet(shared, shared, shared, scheme="heun")
     x = torch.randn(3, 6, dtype=torch.float64)
     assert gradient_error(model, x, squared) < 0.05
 
@@ -159,14 +159,14 @@ def test_adjoint_memory_is_flat_in_depth_and_backprop_grows() -> None:
     for mode in ("backprop", "adjoint"):
         saved[mode] = []
         for depth in (4, 16):
-            model = ODEResNet(mlp_residuals(depth, width=32), gradient=mode)
+            model = ODEResNet(*mlp_residuals(depth, width=32), memory_saving=mode == "adjoint")
             saved[mode].append(saved_tensor_bytes(model, x, exclude=model.parameters()))
     assert saved["adjoint"][0] == saved["adjoint"][1] == 64 * 32 * 4, "only the output is kept"
     assert saved["backprop"][1] > 3.5 * saved["backprop"][0]
 
 
 def test_no_grad_and_frozen_models_run_plainly() -> None:
-    model = ODEResNet(mlp_residuals(3), gradient="adjoint")
+    model = ODEResNet(*mlp_residuals(3))
     x = torch.randn(2, 6)
     with torch.no_grad():
         y = model(x)
@@ -176,50 +176,50 @@ def test_no_grad_and_frozen_models_run_plainly() -> None:
 
 
 def test_inverse_rebuilds_the_input_approximately() -> None:
-    model = smooth_in_depth_(ODEResNet(mlp_residuals(128), scheme="heun").double(), generator=torch.Generator().manual_seed(1))
+    model = smooth_in_depth_(ODEResNet(*mlp_residuals(128), scheme="heun").double(), generator=torch.Generator().manual_seed(1))
     x = torch.randn(5, 6, dtype=torch.float64)
     assert relative_error(model.inverse(model(x)), x) < 1e-6
 
 
 def test_bad_arguments_get_clear_errors() -> None:
-    with pytest.raises(ValueError, match="scheme"):
-        ODEResNet(mlp_residuals(2), scheme="rk4")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="gradient"):
-        ODEResNet(mlp_residuals(2), gradient="exact")  # type: ignore[arg-type]
-    model = ODEResNet(mlp_residuals(2))
-    with pytest.raises(ValueError, match="gradient"):
-        model.gradient = "adjoints"  # type: ignore[assignment]
+    with pytest.raises(ValueError, match="scheme must be one of"):
+        ODEResNet(*mlp_residuals(2), scheme="rk4")  # type: ignore[arg-type]
+    model = ODEResNet(*mlp_residuals(2))
+    with pytest.raises(ValueError, match="scheme must be one of"):
+        model.scheme = "heun2"  # type: ignore[assignment]
     with pytest.raises(ValueError, match="at least one"):
-        ODEResNet([])
-    with pytest.raises(TypeError, match="nn.Module"):
-        ODEResNet([torch.tanh])  # type: ignore[list-item]
-    for mode in ("backprop", "adjoint"):
-        shrinking = ODEResNet([nn.Linear(6, 3)], gradient=mode)
-        with pytest.raises(ValueError, match="preserve the shape"):
+        ODEResNet()
+    with pytest.raises(TypeError, match="residual function 0 must be an nn.Module"):
+        ODEResNet(torch.tanh)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="one by one"):
+        ODEResNet(mlp_residuals(2))  # type: ignore[arg-type]
+    for memory_saving in (False, True):
+        shrinking = ODEResNet(nn.Tanh(), nn.Linear(6, 3), memory_saving=memory_saving)
+        with pytest.raises(ValueError, match=r"residual function 1 must preserve the shape of its input: it mapped \(2, 6\) to \(2, 3\)"):
             shrinking(torch.randn(2, 6, requires_grad=True))
 
 
 def test_smooth_in_depth_makes_neighbours_close() -> None:
     gaps = []
     for depth in (16, 64):
-        model = smooth_in_depth_(ODEResNet(mlp_residuals(depth)), generator=torch.Generator().manual_seed(0))
+        model = smooth_in_depth_(ODEResNet(*mlp_residuals(depth)), generator=torch.Generator().manual_seed(0))
         weights = torch.stack([f[0].weight.detach() for f in model.residuals])  # (N, 6, 6)
         gaps.append((weights[1:] - weights[:-1]).norm(dim=(1, 2)).max().item())
-        again = smooth_in_depth_(ODEResNet(mlp_residuals(depth)), generator=torch.Generator().manual_seed(0))
+        again = smooth_in_depth_(ODEResNet(*mlp_residuals(depth)), generator=torch.Generator().manual_seed(0))
         assert torch.equal(again.residuals[3][0].weight, model.residuals[3][0].weight), "repeatable with a seeded generator"
     assert 3 < gaps[0] / gaps[1] < 5, "neighbouring layers differ by O(1/N)"
-    iid = torch.stack([f[0].weight.detach() for f in ODEResNet(mlp_residuals(64)).residuals])
+    iid = torch.stack([f[0].weight.detach() for f in ODEResNet(*mlp_residuals(64)).residuals])
     assert (iid[1:] - iid[:-1]).norm(dim=(1, 2)).max() > 10 * gaps[1]
     with pytest.raises(ValueError, match="modes"):
-        smooth_in_depth_(ODEResNet(mlp_residuals(2)), modes=0)
+        smooth_in_depth_(ODEResNet(*mlp_residuals(2)), modes=0)
     with pytest.raises(ValueError, match="same parameter"):
-        smooth_in_depth_(ODEResNet([nn.Linear(6, 6), nn.Linear(6, 6, bias=False)]))
+        smooth_in_depth_(ODEResNet(nn.Linear(6, 6), nn.Linear(6, 6, bias=False)))
 
 
 def test_interpolate_depth_keeps_the_ends_and_interpolates_between() -> None:
-    model = ODEResNet(mlp_residuals(3), scheme="heun", gradient="adjoint")
+    model = ODEResNet(*mlp_residuals(3), scheme="heun", memory_saving=False, preserve_rng_state=False)
     deeper = interpolate_depth(model, 5)
-    assert deeper.depth == 5 and deeper.scheme == "heun" and deeper.gradient == "adjoint"
+    assert deeper.depth == 5 and deeper.scheme == "heun" and not deeper.memory_saving and not deeper.preserve_rng_state
     first, middle, last = (f[0].weight for f in model.residuals)
     torch.testing.assert_close(deeper.residuals[0][0].weight, first)
     torch.testing.assert_close(deeper.residuals[1][0].weight, (first + middle) / 2)
@@ -232,7 +232,7 @@ def test_interpolate_depth_keeps_the_ends_and_interpolates_between() -> None:
 
 def test_depth_vector_field_is_each_layer_on_its_interval_of_layer_time() -> None:
     residuals = mlp_residuals(4)
-    field = DepthVectorField(ODEResNet(residuals))
+    field = DepthVectorField(ODEResNet(*residuals))
     x = torch.randn(2, 6)
     below_two = torch.nextafter(torch.tensor(2.0), torch.tensor(0.0))
     for tau, index in ((torch.tensor(0.0), 0), (torch.tensor(1.0), 1), (below_two, 1), (torch.tensor(2.5), 2), (torch.tensor(3.99), 3)):
@@ -243,31 +243,32 @@ def test_depth_vector_field_is_each_layer_on_its_interval_of_layer_time() -> Non
 
 
 def test_roughness_in_depth_by_hand_and_for_smooth_and_independent_weights() -> None:
-    model = ODEResNet([nn.Linear(1, 1, bias=False) for _ in range(3)])
+    model = ODEResNet(*[nn.Linear(1, 1, bias=False) for _ in range(3)])
     with torch.no_grad():
         for f, w in zip(model.residuals, (1.0, 2.0, 3.0)):
             f.weight.fill_(w)
     assert roughness_in_depth(model) == pytest.approx((1 / 1 + 1 / 2) / 2)  # |2-1|/1 and |3-2|/2
-    independent = ODEResNet(mlp_residuals(64, width=32))
-    smooth = smooth_in_depth_(ODEResNet(mlp_residuals(64, width=32)), generator=torch.Generator().manual_seed(0))
+    independent = ODEResNet(*mlp_residuals(64, width=32))
+    smooth = smooth_in_depth_(ODEResNet(*mlp_residuals(64, width=32)), generator=torch.Generator().manual_seed(0))
     assert 1.2 < roughness_in_depth(independent) < 1.6, "independent draws of equal norm: about √2"
     assert roughness_in_depth(smooth) < 0.1
     with pytest.raises(ValueError, match="two"):
-        roughness_in_depth(ODEResNet(mlp_residuals(1)))
+        roughness_in_depth(ODEResNet(*mlp_residuals(1)))
 
 
 def test_adjoint_and_exact_gradients_match_gradient_error_and_leave_the_mode() -> None:
-    model = ODEResNet(mlp_residuals(4), gradient="adjoint").double()
+    model = ODEResNet(*mlp_residuals(4)).double()
     x = torch.randn(3, 6, dtype=torch.float64)
     adjoint, exact = adjoint_and_exact_gradients(model, x, squared)
-    assert model.gradient == "adjoint"
-    torch.testing.assert_close(exact, torch.cat([g.flatten() for g in torch.autograd.grad(squared(ODEResNet(model.residuals)(x)), list(model.parameters()))]))
+    assert model.memory_saving
+    plain = ODEResNet(*model.residuals, memory_saving=False)
+    torch.testing.assert_close(exact, torch.cat([g.flatten() for g in torch.autograd.grad(squared(plain(x)), list(model.parameters()))]))
     assert relative_error(adjoint, exact) == pytest.approx(gradient_error(model, x, squared))
     assert 0 < relative_error(adjoint, exact) < 0.5
 
 
 def test_gradient_error_needs_trainable_parameters() -> None:
-    model = ODEResNet(mlp_residuals(2)).requires_grad_(False)
+    model = ODEResNet(*mlp_residuals(2)).requires_grad_(False)
     with pytest.raises(ValueError, match="requires grad"):
         gradient_error(model, torch.randn(2, 6), squared)
 
@@ -276,7 +277,7 @@ def test_gradient_error_needs_trainable_parameters() -> None:
 def test_adjoint_on_cuda_matches_cpu(device: torch.device) -> None:
     if device.type != "cuda":
         pytest.skip("needs CUDA")
-    model = smooth_in_depth_(ODEResNet(mlp_residuals(32), scheme="heun"), generator=torch.Generator().manual_seed(0))
+    model = smooth_in_depth_(ODEResNet(*mlp_residuals(32), scheme="heun"), generator=torch.Generator().manual_seed(0))
     x = torch.randn(4, 6)
     cpu_error = gradient_error(model, x, squared)
     cuda_error = gradient_error(model.to(device), x.to(device), squared)
@@ -287,7 +288,7 @@ def test_torchdiffeq_runs_the_same_network() -> None:
     pytest.importorskip("torchdiffeq")
     from revlib.adjoint import TorchdiffeqResNet
 
-    model = smooth_in_depth_(ODEResNet(mlp_residuals(8)).double(), generator=torch.Generator().manual_seed(0))
+    model = smooth_in_depth_(ODEResNet(*mlp_residuals(8), memory_saving=False).double(), generator=torch.Generator().manual_seed(0))
     x = torch.randn(3, 6, dtype=torch.float64)
     torch.testing.assert_close(TorchdiffeqResNet(model)(x), model(x), rtol=0, atol=0)
     exact = torch.autograd.grad(squared(model(x)), list(model.parameters()))
@@ -298,7 +299,7 @@ def test_torchdiffeq_runs_the_same_network() -> None:
     error = relative_error(torch.cat([a.flatten() for a in continuous]), torch.cat([b.flatten() for b in exact]))
     assert 1e-3 < error < 1, "the continuous adjoint is an approximation of the network's gradient"
     with pytest.raises(ValueError, match="Euler"):
-        TorchdiffeqResNet(ODEResNet(mlp_residuals(2), scheme="heun"))
+        TorchdiffeqResNet(ODEResNet(*mlp_residuals(2), scheme="heun"))
 
 
 @pytest.mark.parametrize("depth", [3, 5, 8])
@@ -309,7 +310,7 @@ def test_torchdiffeq_continuous_adjoint_pairs_each_reverse_step_with_its_own_lay
     pytest.importorskip("torchdiffeq")
     from revlib.adjoint import TorchdiffeqResNet
 
-    model = ODEResNet(mlp_residuals(depth)).double()
+    model = ODEResNet(*mlp_residuals(depth), memory_saving=False).double()
     x = torch.randn(3, 6, dtype=torch.float64)
     continuous = torch.autograd.grad(squared(TorchdiffeqResNet(model)(x)), list(model.parameters()))
     with torch.no_grad():

@@ -7,6 +7,7 @@ which keeps it to seconds on a CPU; the default ``inductor`` backend was checked
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import pytest
@@ -15,14 +16,17 @@ import torch._dynamo as dynamo
 from torch import nn
 
 from revlib.adjoint import ODEResNet, tanh_residuals
+from revlib.checkpoint import CheckpointedSequence
 from revlib.reversible import RevNet
 from revlib.verify import relative_error
 
+every_block = functools.partial(CheckpointedSequence, schedule="every")
+
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "RevNet, reversible": (lambda: RevNet((8, 16), 2, device="cpu", dtype=torch.float64), (4, 1, 8, 8)),
-    "RevNet, checkpointed": (lambda: RevNet((8, 16), 2, reversible=False, checkpointed=True, device="cpu", dtype=torch.float64), (4, 1, 8, 8)),
-    "ODEResNet, Euler adjoint": (lambda: ODEResNet(tanh_residuals(4, 6), gradient="adjoint", dtype=torch.float64), (4, 6)),
-    "ODEResNet, Heun adjoint": (lambda: ODEResNet(tanh_residuals(4, 6), "heun", "adjoint", dtype=torch.float64), (4, 6)),
+    "RevNet, checkpointed": (lambda: RevNet((8, 16), 2, stage=every_block, device="cpu", dtype=torch.float64), (4, 1, 8, 8)),
+    "ODEResNet, Euler adjoint": (lambda: ODEResNet(*tanh_residuals(4, 6), dtype=torch.float64), (4, 6)),
+    "ODEResNet, Heun adjoint": (lambda: ODEResNet(*tanh_residuals(4, 6), scheme="heun", dtype=torch.float64), (4, 6)),
 }
 
 
@@ -50,7 +54,7 @@ def test_where_the_graph_breaks() -> None:
     (one break before and one after each reversible stage), its f and g compiled inside it."""
     torch.manual_seed(0)
     dynamo.reset()
-    adjoint = dynamo.explain(ODEResNet(tanh_residuals(4, 6), gradient="adjoint"))(torch.randn(4, 6))
+    adjoint = dynamo.explain(ODEResNet(*tanh_residuals(4, 6)))(torch.randn(4, 6))
     assert adjoint.graph_break_count == 0
     dynamo.reset()
     revnet = dynamo.explain(RevNet((8, 16), 2, device="cpu"))(torch.randn(4, 1, 8, 8))

@@ -7,6 +7,7 @@ BatchNorm uses its running statistics: with batch statistics each half would be 
 the two gradients would legitimately differ (SyncBatchNorm exists for that).
 """
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from revlib.adjoint import ODEResNet
+from revlib.checkpoint import CheckpointedSequence
 from revlib.reversible import RevNet
 
 WORLD = 2
@@ -29,10 +31,10 @@ def build(name: str) -> nn.Module:
     if name == "reversible":
         model = RevNet((4, 8), 2)
     elif name == "checkpointed":
-        model = RevNet((4, 8), 2, reversible=False, checkpointed=True)
+        model = RevNet((4, 8), 2, stage=functools.partial(CheckpointedSequence, schedule="every"))
     else:
         residuals = [nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 64)) for _ in range(6)]
-        model = nn.Sequential(nn.Flatten(), ODEResNet(residuals, scheme="heun", gradient="adjoint"), nn.Linear(64, 10))
+        model = nn.Sequential(nn.Flatten(), ODEResNet(*residuals, scheme="heun"), nn.Linear(64, 10))
     return model.double().eval()
 
 

@@ -5,7 +5,8 @@ import torch
 
 from revlib import frontier as frontier_module
 from revlib.checkpoint import checkpoint_plan
-from revlib.frontier import FrontierRow, format_table, frontier, make_optimizer, residual_function
+from revlib.frontier import FrontierRow, format_table, frontier, residual_function
+from revlib.training import make_optimizer
 
 DEPTH, WIDTH = 4, 8
 FLOAT32 = 4
@@ -28,11 +29,12 @@ def test_memory_parts_are_counted_exactly(rows: dict[str, FrontierRow]) -> None:
     stem, head = 64 * WIDTH + WIDTH, WIDTH * 10 + 10
     for name, row in rows.items():
         per_block = 2 * half if name == "reversible" else function
-        assert row.parameters == FLOAT32 * (stem + DEPTH * per_block + head), name
-        assert row.gradients == row.parameters, f"{name}: every parameter gets a gradient"
-        assert row.optimizer_state == 2 * row.parameters, f"{name}: Adam keeps two moments per parameter"
-        assert row.parts == row.parameters + row.gradients + row.optimizer_state + row.activations
-        assert row.peak >= 0 and row.seconds > 0  # a tiny step can stay within pages already resident
+        memory = row.memory
+        assert memory.parameters == FLOAT32 * (stem + DEPTH * per_block + head), name
+        assert memory.gradients == memory.parameters, f"{name}: every parameter gets a gradient"
+        assert memory.optimizer_state == 2 * memory.parameters, f"{name}: Adam keeps two moments per parameter"
+        assert memory.parts == memory.parameters + memory.gradients + memory.optimizer_state + memory.activations
+        assert memory.peak >= 0 and row.seconds > 0  # a tiny step can stay within pages already resident
 
 
 def test_exact_methods_match_backprop_and_the_adjoint_does_not(rows: dict[str, FrontierRow]) -> None:
@@ -51,8 +53,9 @@ def test_recomputations_follow_the_schedules(rows: dict[str, FrontierRow]) -> No
 
 
 def test_saved_activations_shrink_from_backprop_to_the_smallest_budget(rows: dict[str, FrontierRow]) -> None:
-    assert rows["backprop"].activations > rows["checkpoint every"].activations > rows["revolve-2"].activations
-    assert rows["momentum"].activations < rows["checkpoint every"].activations
+    activations = {name: row.memory.activations for name, row in rows.items()}
+    assert activations["backprop"] > activations["checkpoint every"] > activations["revolve-2"]
+    assert activations["momentum"] < activations["checkpoint every"]
 
 
 def test_format_table_has_a_line_per_method(rows: dict[str, FrontierRow]) -> None:
@@ -83,18 +86,8 @@ def test_bad_arguments_are_refused(kwargs: dict, match: str) -> None:
 
 def test_residual_function_checks_its_arguments() -> None:
     assert residual_function("conv", 4)(torch.randn(2, 4, 8, 8)).shape == (2, 4, 8, 8)
-    with pytest.raises(ValueError, match="width must be an integer of at least 2"):
-        residual_function("mlp", 1)
-
-
-def test_command_line_prints_the_table(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    row = FrontierRow("backprop", 4, 4, 8, 16, 64, 0.001, 0.0, 0.0)
-    called = {}
-    monkeypatch.setattr(frontier_module, "frontier", lambda *args, **kwargs: called.update(args=args, kwargs=kwargs) or [row])
-    frontier_module.main(["--family", "mlp", "--depth", "3", "--width", "6", "--optimizer", "sgd"])
-    assert called["args"] == ("mlp", 3, 6, 64) and called["kwargs"]["optimizer"] == "sgd"
-    output = capsys.readouterr().out
-    assert "mlp, 3 blocks" in output and "backprop" in output
+    with pytest.raises(ValueError, match="width must be a positive integer"):
+        residual_function("mlp", 0)
 
 
 @pytest.mark.parametrize(("width", "batch", "dominant"), [(256, 8192, "activations"), (2048, 4, "weights")])
@@ -104,7 +97,7 @@ def test_step_memory_by_hand_and_the_peak_between_floor_and_sum(width: int, batc
     the second and third layer and the log-softmax output (and the targets). The measured peak
     of a fresh process lies between the floor (activations at the end of the forward pass, or gradients and
     Adam's moments during the update) and the naive sum plus temporaries."""
-    from revlib.frontier import step_memory
+    from revlib.measure import step_memory
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(3)])

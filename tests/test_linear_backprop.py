@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from revlib.linear_backprop import LinearBackprop, SignSTE, convert_to_linear_backprop, sign_ste
+from revlib.backprop import MLP
+from revlib.linear_backprop import LinearBackprop, SignSTE, convert_to_linear_backprop, linear_backprop_cosines, sign_ste
 
 ACTIVATIONS = [nn.ReLU(), nn.Sigmoid(), nn.Tanh(), nn.GELU(), nn.LeakyReLU(0.1), torch.tanh, torch.sigmoid]
 
@@ -174,3 +175,18 @@ def test_an_in_place_activation_is_marked_dirty_and_gives_the_linear_gradient() 
         out.pow(2).sum().backward()
         results.append([out.detach(), first.weight.grad.clone(), second.weight.grad.clone()])
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_linear_backprop_cosines_per_layer() -> None:
+    torch.manual_seed(0)
+    network = MLP([6, 16, 16, 3], "sigmoid", linear_backprop=True, seed=0, dtype=torch.float64)
+    x, y = torch.randn(32, 6, dtype=torch.float64), torch.randint(0, 3, (32,))
+    cosines = linear_backprop_cosines(network, x, y)
+    assert len(cosines) == 3 and cosines[-1] == pytest.approx(1.0), "the output layer's gradient is the same"
+    assert all(-1 <= c < 0.999 for c in cosines[:-1]), "below the output the factors σ' change the direction"
+    assert network.linear_backprop, "the network keeps its rule"
+    exact = MLP([6, 16, 16, 3], "sigmoid", seed=0, dtype=torch.float64)
+    assert linear_backprop_cosines(exact, x, y) == pytest.approx(cosines), "the same weights give the same cosines"
+    for example in range(8):  # Exercise 2: one example, the layer below the output: never negative
+        one = MLP([6, 16, 3], "tanh", seed=example, dtype=torch.float64)
+        assert linear_backprop_cosines(one, x[example : example + 1], y[example : example + 1])[0] >= 0

@@ -121,7 +121,7 @@ def test_time_call_rejects_bad_arguments(kwargs: dict, match: str) -> None:
 
 
 def test_fit_line_recovers_lines_and_power_laws() -> None:
-    from revlib.measure import fit_line
+    from revlib.analysis import fit_line
 
     line = fit_line([1, 2, 3, 4], [5, 7, 9, 11])
     assert line.slope == pytest.approx(2) and line.intercept == pytest.approx(3) and line.r_squared == pytest.approx(1)
@@ -144,7 +144,7 @@ def test_compare_times_interleaves_the_calls() -> None:
     assert set(timings) == {"a", "b"} and all(len(t.times) == 3 for t in timings.values())
     with pytest.raises(ValueError, match="at least one"):
         compare_times({})
-    with pytest.raises(ValueError, match="repeats must be positive, got 0"):
+    with pytest.raises(ValueError, match="repeats must be a positive integer, got 0"):
         compare_times({"a": lambda: None}, repeats=0)
 
 

@@ -1,7 +1,10 @@
 """Packaging: the distribution's name is revlib-book (the name revlib on the package index is another library)."""
 
 import re
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 from importlib import metadata
 from pathlib import Path
 

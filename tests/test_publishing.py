@@ -4,7 +4,10 @@ cells, Binder and the README; the workflows run the README's commands and deploy
 import json
 import re
 import subprocess
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 from pathlib import Path
 
 import pytest

@@ -34,7 +34,7 @@ def reversible(make: Callable[[], nn.Module], blocks: int = 3) -> ReversibleSequ
 
 
 def adjoint(make: Callable[[], nn.Module], steps: int = 3, scheme: str = "euler") -> ODEResNet:
-    return ODEResNet([make() for _ in range(steps)], scheme=scheme, gradient="adjoint")  # type: ignore[arg-type]
+    return ODEResNet(*[make() for _ in range(steps)], scheme=scheme)  # type: ignore[arg-type]
 
 
 BUILDERS = {
@@ -86,7 +86,7 @@ def test_adjoint_updates_batchnorm_statistics_once_per_forward(scheme: str, call
     torch.manual_seed(0)
     make = lambda: nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 4), nn.Tanh())  # noqa: E731
     model = adjoint(make, steps=4, scheme=scheme).double()
-    twin = ODEResNet([make() for _ in range(4)], scheme=scheme).double()  # backprop: runs each step once
+    twin = ODEResNet(*[make() for _ in range(4)], scheme=scheme, memory_saving=False).double()  # backprop: runs each step once
     twin.load_state_dict(model.state_dict())
     x = torch.randn(16, 4, dtype=torch.float64, requires_grad=True)
     model(x).pow(2).sum().backward()
@@ -103,11 +103,11 @@ def test_adjoint_replays_dropout_masks() -> None:
     def error(preserve_rng_state: bool) -> float:
         torch.manual_seed(0)
         residuals = [nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Dropout(0.3)) for _ in range(32)]
-        model = ODEResNet(residuals, gradient="adjoint", preserve_rng_state=preserve_rng_state).double()
+        model = ODEResNet(*residuals, preserve_rng_state=preserve_rng_state).double()
         x = torch.randn(8, 6, dtype=torch.float64)
         gradients = []
-        for mode in ("backprop", "adjoint"):
-            model.gradient = mode
+        for memory_saving in (False, True):
+            model.memory_saving = memory_saving
             model.zero_grad(set_to_none=True)
             torch.manual_seed(1)  # the same masks in both forward passes
             model(x).pow(2).sum().backward()
@@ -121,7 +121,7 @@ def test_adjoint_replays_dropout_masks() -> None:
 
 def test_adjoint_with_dropout_leaves_the_callers_random_stream_alone() -> None:
     torch.manual_seed(0)
-    model = ODEResNet([nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5)) for _ in range(4)], gradient="adjoint")
+    model = ODEResNet(*[nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5)) for _ in range(4)])
     torch.manual_seed(5)
     model(torch.randn(2, 3)).sum().backward()
     after_backward = torch.rand(3)
@@ -171,11 +171,11 @@ def test_only_buffers_updated_in_forward_are_kept_for_restoring() -> None:
 
 PLAIN_TWINS = {  # each builder's blocks run with ordinary autograd
     "reversible": lambda model: nn.Sequential(*model.blocks),
-    "adjoint-euler": lambda model: ODEResNet(list(model.residuals), gradient="backprop"),
-    "adjoint-heun": lambda model: ODEResNet(list(model.residuals), scheme="heun", gradient="backprop"),
-    "adjoint-heunnet": lambda model: ODEResNet(list(model.residuals), scheme="heunnet", gradient="backprop"),
+    "adjoint-euler": lambda model: ODEResNet(*model.residuals, memory_saving=False),
+    "adjoint-heun": lambda model: ODEResNet(*model.residuals, scheme="heun", memory_saving=False),
+    "adjoint-heunnet": lambda model: ODEResNet(*model.residuals, scheme="heunnet", memory_saving=False),
     "checkpointed-revolve": lambda model: nn.Sequential(*model),
-    "momentum": lambda model: MomentumSequence(*model.functions, memory_free=False),
+    "momentum": lambda model: MomentumSequence(*model.functions, memory_saving=False),
 }
 
 

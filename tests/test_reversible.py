@@ -1,3 +1,5 @@
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -5,7 +7,11 @@ from torch import nn
 from allocations import added_peak
 from revlib.verify import finite_difference_gradient, relative_error
 from revlib.measure import saved_tensor_bytes
+from revlib.checkpoint import CheckpointedSequence
 from revlib.reversible import ResNet, ReversibleBlock, ReversibleSequence, ReversibleTransformer, RevNet
+
+
+every_block = functools.partial(CheckpointedSequence, schedule="every")
 
 
 def mlp_half(features: int, dropout: float = 0.0) -> nn.Module:
@@ -202,8 +208,8 @@ def test_second_backward_and_double_backward_are_refused() -> None:
 def test_revnet_and_its_plain_and_checkpointed_twins_compute_the_same(device: torch.device) -> None:
     torch.manual_seed(0)
     reversible = RevNet((8, 16), 2, device=device, dtype=torch.float64)
-    plain = RevNet((8, 16), 2, reversible=False, device=device, dtype=torch.float64)
-    checkpointed = RevNet((8, 16), 2, reversible=False, checkpointed=True, device=device, dtype=torch.float64)
+    plain = RevNet((8, 16), 2, stage=nn.Sequential, device=device, dtype=torch.float64)
+    checkpointed = RevNet((8, 16), 2, stage=every_block, device=device, dtype=torch.float64)
     plain.load_state_dict(reversible.state_dict())
     checkpointed.load_state_dict(reversible.state_dict())
     x = torch.randn(6, 1, 8, 8, dtype=torch.float64, device=device)
@@ -216,15 +222,13 @@ def test_revnet_and_its_plain_and_checkpointed_twins_compute_the_same(device: to
 
 @pytest.mark.parametrize("widths", [(8, 16), (8, 16, 32)])
 def test_checkpointed_revnet_checkpoints_its_blocks_only(widths: tuple[int, ...]) -> None:
-    """checkpointed=True recomputes the reversible blocks; the downsampling transitions run as ordinary layers."""
-    from revlib.checkpoint import CheckpointedSequence
-
-    model = RevNet(widths, 3, reversible=False, checkpointed=True, device="cpu")
+    """A checkpointing stage recomputes the reversible blocks; the downsampling transitions run as ordinary layers."""
+    model = RevNet(widths, 3, stage=every_block, device="cpu")
     checkpointed = [stage for stage in model.stages if isinstance(stage, CheckpointedSequence)]
     assert len(checkpointed) == len(widths) and all(len(stage) == 3 and stage.plan.schedule == "every" for stage in checkpointed)
     assert all(isinstance(block, ReversibleBlock) for stage in checkpointed for block in stage)
     assert len(model.stages) == 2 * len(widths) - 1, "the transitions are separate, ordinary stages"
-    plain = RevNet(widths, 3, reversible=False, device="cpu")
+    plain = RevNet(widths, 3, stage=nn.Sequential, device="cpu")
     plain.load_state_dict(model.state_dict())
     x = torch.randn(4, 1, 8, 8)
     saved_checkpointed = saved_tensor_bytes(model, x, exclude=model.parameters())
@@ -236,7 +240,7 @@ def test_checkpointed_revnet_checkpoints_its_blocks_only(widths: tuple[int, ...]
 def test_revnet_stores_only_transition_activations() -> None:
     x = torch.randn(16, 1, 8, 8)
     shallow, deep = RevNet((8, 16), 1), RevNet((8, 16), 8)
-    plain_shallow, plain_deep = RevNet((8, 16), 1, reversible=False), RevNet((8, 16), 8, reversible=False)
+    plain_shallow, plain_deep = RevNet((8, 16), 1, stage=nn.Sequential), RevNet((8, 16), 8, stage=nn.Sequential)
     assert saved_tensor_bytes(deep, x, exclude=deep.parameters()) == saved_tensor_bytes(shallow, x, exclude=shallow.parameters())
     assert saved_tensor_bytes(plain_deep, x, exclude=plain_deep.parameters()) > 4 * saved_tensor_bytes(plain_shallow, x, exclude=plain_shallow.parameters())
 
@@ -256,14 +260,12 @@ def test_convolutional_builders_validate(kwargs: dict, match: str) -> None:
         RevNet(**kwargs)
     with pytest.raises(ValueError, match=match):
         ResNet(**kwargs)
-    with pytest.raises(ValueError, match="checkpointed"):
-        RevNet(checkpointed=True)
 
 
 def test_reversible_transformer_matches_plain_and_keeps_memory_flat() -> None:
     torch.manual_seed(0)
     reversible = ReversibleTransformer(8, 8, features=16, heads=2, layers=3).double()
-    plain = ReversibleTransformer(8, 8, features=16, heads=2, layers=3, reversible=False).double()
+    plain = ReversibleTransformer(8, 8, features=16, heads=2, layers=3, memory_saving=False).double()
     plain.load_state_dict(reversible.state_dict())
     tokens, weight = torch.randn(5, 8, 8, dtype=torch.float64), torch.randn(5, 10, dtype=torch.float64)
     assert relative_error(gradients(reversible, tokens, weight), gradients(plain, tokens, weight)) < 1e-10

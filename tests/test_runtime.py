@@ -89,28 +89,33 @@ def test_one_rule_for_device_none(monkeypatch: pytest.MonkeyPatch) -> None:
     from torch import nn
 
     import revlib
-    from revlib.adjoint import ODEResNet, tanh_residuals
+    from revlib.adjoint import ODEResNet, ode_classifier, tanh_residuals
     from revlib.backprop import MLP
+    from revlib.blocks import mlp, small_cnn
+    from revlib.linear_backprop import binary_network
     from revlib.residual import conv_network, mlp_network
     from revlib.reversible import ResNet, ReversibleTransformer, RevNet
 
     digits = revlib.load_digits(flat=True, device="cpu")
-    images = revlib.Dataset("images", torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long), torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long), 10)
+    images = revlib.DataSplits("images", torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long), torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long), 10)
     monkeypatch.setenv("REVLIB_DEVICE", "meta")
     built = {
         "RevNet": RevNet((4, 8), 1),
-        "RevNet, plain": RevNet((4, 8), 1, reversible=False),
+        "RevNet, plain": RevNet((4, 8), 1, stage=nn.Sequential),
         "ResNet": ResNet((4, 8), 1),
         "ReversibleTransformer": ReversibleTransformer(3, 5, features=8, heads=2),
         "mlp_network": mlp_network(3, 4, 2, 2, residual=True),
         "conv_network": conv_network(1, 4, 2, 2, residual=False),
         "MLP": MLP([3, 4, 2]).to_module(),
-        "chapter_settings": revlib.chapter_settings("intro", "small").model(images),
+        "small_cnn": small_cnn(images.feature_shape, (4, 8), 10),
+        "mlp": mlp([3, 4, 2]),
+        "binary_network": binary_network(3, 4, 2),
+        "ode_classifier": ode_classifier(3, 2, 2, hidden=4),
     }
     for name, module in built.items():
         assert {p.device.type for p in module.parameters()} == {"meta"}, f"{name}: device=None must mean the default device"
     assert revlib.load_digits().x_train.device.type == "meta" and revlib.make_spirals().x_train.device.type == "meta"
-    ode = ODEResNet(tanh_residuals(2, 3))
+    ode = ODEResNet(*tanh_residuals(2, 3))
     assert {p.device.type for p in ode.parameters()} == {"cpu"}, "ODEResNet leaves the residual functions it is given where they are"
     model = nn.Linear(64, 10)
     revlib.fit(model, digits, torch.optim.SGD(model.parameters(), lr=0.1), epochs=1, progress=False)

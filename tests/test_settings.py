@@ -1,16 +1,83 @@
-"""Tests of revlib.settings: every chapter's small and large configuration builds and trains."""
+"""Tests of revlib.settings: every chapter's small and large configuration builds and trains, and settings are data."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import revlib
+from revlib.adjoint import ode_classifier
+from revlib.backprop import MLP
+from revlib.blocks import mlp, small_cnn
+from revlib.checkpoint import CheckpointedSequence
+from revlib.data import DataSplits, image_rows, load_digits
+from revlib.frontier import methods
+from revlib.linear_backprop import binary_network, convert_to_linear_backprop
+from revlib.residual import conv_network, mlp_network
+from revlib.reversible import ResNet, ReversibleTransformer, RevNet
 from revlib.settings import CHAPTER_SETTINGS, chapter_settings
 from test_data import write_cifar10
+
+
+def chapter_networks(chapter: str, settings: object) -> dict[str, tuple[Callable[[], nn.Module], DataSplits]]:
+    """The networks each chapter trains, built from its settings by the library's builders as the chapter
+    builds them, with the data they are trained on."""
+    s: Any = settings
+    if chapter == "intro":
+        images = s.load_images("cpu")
+        return {"CNN": (lambda: small_cnn(images.feature_shape, s.channels, images.classes, device="cpu"), images)}
+    if chapter == "backprop":
+        digits = load_digits(flat=True, device="cpu")
+        sizes = [digits.feature_shape[0], *s.hidden, digits.classes]
+        return {"MLP": (lambda: MLP(sizes, "relu", weight_decay=s.weight_decay, device="cpu").to_module(), digits)}
+    if chapter == "residual":
+        vectors, images, spirals = load_digits(flat=True, device="cpu"), load_digits(device="cpu"), s.lesion_data(device="cpu")
+        runs = {f"tanh, residual={r}, {d} blocks": (functools.partial(mlp_network, 64, s.width, d, 10, residual=r, activation="tanh", device="cpu"), vectors)
+                for r in (False, True) for d in s.depths}
+        runs |= {f"conv, residual={r}, {d} blocks": (functools.partial(conv_network, 1, s.batch_norm_channels, d, 10, residual=r, device="cpu"), images)
+                 for r in (False, True) for d in s.batch_norm_depths}
+        runs |= {f"spirals, residual={r}, {d} blocks": (functools.partial(mlp_network, 2, s.lesion_width, d, spirals.classes, residual=r, device="cpu"), spirals)
+                 for r, d in s.lesion_networks()}
+        return runs
+    if chapter == "reversible":
+        images = s.load_images("cpu")
+        rows = image_rows(images)
+        shape = dict(in_channels=images.feature_shape[0], classes=images.classes, device="cpu")
+        return {"RevNet": (lambda: RevNet(s.widths, s.revnet_blocks, **shape), images),
+                "ResNet": (lambda: ResNet(s.widths, s.resnet_blocks, **shape), images),
+                "reversible Transformer": (lambda: ReversibleTransformer(rows.feature_shape[1], rows.feature_shape[0], features=s.transformer_features,
+                                                                         layers=s.transformer_layers, classes=rows.classes, device="cpu"), rows)}
+    if chapter == "odes":
+        digits = load_digits(flat=True, device="cpu")
+        return {f"N={d}, memory_saving={m}": (functools.partial(ode_classifier, 64, 10, d, hidden=s.width, memory_saving=m, device="cpu"), digits)
+                for d in s.training_depths for m in (False, True)}
+    if chapter == "linear_backprop":
+        vectors, images = load_digits(flat=True, device="cpu"), s.load_images("cpu")
+        runs = {f"MLP {a}": (functools.partial(mlp, [64, s.mlp_width, s.mlp_width, s.mlp_width, 10], a, device="cpu"), vectors)
+                for a in ("relu", "tanh", "sigmoid")}
+        runs |= {f"CNN {a}": (functools.partial(conv_network, images.feature_shape[0], s.cnn_channels, s.cnn_blocks, images.classes, residual=True,
+                                                activation=a, device="cpu"), images) for a in ("relu", "tanh")}
+        runs |= {f"binary, clip {c}": (functools.partial(binary_network, 64, s.binary_width, 10, clip=c, device="cpu"), vectors) for c in (1.0, None)}
+        return {name: (lambda build=build: convert_to_linear_backprop(build()), data) for name, (build, data) in runs.items()}
+    if chapter == "checkpointing":
+        images = s.load_images("cpu")
+
+        def checkpointed() -> nn.Module:
+            resnet = conv_network(images.feature_shape[0], s.train_channels, s.train_blocks, images.classes, residual=True, device="cpu")
+            return nn.Sequential(resnet.stem, CheckpointedSequence(*resnet.blocks, schedule="revolve", slots=s.train_slots), resnet.head)
+
+        return {"checkpointed ResNet": (checkpointed, images)}
+    if chapter == "frontier":
+        digits = load_digits(flat=s.train_family == "mlp", device="cpu")
+        return {name: (lambda build=build: build().model, digits) for name, build in methods(s.train_family, s.train_depth, s.train_width, "cpu").items()}
+    raise AssertionError(f"no networks listed for chapter {chapter!r}")
 
 
 @pytest.mark.parametrize("chapter", sorted(CHAPTER_SETTINGS))
@@ -22,13 +89,11 @@ def test_large_configuration_trains_one_step(chapter: str, tmp_path: Path, monke
     monkeypatch.setenv("REVLIB_SCALE", "large")
     settings = revlib.chapter_settings(chapter)
     assert settings is CHAPTER_SETTINGS[chapter]["large"]
-    runs = settings.training_runs("cpu")
-    assert runs, "every chapter trains at least one network"
-    for name, run in runs.items():
+    for name, (build, data) in chapter_networks(chapter, settings).items():
         torch.manual_seed(0)
-        model = run.build()
+        model = build()
         before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
-        x, y = run.data.x_train[:8], run.data.y_train[:8]
+        x, y = data.x_train[:8], data.y_train[:8]
         loss = F.cross_entropy(model(x), y)
         loss.backward()
         torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
@@ -46,7 +111,7 @@ def test_large_image_chapters_read_cifar10_when_present(tmp_path: Path, monkeypa
     images = large.load_images("cpu")
     assert images.name == "cifar10" and large.floor(images) == large.accuracy_floor["cifar10"]
     assert chapter_settings("reversible", "small").load_images("cpu").name == "digits", "the small scale never reads CIFAR-10"
-    rows = large.sequences(images)
+    rows = image_rows(images)
     assert rows.feature_shape == (32, 96) and torch.equal(rows.x_train[0, 5, :32], images.x_train[0, 0, 5])
 
 
@@ -85,10 +150,18 @@ def test_bad_arguments() -> None:
 def test_ode_classifier_initialisations() -> None:
     from revlib.adjoint import roughness_in_depth
 
-    settings = chapter_settings("odes", "small")
-    data = revlib.load_digits(flat=True)
-    smooth = settings.classifier(data, 16, init="smooth")[0]
-    independent = settings.classifier(data, 16, init="i.i.d.")[0]
+    smooth = ode_classifier(64, 10, 16, hidden=8, generator=torch.Generator().manual_seed(0))[0]
+    independent = ode_classifier(64, 10, 16, hidden=8, smooth=False)[0]
     assert roughness_in_depth(smooth) < 0.3 < 1.0 < roughness_in_depth(independent)
-    with pytest.raises(ValueError, match="init must be"):
-        settings.classifier(data, 4, init="random")  # type: ignore[arg-type]
+
+
+def test_settings_are_data() -> None:
+    """Settings hold numbers and names, not model builders; they import no chapter module."""
+    import dataclasses
+
+    for scales in CHAPTER_SETTINGS.values():
+        for settings in scales.values():
+            assert dataclasses.is_dataclass(settings)
+            for field in dataclasses.fields(settings):
+                value = getattr(settings, field.name)
+                assert isinstance(value, (int, float, str, tuple, dict, type(None))) or hasattr(value, "items"), field.name

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from revlib.data import Dataset, load_digits
+from revlib.data import DataSplits, load_digits
 import revlib
 from revlib.training import History, evaluate, fit
 
@@ -51,7 +51,7 @@ def test_fit_with_regression_targets_reports_nan_accuracy() -> None:
     torch.manual_seed(0)
     x = torch.randn(40, 3)
     y = x @ torch.tensor([[1.0], [-2.0], [0.5]])
-    data = Dataset("linear", x[:30], y[:30], x[30:], y[30:], classes=0)
+    data = DataSplits("linear", x[:30], y[:30], x[30:], y[30:], classes=0)
     model = nn.Linear(3, 1)
     history = fit(model, data, torch.optim.SGD(model.parameters(), lr=0.1), epochs=100, loss_fn=F.mse_loss, progress=False)
     assert math.isnan(history.test_accuracy[-1])

@@ -1,11 +1,9 @@
-"""Tests of revlib.verify, the one home of the gradient checks (old import paths still work)."""
+"""Tests of revlib.verify, the one home of the gradient checks."""
 
 import pytest
 import torch
 from torch import nn
 
-import revlib.adjoint
-import revlib.backprop
 from revlib import verify
 from revlib.verify import cosine_similarity, flat_gradient, relative_error
 
@@ -29,12 +27,6 @@ def test_flat_gradient_concatenates_parameter_gradients_and_leaves_grad_alone() 
     assert gradient.shape == (3 * 2 + 2,)
     assert torch.allclose(gradient[:6], x.sum(0).repeat(2)) and torch.allclose(gradient[6:], torch.full((2,), 4.0))
     assert layer.weight.grad is None
-
-
-def test_the_chapters_import_paths_still_work() -> None:
-    assert revlib.backprop.relative_error is verify.relative_error
-    assert revlib.backprop.finite_difference_gradient is verify.finite_difference_gradient
-    assert revlib.adjoint.flat_gradient is verify.flat_gradient
 
 
 def test_cosine_similarity_measures_direction_only() -> None:

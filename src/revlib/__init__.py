@@ -1,63 +1,118 @@
 """revlib: training deep networks without drowning in memory.
 
-The companion library of the book. One module per chapter, plus shared infrastructure:
+The companion library of the book. ``import revlib`` is cheap: it imports nothing until a name is used, so
+``revlib.ReversibleSequence`` or ``revlib.reversible.ReversibleSequence`` loads the module that defines it
+on first use. One module per idea, in the book's order,
 
-* :mod:`revlib.runtime` — devices, seeding, the chapters' scale;
-* :mod:`revlib.claims` — the chapters' assertions about measured quantities, with their margins;
-* :mod:`revlib.settings` — every chapter's experiments at the small and the large scale;
-* :mod:`revlib.data` — data sets that need no network (and CIFAR-10 from a local copy);
-* :mod:`revlib.training` — the training loop and its history;
-* :mod:`revlib.measure` — bytes saved for backward, peak memory, timing;
-* :mod:`revlib.verify` — relative errors, finite differences, flat gradients: the checks of every gradient;
-* :mod:`revlib.plotting` — the book's figure style (imported on first use, as it loads matplotlib).
+* :mod:`revlib.backprop` — backpropagation written out by hand (chapter 01);
+* :mod:`revlib.residual` — plain and residual networks, gradient flow, lesions, loss landscapes (02);
+* :mod:`revlib.reversible` — reversible blocks and sequences, RevNet, the reversible Transformer (03);
+* :mod:`revlib.adjoint` — ResNets as Neural ODEs and adjoint backprop (04);
+* :mod:`revlib.linear_backprop` — linear backprop and the straight-through estimator (05);
+* :mod:`revlib.checkpoint` — gradient checkpointing, from every block to the optimal schedule (06);
+* :mod:`revlib.momentum` — momentum residual networks (07);
+* :mod:`revlib.frontier` — every method on one training step (07),
+
+built from :mod:`revlib.blocks` (activations, residual functions, residual blocks) and measured with the
+infrastructure: :mod:`revlib.runtime` (devices, seeds, scale), :mod:`revlib.settings` (each chapter's
+experiments at two scales), :mod:`revlib.data`, :mod:`revlib.training`, :mod:`revlib.measure` (saved bytes,
+peak memory, time, a step's bill), :mod:`revlib.analysis` (fits), :mod:`revlib.verify` (gradient checks),
+:mod:`revlib.claims` (asserted claims) and :mod:`revlib.plotting` (the book's figures; loads matplotlib).
 """
 
 from __future__ import annotations
 
 import importlib
 from types import ModuleType
-
-from revlib.claims import claim
-from revlib.data import Dataset, find_cifar10, load_cifar10, load_digits, make_spirals
-from revlib.measure import LineFit, Timing, compare_times, count_calls, fit_line, forward_backward, peak_memory, saved_tensor_bytes, time_call
-from revlib.runtime import book_scale, book_seed, default_device, resolve_device, seed_everything
-from revlib.settings import chapter_settings
-from revlib.training import History, evaluate, fit
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-_LAZY_SUBMODULES = {"plotting"}
+_SUBMODULES = (
+    "adjoint", "analysis", "backprop", "blocks", "checkpoint", "claims", "data", "frontier", "linear_backprop",
+    "measure", "momentum", "plotting", "residual", "reversible", "runtime", "settings", "training", "verify",
+)
 
-__all__ = [
-    "Dataset",
-    "History",
-    "LineFit",
-    "Timing",
-    "book_scale",
-    "book_seed",
-    "chapter_settings",
-    "claim",
-    "compare_times",
-    "count_calls",
-    "default_device",
-    "evaluate",
-    "fit",
-    "find_cifar10",
-    "fit_line",
-    "forward_backward",
-    "load_cifar10",
-    "load_digits",
-    "make_spirals",
-    "peak_memory",
-    "resolve_device",
-    "saved_tensor_bytes",
-    "seed_everything",
-    "time_call",
-]
+_EXPORTS = {  # name → the module that defines it
+    # the book's memory-saving modules and the networks built from them
+    "ReversibleBlock": "reversible",
+    "ReversibleSequence": "reversible",
+    "RevNet": "reversible",
+    "ResNet": "reversible",
+    "ReversibleTransformer": "reversible",
+    "ODEResNet": "adjoint",
+    "LinearBackprop": "linear_backprop",
+    "convert_to_linear_backprop": "linear_backprop",
+    "CheckpointedSequence": "checkpoint",
+    "checkpoint_plan": "checkpoint",
+    "MomentumSequence": "momentum",
+    "MLP": "backprop",
+    "ResidualBlock": "blocks",
+    # infrastructure
+    "DataSplits": "data",
+    "find_cifar10": "data",
+    "load_cifar10": "data",
+    "load_digits": "data",
+    "make_spirals": "data",
+    "History": "training",
+    "evaluate": "training",
+    "fit": "training",
+    "make_optimizer": "training",
+    "training_step": "training",
+    "StepMemory": "measure",
+    "Timing": "measure",
+    "compare_times": "measure",
+    "count_calls": "measure",
+    "forward_backward": "measure",
+    "peak_memory": "measure",
+    "saved_tensor_bytes": "measure",
+    "step_memory": "measure",
+    "time_call": "measure",
+    "LineFit": "analysis",
+    "fit_line": "analysis",
+    "relative_error": "verify",
+    "claim": "claims",
+    "chapter_settings": "settings",
+    "book_scale": "runtime",
+    "book_seed": "runtime",
+    "default_device": "runtime",
+    "evaluation_mode": "runtime",
+    "resolve_device": "runtime",
+    "seed_everything": "runtime",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:  # what static tools see; at run time the names are looked up on first use
+    from revlib.adjoint import ODEResNet
+    from revlib.analysis import LineFit, fit_line
+    from revlib.backprop import MLP
+    from revlib.blocks import ResidualBlock
+    from revlib.checkpoint import CheckpointedSequence, checkpoint_plan
+    from revlib.claims import claim
+    from revlib.data import DataSplits, find_cifar10, load_cifar10, load_digits, make_spirals
+    from revlib.linear_backprop import LinearBackprop, convert_to_linear_backprop
+    from revlib.measure import (StepMemory, Timing, compare_times, count_calls, forward_backward, peak_memory,
+                                saved_tensor_bytes, step_memory, time_call)
+    from revlib.momentum import MomentumSequence
+    from revlib.reversible import ResNet, ReversibleBlock, ReversibleSequence, ReversibleTransformer, RevNet
+    from revlib.runtime import book_scale, book_seed, default_device, evaluation_mode, resolve_device, seed_everything
+    from revlib.settings import chapter_settings
+    from revlib.training import History, evaluate, fit, make_optimizer, training_step
+    from revlib.verify import relative_error
 
 
-def __getattr__(name: str) -> ModuleType:
-    """Import heavy submodules (``revlib.plotting``) only when first used."""
-    if name in _LAZY_SUBMODULES:
+def __getattr__(name: str) -> ModuleType | Any:
+    """Import a submodule, or the module that defines a top-level name, when it is first used."""
+    if name in _SUBMODULES:
         return importlib.import_module(f"revlib.{name}")
-    raise AttributeError(f"module 'revlib' has no attribute {name!r}")
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"revlib.{_EXPORTS[name]}"), name)
+    raise AttributeError(
+        f"module 'revlib' has no attribute {name!r}; its modules are {', '.join(_SUBMODULES)}, "
+        f"and its top-level names {', '.join(__all__)}"
+    )
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_SUBMODULES, *_EXPORTS})

@@ -16,8 +16,8 @@ records what that takes while the piece runs forward, and :meth:`ForwardState.re
   Constant buffers are not copied. A module that overwrote a buffer without bumping its version counter
   would not be detected.
 
-The rest is the plumbing the four Functions share: :func:`needs_graph` (does this call need a backward
-pass at all?), :func:`run_checked` (a block run with its shape and in-place checks), :class:`Stash` (block
+The rest is the plumbing the four sequences share: :class:`BlockSequence` (how they hold their blocks),
+:func:`needs_graph` (does this call need a backward pass at all?), :func:`run_checked` (a block run with its shape and in-place checks), :class:`Stash` (block
 inputs kept for backward that can be released before the backward pass ends), :func:`check_parameters_unchanged`,
 :func:`vector_jacobian_products` and :func:`accumulate` (parameter gradients summed by parameter).
 """
@@ -29,7 +29,7 @@ from collections.abc import Hashable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import Tensor, nn
@@ -272,3 +272,47 @@ def accumulate(gradients: dict[int, Tensor], found: Iterable[tuple[int, Tensor]]
     sequence (tied weights) receives the sum of its uses' gradients, as autograd would give it."""
     for key, gradient in found:
         gradients[key] = gradients[key] + gradient if key in gradients else gradient
+
+
+class BlockSequence(nn.Module):
+    """Blocks held as ``nn.Sequential`` holds them (numbered children, so the two share ``state_dict`` keys),
+    read by the memory-saving sequences at every call.
+
+    ``len`` and iteration go over the blocks in order, a block that appears twice (tied weights) once per
+    use; indexing gives a block and slicing a sequence of the same kind with the same options
+    (:meth:`_like`). The sequence cannot be changed in place: that raises a ``TypeError`` saying to build a
+    new one.
+    """
+
+    def __init__(self, blocks: Sequence[nn.Module], kind: str = "block") -> None:
+        super().__init__()
+        for index, block in enumerate(blocks):
+            if not isinstance(block, nn.Module):
+                raise TypeError(f"{kind} {index} must be an nn.Module, got {type(block).__name__}")
+            self.add_module(str(index), block)
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        """The blocks in order, a repeated block once per use."""
+        return list(self._modules.values())  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __iter__(self) -> Iterator[nn.Module]:
+        return iter(self.blocks)
+
+    def __getitem__(self, index: int | slice) -> nn.Module:
+        if isinstance(index, slice):
+            return self._like(self.blocks[index])
+        return self.blocks[index]
+
+    def _like(self, blocks: list[nn.Module]) -> BlockSequence:
+        """A sequence of the same kind and options over ``blocks``."""
+        raise NotImplementedError
+
+    def _immutable(self, *_: Any) -> NoReturn:
+        name = type(self).__name__
+        raise TypeError(f"a {name} cannot be changed in place: build a new one, e.g. {name}(*sequence, block, ...)")
+
+    append = insert = extend = __setitem__ = __delitem__ = _immutable

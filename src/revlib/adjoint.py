@@ -31,12 +31,13 @@ approximately, from :math:`x_{n+1}` alone,
     \tilde x_n = \tilde x_{n+1} - \tfrac h2\big(g(\tilde x_{n+1}) + f_n(\tilde y)\big) \quad\text{(Heun)},
 
 with :math:`g = f_n` (Heun) or :math:`g = f_{n+1}` (HeunNet): the same scheme with step :math:`-h` and the
-two stages' functions exchanged,
-
-so a backward pass can rebuild the activations it needs from the output instead of storing them (Sander,
-Ablin and Peyré 2022). The rebuilt activations, and hence the gradients, are approximate: the error of one
-reversed step is :math:`O(h^2)` for Euler and :math:`O(h^3)` for Heun, so over :math:`N` steps the
-gradient error shrinks like :math:`1/N` and :math:`1/N^2`.
+two stages' functions exchanged. So a backward pass can rebuild the activations it needs from the output
+instead of storing them (Sander, Ablin and Peyré 2022). The rebuilt activations, and hence the gradients,
+are approximate. A step and its reversal together are off by :math:`O(h^2)` for Euler and by :math:`O(h^4)`
+for Heun (Heun's leading error term is odd in :math:`h` and cancels in the round trip); for HeunNet by
+:math:`O(h^2)` in general, and :math:`O(h^4)` when consecutive layers differ by :math:`O(h)` (weights smooth
+in depth). Over :math:`N` steps the gradient error therefore shrinks like :math:`1/N` for Euler and
+:math:`1/N^3` for Heun (and for HeunNet with smooth weights).
 
 :class:`ODEResNet` holds the residual functions and the mechanism; :func:`smooth_in_depth_`,
 :func:`interpolate_depth` and :func:`gradient_error` are what the chapter's experiments need.
@@ -55,14 +56,28 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from revlib._recompute import ForwardState, accumulate, check_parameters_unchanged, distinct_parameters, needs_graph, run_checked, vector_jacobian_products
+from revlib._checks import positive_integers
+from revlib._recompute import BlockSequence, ForwardState, accumulate, check_parameters_unchanged, distinct_parameters, needs_graph, run_checked, vector_jacobian_products
+from revlib.blocks import mlp_residual
 from revlib.runtime import resolve_device
-from revlib.verify import flat_gradient, relative_error  # flat_gradient re-exported: chapter 04 imports it from here
+from revlib.verify import flat_gradient, relative_error
+
+__all__ = [
+    "SCHEMES",
+    "DepthVectorField",
+    "ODEResNet",
+    "TorchdiffeqResNet",
+    "adjoint_and_exact_gradients",
+    "gradient_error",
+    "interpolate_depth",
+    "ode_classifier",
+    "roughness_in_depth",
+    "smooth_in_depth_",
+    "tanh_residuals",
+]
 
 Scheme = Literal["euler", "heun", "heunnet"]
-GradientMode = Literal["backprop", "adjoint"]
 SCHEMES = ("euler", "heun", "heunnet")
-GRADIENTS = ("backprop", "adjoint")
 
 
 @dataclass(frozen=True)
@@ -193,92 +208,96 @@ def tanh_residuals(depth: int, width: int, *, hidden: int | None = None) -> list
     Raises:
         ValueError: a size is not positive.
     """
-    hidden = width if hidden is None else hidden
-    for name, size in (("depth", depth), ("width", width), ("hidden", hidden)):
-        if size < 1:
-            raise ValueError(f"{name} must be positive, got {size}")
-    return [nn.Sequential(nn.Linear(width, hidden), nn.Tanh(), nn.Linear(hidden, width)) for _ in range(depth)]
+    positive_integers(depth=depth)
+    return [mlp_residual(width, hidden, activation="tanh") for _ in range(depth)]
 
 
-class ODEResNet(nn.Module):
+class ODEResNet(BlockSequence):
     r"""A ResNet read as an ODE solver: :math:`N` shape-preserving residual functions, step :math:`h = 1/N`.
 
-    ``scheme="euler"`` computes :math:`x_{n+1} = x_n + h f_n(x_n)`; ``scheme="heun"``
-    :math:`x_{n+1} = x_n + \tfrac h2 [f_n(x_n) + f_n(x_n + h f_n(x_n))]`; ``scheme="heunnet"`` HeunNet's
-    :math:`x_{n+1} = x_n + \tfrac h2 [f_n(x_n) + f_{n+1}(x_n + h f_n(x_n))]`, with :math:`N + 1` residual
-    functions for :math:`N` steps (:math:`h = 1/N` in every case). ``gradient="backprop"`` uses
-    ordinary autograd (every step's activations are stored); ``gradient="adjoint"`` stores only the
-    output and, in the backward pass, rebuilds each step's input by running the scheme with step
-    :math:`-h` before back-propagating through that one step. Its memory for backward does not grow with
-    :math:`N`; its gradients are approximate (exact in the limit :math:`N\to\infty` when the weights are
-    smooth in depth; see :func:`gradient_error`). Like :class:`revlib.reversible.ReversibleSequence`, and
-    through the same mechanism, the adjoint mode replays each step's random state (dropout draws the masks
-    of the forward pass, in the rebuilding step and in the recomputed one), re-enters its autocast state,
-    and leaves BatchNorm's running statistics as the forward pass updated them. It is
-    ``once_differentiable``; it saves the parameters for backward (an in-place change to one fails with
-    autograd's error) and recomputes with the modules' own parameters, raising a clear error if they were
-    replaced in between. Tensors that a residual function captures by closure, rather than holds as
-    parameters or buffers, receive no gradient.
+    ``ODEResNet(f_0, ..., f_{N-1}, scheme="euler")`` computes :math:`x_{n+1} = x_n + h f_n(x_n)`;
+    ``scheme="heun"`` :math:`x_{n+1} = x_n + \tfrac h2 [f_n(x_n) + f_n(x_n + h f_n(x_n))]`;
+    ``scheme="heunnet"`` HeunNet's :math:`x_{n+1} = x_n + \tfrac h2 [f_n(x_n) + f_{n+1}(x_n + h f_n(x_n))]`,
+    with :math:`N + 1` residual functions for :math:`N` steps (:math:`h = 1/N` in every case; ``len`` counts
+    the functions, :attr:`depth` the steps).
+
+    With ``memory_saving=True`` (the default) the forward pass stores only the output and the backward pass
+    is the *adjoint*: it rebuilds each step's input by running the scheme with step :math:`-h`, then
+    back-propagates through that one step. Its memory for backward does not grow with :math:`N`; its
+    gradients are approximate (exact in the limit :math:`N\to\infty` when the weights are smooth in depth;
+    see :func:`gradient_error`). ``memory_saving=False`` is ordinary backprop through the same steps (every
+    step's activations stored, exact gradients); the attribute can be switched at any time. Like
+    :class:`revlib.reversible.ReversibleSequence`, and through the same mechanism, the adjoint replays each
+    stage's random state (dropout draws the masks of the forward pass, in the rebuilding step and in the
+    recomputed one), re-enters its autocast state, and leaves BatchNorm's running statistics as the
+    forward pass updated them. It is ``once_differentiable``; it saves the parameters for backward (an
+    in-place change to one fails with autograd's error) and recomputes with the modules' own parameters,
+    raising a clear error if they were replaced in between. Tensors that a residual function captures by
+    closure, rather than holds as parameters or buffers, receive no gradient.
 
     Args:
-        residuals: the functions :math:`f_0, \dots, f_{N-1}`, ``nn.Module`` objects that preserve the
-            shape of their input.
+        *residuals: the functions :math:`f_0, \dots, f_{N-1}` (:math:`f_N` too for HeunNet), ``nn.Module``
+            objects that preserve the shape of their input.
         scheme: ``"euler"``, ``"heun"`` or ``"heunnet"``.
-        gradient: ``"backprop"`` or ``"adjoint"``; can be changed later through the attribute.
-        preserve_rng_state: replay each step's random state in the adjoint backward pass (needed for
-            dropout; one copy of the generator state per step, a few KiB).
+        memory_saving: the adjoint backward pass (``True``) or ordinary backprop (``False``).
+        preserve_rng_state: replay each stage's random state in the adjoint backward pass (needed for
+            dropout; one copy of the generator state per stage that draws random numbers, a few KiB).
         device: move the residual functions there; ``None`` leaves them where they are (they exist already).
         dtype: cast their floating-point parameters to it; ``None`` leaves them as they are.
 
     Raises:
-        ValueError: no residual function (fewer than two for HeunNet), or an unknown scheme or gradient mode. A residual function that
-            changes the shape of its input raises a ``ValueError`` when the network runs.
+        ValueError: no residual function (fewer than two for HeunNet), or an unknown scheme. A residual
+            function that changes the shape of its input raises a ``ValueError`` naming it when the network runs.
         TypeError: a residual function is not an ``nn.Module``.
     """
 
     def __init__(
         self,
-        residuals: Sequence[nn.Module],
+        *residuals: nn.Module,
         scheme: Scheme = "euler",
-        gradient: GradientMode = "backprop",
-        *,
+        memory_saving: bool = True,
         preserve_rng_state: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        if len(residuals) == 0:
-            raise ValueError("residuals must hold at least one residual function")
-        for index, f in enumerate(residuals):
-            if not isinstance(f, nn.Module):
-                raise TypeError(f"residual function {index} must be an nn.Module, got {type(f).__name__}")
-        self.residuals = nn.ModuleList(residuals)
-        self.scheme = scheme
-        self.gradient = gradient
+        if len(residuals) == 1 and isinstance(residuals[0], (list, tuple, nn.ModuleList)):
+            raise TypeError("pass the residual functions one by one: ODEResNet(*functions), not ODEResNet(functions)")
+        super().__init__(residuals, kind="residual function")
+        if not residuals:
+            raise ValueError("an ODEResNet needs at least one residual function")
+        _stages(residuals, scheme)  # HeunNet needs two functions at least
+        self.scheme = scheme  # checked by __setattr__
+        self.memory_saving = memory_saving
         self.preserve_rng_state = preserve_rng_state
         if device is not None or dtype is not None:
             self.to(device=None if device is None else resolve_device(device), dtype=dtype)
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "scheme" and value not in SCHEMES:
-            raise ValueError(f"scheme must be one of {SCHEMES}, got {value!r}")
-        if name == "gradient" and value not in GRADIENTS:
-            raise ValueError(f"gradient must be one of {GRADIENTS}, got {value!r}")
-        super().__setattr__(name, value)
+    @property
+    def residuals(self) -> list[nn.Module]:
+        """The residual functions, in order."""
+        return self.blocks
 
     @property
     def depth(self) -> int:
         """The number of steps :math:`N` (one fewer than the residual functions for HeunNet)."""
         return len(_stages(self.residuals, self.scheme))
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "scheme" and value not in SCHEMES:
+            raise ValueError(f"scheme must be one of {SCHEMES}, got {value!r}")
+        super().__setattr__(name, value)
+
+    def _like(self, blocks: list[nn.Module]) -> ODEResNet:
+        return ODEResNet(*blocks, scheme=self.scheme, memory_saving=self.memory_saving, preserve_rng_state=self.preserve_rng_state)
+
     def forward(self, x: Tensor) -> Tensor:
         stages = _stages(self.residuals, self.scheme)
         h = 1.0 / len(stages)
-        if self.gradient == "backprop" or not needs_graph([x], self.parameters()):
+        if not self.memory_saving or not needs_graph([x], self.parameters()):
             for stage in stages:
                 x = _step(stage, x, h, self.scheme)
             return x
-        return _AdjointFunction.apply(x, list(self.residuals), self.scheme, self.preserve_rng_state, *self.parameters())
+        return _AdjointFunction.apply(x, self.residuals, self.scheme, self.preserve_rng_state, *self.parameters())
 
     def inverse(self, y: Tensor) -> Tensor:
         """The approximate input rebuilt from the output, as the adjoint backward pass rebuilds it."""
@@ -289,7 +308,7 @@ class ODEResNet(nn.Module):
         return y
 
     def extra_repr(self) -> str:
-        return f"depth={self.depth}, scheme={self.scheme!r}, gradient={self.gradient!r}"
+        return f"depth={self.depth}, scheme={self.scheme!r}, memory_saving={self.memory_saving}"
 
 
 def smooth_in_depth_(model: ODEResNet, *, modes: int = 3, generator: torch.Generator | None = None) -> ODEResNet:
@@ -316,8 +335,7 @@ def smooth_in_depth_(model: ODEResNet, *, modes: int = 3, generator: torch.Gener
     Raises:
         ValueError: ``modes`` is not positive, or the residual functions differ in their parameter shapes.
     """
-    if modes < 1:
-        raise ValueError(f"modes must be a positive integer, got {modes}")
+    positive_integers(modes=modes)
     names = _check_same_structure(model)
     functions = len(model.residuals)
     depths = torch.linspace(0, 1, functions, dtype=torch.float64) if functions > 1 else torch.zeros(1, dtype=torch.float64)
@@ -347,8 +365,7 @@ def interpolate_depth(model: ODEResNet, depth: int) -> ODEResNet:
     The new network has ``depth`` residual functions (``depth − 1`` steps for HeunNet). Layer :math:`n` sits
     at depth :math:`s = n/(\text{depth}-1)` and takes the linear interpolation of the two trained layers
     around :math:`s\,(L-1)`, :math:`L` the trained functions; the first and last layers are kept.
-    Buffers are copied from the nearest trained layer. The scheme, gradient mode and ``preserve_rng_state``
-    are kept.
+    Buffers are copied from the nearest trained layer. The scheme and the other options are kept.
 
     Raises:
         ValueError: ``depth`` is below 2 while the model has more than one layer, or the residual
@@ -373,12 +390,12 @@ def interpolate_depth(model: ODEResNet, depth: int) -> ODEResNet:
             for name in states[below]
         })
         residuals.append(f)
-    return ODEResNet(residuals, scheme=model.scheme, gradient=model.gradient, preserve_rng_state=model.preserve_rng_state)
+    return model._like(residuals)
 
 
 def adjoint_and_exact_gradients(model: ODEResNet, inputs: Tensor, loss_fn: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
     """The gradients of ``loss_fn(model(inputs))`` with respect to all of the model's trainable parameters,
-    concatenated, once from the adjoint and once from backprop (in that order). The model's gradient mode and
+    concatenated, once from the adjoint and once from backprop (in that order). The model's ``memory_saving`` and
     ``.grad`` fields are left as they were.
 
     Raises:
@@ -387,15 +404,15 @@ def adjoint_and_exact_gradients(model: ODEResNet, inputs: Tensor, loss_fn: Calla
     parameters = [p for p in model.parameters() if p.requires_grad]
     if not parameters:
         raise ValueError("the model has no parameter that requires grad")
-    original = model.gradient
+    original = model.memory_saving
     gradients = {}
     try:
-        for mode in GRADIENTS:
-            model.gradient = mode
-            gradients[mode] = flat_gradient(model, inputs, loss_fn, parameters)
+        for memory_saving in (True, False):
+            model.memory_saving = memory_saving
+            gradients[memory_saving] = flat_gradient(model, inputs, loss_fn, parameters)
     finally:
-        model.gradient = original
-    return gradients["adjoint"], gradients["backprop"]
+        model.memory_saving = original
+    return gradients[True], gradients[False]
 
 
 def gradient_error(model: ODEResNet, inputs: Tensor, loss_fn: Callable[[Tensor], Tensor]) -> float:
@@ -452,7 +469,7 @@ class DepthVectorField(nn.Module):
 
     def __init__(self, model: ODEResNet) -> None:
         super().__init__()
-        self.residuals = model.residuals
+        self.residuals = nn.ModuleList(model.residuals)
 
     def forward(self, tau: Tensor, x: Tensor) -> Tensor:
         depth = len(self.residuals)
@@ -499,3 +516,28 @@ class TorchdiffeqResNet(nn.Module):
         if self.adjoint:
             return odeint_adjoint(self.field, x, span, method="euler", options=options, adjoint_params=tuple(self.field.parameters()))[-1]
         return odeint(self.field, x, span, method="euler", options=options)[-1]
+
+
+def ode_classifier(
+    in_features: int,
+    classes: int,
+    depth: int,
+    *,
+    hidden: int,
+    memory_saving: bool = True,
+    smooth: bool = True,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> nn.Sequential:
+    """The chapter's classifier: an :class:`ODEResNet` of ``depth`` tanh steps on the ``in_features`` input
+    features (:func:`tanh_residuals` with ``hidden`` units), then a frozen random linear read-out, so that all
+    learning happens in the ODE block. With ``smooth`` the weights are made smooth in depth
+    (:func:`smooth_in_depth_` with ``generator``); otherwise every layer keeps PyTorch's independent
+    initialisation. The read-out is created first, then the residual functions, both from the global
+    random state.
+    """
+    readout = nn.Linear(in_features, classes).requires_grad_(False)
+    ode = ODEResNet(*tanh_residuals(depth, in_features, hidden=hidden), memory_saving=memory_saving)
+    if smooth:
+        smooth_in_depth_(ode, generator=generator)
+    return nn.Sequential(ode, readout).to(resolve_device(device))

@@ -24,8 +24,7 @@ inputs :math:`h_0, \dots, h_{L-1}` (for ReLU, sigmoid and tanh, :math:`\sigma'(z
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -33,55 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from revlib.data import Dataset
-from revlib.linear_backprop import LinearBackprop
+from revlib.blocks import ACTIVATIONS
+from revlib.data import DataSplits
 from revlib.runtime import resolve_device
 from revlib.training import History, train_epochs
-from revlib.verify import cosine_similarity, finite_difference_gradient, relative_error  # the last two re-exported: chapter 01 uses them
+
+__all__ = ["MLP", "Gradients", "LossName", "loss_and_gradient"]
 
 LossName = Literal["cross_entropy", "squared"]
-
-
-@dataclass(frozen=True)
-class Activation:
-    r"""An elementwise non-linearity :math:`\sigma` with its derivative written in terms of its output.
-
-    Attributes:
-        name: ``"relu"``, ``"sigmoid"``, ``"tanh"`` or ``"identity"``.
-        forward: :math:`z \mapsto \sigma(z)`.
-        derivative_from_output: :math:`h \mapsto \sigma'(z)` where :math:`h = \sigma(z)`.
-        module: a factory of the equivalent ``nn.Module``, for the autograd twin.
-    """
-
-    name: str
-    forward: Callable[[Tensor], Tensor]
-    derivative_from_output: Callable[[Tensor], Tensor]
-    module: Callable[[], nn.Module]
-
-
-def _relu_derivative(h: Tensor) -> Tensor:
-    return (h > 0).to(h.dtype)  # σ(z) = max(z, 0): σ'(z) = 1[z > 0] = 1[h > 0]
-
-
-def _sigmoid_derivative(h: Tensor) -> Tensor:
-    return h * (1 - h)  # σ(z) = 1 / (1 + e^{-z}): σ'(z) = σ(z)(1 - σ(z)) = h(1 - h)
-
-
-def _tanh_derivative(h: Tensor) -> Tensor:
-    return 1 - h * h  # σ'(z) = 1 - tanh²(z) = 1 - h²
-
-
-def _identity(z: Tensor) -> Tensor:
-    return z
-
-
-ACTIVATIONS: dict[str, Activation] = {
-    "relu": Activation("relu", torch.relu, _relu_derivative, nn.ReLU),
-    "sigmoid": Activation("sigmoid", torch.sigmoid, _sigmoid_derivative, nn.Sigmoid),
-    "tanh": Activation("tanh", torch.tanh, _tanh_derivative, nn.Tanh),
-    "identity": Activation("identity", _identity, torch.ones_like, nn.Identity),  # a linear network: σ' = 1
-}
-"""The activations the hand-written MLP supports, by name."""
 
 
 def loss_and_gradient(outputs: Tensor, targets: Tensor, loss: LossName) -> tuple[Tensor, Tensor]:
@@ -126,19 +84,25 @@ class Gradients:
     biases: list[Tensor]
 
     def tensors(self) -> list[Tensor]:
-        """All gradients in the order of :meth:`MLP.parameters`: ``W_1, b_1, W_2, b_2, ...``."""
+        """All gradients in the order of :meth:`MLP.tensors`: ``W_1, b_1, W_2, b_2, ...``."""
         return [tensor for pair in zip(self.weights, self.biases) for tensor in pair]
 
 
 class MLP:
     r"""A multilayer perceptron whose backward pass is written by hand from the chapter's equations.
 
+    A teaching object, not an ``nn.Module``: its weights are plain tensors (:attr:`weights`, :attr:`biases`,
+    :meth:`tensors`), :meth:`forward` returns the outputs *and* the cache of layer inputs, and
+    :meth:`backward` turns that cache and :math:`\partial L/\partial o` into the gradients. :meth:`to_module`
+    gives the same network as an ``nn.Sequential`` for autograd to check it against.
+
     Weights are drawn as :math:`W_l \sim \mathcal N(0, g^2/n_{l-1})` with gain :math:`g = \sqrt 2` for ReLU
     and :math:`1` otherwise; biases start at zero.
 
     Args:
         sizes: layer widths ``(n_0, n_1, ..., n_L)``: input size, hidden sizes, output size.
-        activation: the hidden layers' non-linearity, a key of :data:`ACTIVATIONS` (the output layer is linear).
+        activation: the hidden layers' non-linearity, a key of :data:`revlib.blocks.ACTIVATIONS` (the output
+            layer is linear).
         weight_decay: :math:`\lambda \ge 0`.
         linear_backprop: back-propagate the error without the activation's derivative,
             :math:`\delta_{l-1} = \delta_l W_l` (Yazdani 2018; see :mod:`revlib.linear_backprop`). The forward pass is unchanged.
@@ -185,7 +149,7 @@ class MLP:
         """The number of layers :math:`L` (weight matrices)."""
         return len(self.weights)
 
-    def parameters(self) -> list[Tensor]:
+    def tensors(self) -> list[Tensor]:
         """``W_1, b_1, W_2, b_2, ...`` (the tensors themselves, not copies)."""
         return [tensor for pair in zip(self.weights, self.biases) for tensor in pair]
 
@@ -213,8 +177,6 @@ class MLP:
             z = h @ weight.T + bias  # (B, n_l)
             h = z if layer == self.depth - 1 else self.activation.forward(z)
         return h, cache
-
-    __call__ = forward
 
     def backward(self, cache: list[Tensor], output_gradient: Tensor) -> Gradients:
         r"""Backward propagation from :math:`\delta_L = \partial L/\partial o` down to the first layer.
@@ -264,8 +226,8 @@ class MLP:
 
     def to_module(self) -> nn.Sequential:
         """The same network as an ``nn.Sequential`` of ``nn.Linear`` and activation modules, with copies of
-        the current weights: the autograd twin this class is checked against. With ``linear_backprop`` the
-        activations are wrapped in :class:`revlib.linear_backprop.LinearBackprop`."""
+        the current weights: the autograd twin this class is checked against (for the linear-backprop rule,
+        wrap its activations with :func:`revlib.linear_backprop.convert_to_linear_backprop`)."""
         layers: list[nn.Module] = []
         for layer, (weight, bias) in enumerate(zip(self.weights, self.biases)):
             linear = nn.Linear(weight.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype)
@@ -274,13 +236,12 @@ class MLP:
                 linear.bias.copy_(bias)
             layers.append(linear)
             if layer < self.depth - 1:
-                activation = self.activation.module()
-                layers.append(LinearBackprop(activation) if self.linear_backprop else activation)
+                layers.append(self.activation.module())
         return nn.Sequential(*layers)
 
     def train_sgd(
         self,
-        data: Dataset,
+        data: DataSplits,
         epochs: int,
         *,
         learning_rate: float,
@@ -303,7 +264,7 @@ class MLP:
             outputs, cache = self.forward(x)
             value, output_gradient = loss_and_gradient(outputs, y, loss)
             gradients = self.backward(cache, output_gradient)
-            for parameter, gradient in zip(self.parameters(), gradients.tensors()):
+            for parameter, gradient in zip(self.tensors(), gradients.tensors()):
                 parameter.sub_(learning_rate * gradient)
             return value.item(), outputs
 
@@ -314,22 +275,3 @@ class MLP:
             return value.item(), accuracy
 
         return train_epochs(step, assess, data, epochs, batch_size=batch_size, seed=seed, progress=progress)
-
-
-def linear_backprop_cosines(network: MLP, inputs: Tensor, targets: Tensor, loss: LossName = "cross_entropy") -> list[float]:
-    r"""How well linear backprop points downhill, layer by layer: for every :math:`l`, the cosine between its
-    :math:`\partial J/\partial W_l` and backprop's, both at ``network``'s current weights on one batch.
-
-    The two rules share :math:`\delta_L`, so the last layer's cosine is 1. Below it they differ by the
-    factors :math:`\sigma'(z)`; for the layer just below the output and a single example the cosine is
-    non-negative when :math:`\sigma' \ge 0` (the chapter's Exercise 2), but over a batch, or further down,
-    nothing bounds it. Whichever rule ``network`` trains with, both gradients are computed here.
-    """
-    outputs, cache = network.forward(inputs)
-    _, output_gradient = loss_and_gradient(outputs, targets, loss)
-    by_rule = {}
-    for linear in (True, False):
-        view = copy.copy(network)  # the same weight tensors, the other rule
-        view.linear_backprop = linear
-        by_rule[linear] = view.backward(cache, output_gradient).weights
-    return [cosine_similarity(approximate, exact) for approximate, exact in zip(by_rule[True], by_rule[False])]

@@ -49,9 +49,23 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, checkpoint_sequential, create_selective_checkpoint_contexts
+import torch.utils.checkpoint
 
+from revlib._checks import positive_integers
 from revlib._recompute import ForwardState, Stash, accumulate, check_parameters_unchanged, distinct_parameters, needs_graph, run_checked, vector_jacobian_products
+
+__all__ = [
+    "SCHEDULES",
+    "CheckpointPlan",
+    "CheckpointedSequence",
+    "Offloaded",
+    "TorchSegmentCheckpointed",
+    "TorchSelectiveCheckpointed",
+    "check_plan",
+    "checkpoint_plan",
+    "griewank_steps",
+    "optimal_recomputations",
+]
 
 ScheduleName = Literal["every", "sqrt", "revolve"]
 SCHEDULES = ("every", "sqrt", "revolve")
@@ -69,7 +83,7 @@ def griewank_steps(steps: int, checkpoints: int) -> int:
     Raises:
         ValueError: ``steps`` or ``checkpoints`` is not positive.
     """
-    _check_positive(steps=steps, checkpoints=checkpoints)
+    positive_integers(steps=steps, checkpoints=checkpoints)
     repetitions = 0
     while _beta(checkpoints, repetitions) < steps:  # the repetition number r: β(s, r−1) < l ≤ β(s, r)
         repetitions += 1
@@ -85,14 +99,8 @@ def optimal_recomputations(steps: int, slots: int) -> int:
     Raises:
         ValueError: ``steps`` or ``slots`` is not positive.
     """
-    _check_positive(steps=steps, slots=slots)
+    positive_integers(steps=steps, slots=slots)
     return griewank_steps(steps + 1, slots) - steps
-
-
-def _check_positive(**values: int) -> None:
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 @lru_cache(maxsize=None)
@@ -192,13 +200,13 @@ def checkpoint_plan(steps: int, schedule: ScheduleName = "revolve", slots: int |
         ValueError: an unknown schedule, ``steps`` not positive, ``slots`` missing or not positive for
             ``"revolve"``, or given for another schedule.
     """
-    _check_positive(steps=steps)
+    positive_integers(steps=steps)
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     if schedule == "revolve":
         if slots is None:
             raise ValueError("schedule='revolve' needs a budget: slots=<the most block inputs to keep at once>")
-        _check_positive(slots=slots)
+        positive_integers(slots=slots)
     elif slots is not None:
         raise ValueError(f"slots is the budget of schedule='revolve'; schedule={schedule!r} sets its own, so leave slots out")
     return _plan(steps, schedule, slots)
@@ -426,8 +434,9 @@ def _run(block: nn.Module, x: Tensor, index: int, *, record: bool, recorded: dic
 
 
 @torch.compiler.disable  # run eagerly under torch.compile (the plan is Python control flow), its blocks compiled
-def _checkpointed(x: Tensor, blocks: list[nn.Module], plan: CheckpointPlan, preserve_rng: bool, parameters: list[Tensor]) -> Tensor:
-    return _CheckpointFunction.apply(x, blocks, plan, preserve_rng, *parameters)
+def _checkpointed(x: Tensor, sequence: CheckpointedSequence) -> Tensor:
+    blocks = list(sequence)  # in order, a repeated block once per use
+    return _CheckpointFunction.apply(x, blocks, sequence.plan, sequence.preserve_rng_state, *sequence.parameters())
 
 
 class CheckpointedSequence(nn.Sequential):
@@ -460,6 +469,8 @@ class CheckpointedSequence(nn.Sequential):
         *blocks: the blocks, ``nn.Module`` objects.
         schedule: ``"every"``, ``"sqrt"`` or ``"revolve"``.
         slots: for ``"revolve"``, the most block inputs kept at once (at least 1; the input among them).
+        memory_saving: recompute in the backward pass (the default); ``False`` runs the blocks with
+            ordinary autograd, as ``nn.Sequential`` does.
         preserve_rng_state: replay each block's random state in the recomputation (needed for dropout).
 
     Raises:
@@ -467,7 +478,14 @@ class CheckpointedSequence(nn.Sequential):
         ValueError: an unknown schedule, or a missing or bad ``slots``.
     """
 
-    def __init__(self, *blocks: nn.Module, schedule: ScheduleName = "every", slots: int | None = None, preserve_rng_state: bool = True) -> None:
+    def __init__(
+        self,
+        *blocks: nn.Module,
+        schedule: ScheduleName = "every",
+        slots: int | None = None,
+        memory_saving: bool = True,
+        preserve_rng_state: bool = True,
+    ) -> None:
         for index, block in enumerate(blocks):
             if not isinstance(block, nn.Module):
                 raise TypeError(f"block {index} must be an nn.Module, got {type(block).__name__}")
@@ -475,6 +493,7 @@ class CheckpointedSequence(nn.Sequential):
         super().__init__(*blocks)
         self.schedule = schedule
         self.slots = slots
+        self.memory_saving = memory_saving
         self.preserve_rng_state = preserve_rng_state
 
     @property
@@ -485,7 +504,8 @@ class CheckpointedSequence(nn.Sequential):
         return checkpoint_plan(len(self), self.schedule, self.slots)
 
     def _like(self, blocks: Iterable[nn.Module]) -> CheckpointedSequence:
-        return CheckpointedSequence(*blocks, schedule=self.schedule, slots=self.slots, preserve_rng_state=self.preserve_rng_state)
+        return CheckpointedSequence(*blocks, schedule=self.schedule, slots=self.slots, memory_saving=self.memory_saving,
+                                    preserve_rng_state=self.preserve_rng_state)
 
     def __getitem__(self, index: int | slice) -> nn.Module:  # type: ignore[override]
         if isinstance(index, slice):
@@ -505,14 +525,13 @@ class CheckpointedSequence(nn.Sequential):
     __rmul__ = __mul__
 
     def forward(self, x: Tensor) -> Tensor:
-        blocks = list(self)  # in order, a repeated block once per use
-        if not blocks or not needs_graph([x], self.parameters()):
+        if not self.memory_saving or not len(self) or not needs_graph([x], self.parameters()):
             return super().forward(x)
-        return _checkpointed(x, blocks, self.plan, self.preserve_rng_state, list(self.parameters()))
+        return _checkpointed(x, self)
 
     def extra_repr(self) -> str:
         slots = f", slots={self.slots}" if self.slots is not None else ""
-        return f"schedule={self.schedule!r}{slots}"
+        return f"schedule={self.schedule!r}{slots}" + ("" if self.memory_saving else ", memory_saving=False")
 
 
 class TorchSegmentCheckpointed(nn.Sequential):
@@ -522,18 +541,19 @@ class TorchSegmentCheckpointed(nn.Sequential):
     def __init__(self, *blocks: nn.Module, segments: int | None = None) -> None:
         super().__init__(*blocks)
         self.segments = segments if segments is not None else math.ceil(math.sqrt(len(blocks)))
-        _check_positive(segments=self.segments)
+        positive_integers(segments=self.segments)
 
     def forward(self, x: Tensor) -> Tensor:
         if not torch.is_grad_enabled():
             return super().forward(x)
-        return checkpoint_sequential(self, self.segments, x, use_reentrant=False)
+        return torch.utils.checkpoint.checkpoint_sequential(self, self.segments, x, use_reentrant=False)
 
 
-def _keep_matrix_products(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+def _keep_matrix_products(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> torch.utils.checkpoint.CheckpointPolicy:
     """Keep the outputs of convolutions and matrix products; recompute everything else (the cheap, pointwise ops)."""
     expensive = (torch.ops.aten.convolution.default, torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
-    return CheckpointPolicy.MUST_SAVE if op in expensive else CheckpointPolicy.PREFER_RECOMPUTE
+    policy = torch.utils.checkpoint.CheckpointPolicy
+    return policy.MUST_SAVE if op in expensive else policy.PREFER_RECOMPUTE
 
 
 class TorchSelectiveCheckpointed(nn.Sequential):
@@ -544,9 +564,9 @@ class TorchSelectiveCheckpointed(nn.Sequential):
     def forward(self, x: Tensor) -> Tensor:
         if not torch.is_grad_enabled():
             return super().forward(x)
-        context = functools.partial(create_selective_checkpoint_contexts, _keep_matrix_products)
+        context = functools.partial(torch.utils.checkpoint.create_selective_checkpoint_contexts, _keep_matrix_products)
         for block in self:
-            x = checkpoint(block, x, use_reentrant=False, context_fn=context)
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False, context_fn=context)
         return x
 
 

@@ -27,6 +27,8 @@ import os
 from dataclasses import asdict, dataclass
 from numbers import Real
 
+__all__ = ["CLAIMS_VARIABLE", "Claim", "claim"]
+
 CLAIMS_VARIABLE = "REVLIB_CLAIMS"
 
 

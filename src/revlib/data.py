@@ -12,7 +12,9 @@
   the user's own copy of the "python version" (the folder ``cifar-10-batches-py``) for the chapters'
   larger, GPU-sized configurations. It is never downloaded: :func:`find_cifar10` says whether it is there.
 
-All return a :class:`Dataset` whose tensors live on the requested device.
+All return a :class:`DataSplits`, the training and test tensors of one data set on the requested device
+(not a ``torch.utils.data.Dataset``: the data sets are small enough to be held whole, and batches are taken
+by indexing). :func:`image_rows` reads images as sequences of rows, for the Transformer.
 """
 
 from __future__ import annotations
@@ -29,13 +31,15 @@ from torch import Tensor
 
 from revlib.runtime import resolve_device
 
+__all__ = ["DataSplits", "find_cifar10", "image_rows", "load_cifar10", "load_digits", "make_spirals"]
+
 DATA_VARIABLE = "REVLIB_DATA"
 CIFAR10_FOLDER = "cifar-10-batches-py"
 
 
 @dataclass(frozen=True)
-class Dataset:
-    """A classification data set split into a training and a test part.
+class DataSplits:
+    """A classification data set split into a training and a test part, held as whole tensors.
 
     Attributes:
         name: a short name for tables and legends.
@@ -58,10 +62,10 @@ class Dataset:
         """The shape of one input, e.g. ``(64,)`` or ``(1, 8, 8)``."""
         return tuple(self.x_train.shape[1:])
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Dataset:
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> DataSplits:
         """A copy on ``device`` (inputs also cast to ``dtype`` when given; labels stay ``long``)."""
         device = resolve_device(device)
-        return Dataset(
+        return DataSplits(
             name=self.name,
             x_train=self.x_train.to(device=device, dtype=dtype),
             y_train=self.y_train.to(device=device),
@@ -72,7 +76,7 @@ class Dataset:
 
     def __repr__(self) -> str:
         return (
-            f"Dataset({self.name!r}: {len(self.x_train)} train / {len(self.x_test)} test, "
+            f"DataSplits({self.name!r}: {len(self.x_train)} train / {len(self.x_test)} test, "
             f"inputs {self.feature_shape}, {self.classes} classes, {self.x_train.dtype}, {self.x_train.device.type})"
         )
 
@@ -89,7 +93,7 @@ def load_digits(
     split_seed: int = 0,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
-) -> Dataset:
+) -> DataSplits:
     r"""scikit-learn's handwritten digits, normalised, with a fixed stratified train/test split.
 
     Pixel intensities (0–16) are standardised with the training set's mean :math:`\mu` and standard
@@ -133,8 +137,8 @@ def _standardised(
     axis: tuple[int, ...] | None,
     dtype: torch.dtype,
     device: torch.device | str | None,
-) -> Dataset:
-    """A 10-class :class:`Dataset` of ``(inputs, labels)`` arrays, the inputs standardised with the training
+) -> DataSplits:
+    """A 10-class :class:`DataSplits` of ``(inputs, labels)`` arrays, the inputs standardised with the training
     set's mean and standard deviation over ``axis`` (``None``: one scalar each)."""
     mean = train[0].mean(axis=axis, keepdims=axis is not None)
     std = train[0].std(axis=axis, keepdims=axis is not None)
@@ -143,7 +147,7 @@ def _standardised(
     def inputs(array: np.ndarray) -> Tensor:
         return torch.as_tensor((array - mean) / std, dtype=dtype, device=device)
 
-    return Dataset(
+    return DataSplits(
         name=name,
         x_train=inputs(train[0]),
         y_train=torch.as_tensor(train[1], device=device),
@@ -163,7 +167,7 @@ def make_spirals(
     seed: int = 0,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
-) -> Dataset:
+) -> DataSplits:
     r"""Interleaved spirals in the plane, one arm per class.
 
     Point :math:`i` of arm :math:`k` has radius :math:`r = t` and angle
@@ -206,7 +210,7 @@ def make_spirals(
     x, y = x[order], y[order]
     test_size = max(1, round(test_fraction * len(y)))
     device = resolve_device(device)
-    return Dataset(
+    return DataSplits(
         name="spirals",
         x_train=x[test_size:].to(device=device, dtype=dtype),
         y_train=y[test_size:].to(device),
@@ -251,7 +255,7 @@ def load_cifar10(
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
-) -> Dataset:
+) -> DataSplits:
     r"""CIFAR-10 from a local copy of its python version: 50,000 training and 10,000 test images ``(N, 3, 32, 32)``.
 
     Each colour channel :math:`c` is standardised with the training set's mean and standard deviation,
@@ -285,3 +289,19 @@ def load_cifar10(
     test_pixels, test_labels = _read_cifar_batch(folder / "test_batch")
     per_channel = (0, 2, 3)  # statistics of (1, 3, 1, 1)
     return _standardised("cifar10", (train_pixels, train_labels), (test_pixels, test_labels), axis=per_channel, dtype=dtype, device=device)
+
+
+def image_rows(data: DataSplits) -> DataSplits:
+    """``data``'s images ``(N, C, H, W)`` read as sequences of ``H`` tokens, one per row: ``(N, H, C·W)``.
+
+    Raises:
+        ValueError: the inputs are not images ``(N, C, H, W)``.
+    """
+    if data.x_train.dim() != 4:
+        raise ValueError(f"image_rows needs images (N, C, H, W), got inputs of shape {tuple(data.x_train.shape)}")
+
+    def rows(images: Tensor) -> Tensor:
+        count, channels, height, width = images.shape
+        return images.permute(0, 2, 1, 3).reshape(count, height, channels * width)  # (N, H, C·W)
+
+    return DataSplits(f"{data.name} rows", rows(data.x_train), data.y_train, rows(data.x_test), data.y_test, data.classes)

@@ -20,15 +20,15 @@ backward, and gives the measured peak (:func:`revlib.measure.peak_memory`), the 
 (methods timed in turns), the relative gradient error against exact backprop through the *same* network,
 and the evaluations of the residual functions per function beyond the forward pass (recomputation).
 
-Command line: ``python -m revlib.frontier --family conv --depth 16 --width 32 --batch 64``.
+This module is the capstone: it imports every idea and nothing imports it. ``benchmarks/frontier.py`` prints
+its table from the command line.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,45 +36,35 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from revlib._checks import positive_integers
 from revlib.adjoint import ODEResNet
+from revlib.blocks import ResidualBlock, conv_residual, mlp_residual
 from revlib.checkpoint import CheckpointedSequence, Offloaded
 from revlib.data import load_digits
-from revlib.measure import compare_times, count_calls, peak_memory, saved_tensor_bytes
+from revlib.measure import StepMemory, compare_times, count_calls, step_memory
 from revlib.momentum import MomentumSequence
-from revlib.residual import SkipBlock
-from revlib.reversible import ReversibleBlock, ReversibleSequence, conv_residual
+from revlib.reversible import ReversibleBlock, ReversibleSequence
 from revlib.runtime import resolve_device
+from revlib.training import OPTIMIZERS, make_optimizer, training_step
 from revlib.verify import relative_error
 
+__all__ = ["FAMILIES", "FrontierRow", "MethodNetwork", "format_table", "frontier", "methods", "residual_function"]
+
 FAMILIES = ("mlp", "conv")
-OPTIMIZERS = ("sgd", "momentum", "adam")
 
 
 @dataclass(frozen=True)
 class FrontierRow:
-    """One method's training step. Bytes are exact counts except ``peak``; ``seconds`` is a median.
-
-    ``peak`` is :func:`revlib.measure.peak_memory` of the step: the most memory it held *beyond* what was
-    resident before it (the parameters were). It is a maximum over time, not a sum: activations are freed
-    during the backward pass while gradients appear, and the optimiser's state is created after that, so
-    ``peak`` can be smaller than ``parts``. ``gradient_error`` is measured at the initial weights, before any
-    step.
-    """
+    """One method's training step: its memory bill (:class:`revlib.measure.StepMemory`: exact counts and
+    the measured peak), the median time of the step, the relative gradient error against exact backprop
+    through the same network (at the initial weights, before any step) and the evaluations of each residual
+    function beyond the forward pass."""
 
     method: str
-    parameters: int
-    gradients: int
-    optimizer_state: int
-    activations: int
-    peak: int
+    memory: StepMemory
     seconds: float
     gradient_error: float
     recomputations: float
-
-    @property
-    def parts(self) -> int:
-        """Parameters, gradients, optimiser state and saved activations together."""
-        return self.parameters + self.gradients + self.optimizer_state + self.activations
 
 
 @dataclass
@@ -102,34 +92,34 @@ def residual_function(family: str, width: int) -> nn.Module:
     """One shape-preserving residual function of ``family`` on ``width`` features or channels.
 
     Raises:
-        ValueError: an unknown family or a width below 2.
+        ValueError: an unknown family or a width that is not a positive integer.
     """
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
-    if not isinstance(width, int) or width < 2:
-        raise ValueError(f"width must be an integer of at least 2, got {width!r}")
+    return mlp_residual(width) if family == "mlp" else conv_residual(width)
+
+
+def _classifier(family: str, width: int, stack: nn.Module, inputs: int, classes: int) -> nn.Sequential:
+    """stem → stack → head: ``inputs`` features (``inputs`` image channels for ``"conv"``) to ``classes``."""
     if family == "mlp":
-        return nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, width))
-    return conv_residual(width)
+        return nn.Sequential(nn.Linear(inputs, width), stack, nn.Linear(width, classes))
+    return nn.Sequential(nn.Conv2d(inputs, width, 3, padding=1), stack, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, classes))
 
 
-def _classifier(family: str, width: int, stack: nn.Module) -> nn.Sequential:
-    """stem → stack → head on the digits: 64 pixels (or 1×8×8 images) to 10 classes."""
-    if family == "mlp":
-        return nn.Sequential(nn.Linear(64, width), stack, nn.Linear(width, 10))
-    return nn.Sequential(nn.Conv2d(1, width, 3, padding=1), stack, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10))
-
-
-def methods(family: str, depth: int, width: int, device: torch.device | str | None = None) -> dict[str, Callable[[], MethodNetwork]]:
+def methods(family: str, depth: int, width: int, device: torch.device | str | None = None, *, inputs: int | None = None,
+            classes: int = 10) -> dict[str, Callable[[], MethodNetwork]]:
     """The methods, by name, each a builder of its :class:`MethodNetwork` (initialised from the current seed).
 
-    ``offload`` is among them only on CUDA. ``device=None`` means :func:`revlib.runtime.default_device`.
+    The classifiers take ``inputs`` features (``"mlp"``; 64 by default, the flat digits) or image channels
+    (``"conv"``; 1 by default) and give ``classes`` scores. ``offload`` is among them only on CUDA.
+    ``device=None`` means :func:`revlib.runtime.default_device`.
     """
+    inputs = (64 if family == "mlp" else 1) if inputs is None else inputs
     device = resolve_device(device)
 
     def residual_blocks() -> tuple[list[nn.Module], list[nn.Module]]:
         functions = [residual_function(family, width) for _ in range(depth)]
-        return [SkipBlock(f, residual=True) for f in functions], functions
+        return [ResidualBlock(f) for f in functions], functions
 
     def blocks_in(wrap: Callable[[list[nn.Module]], nn.Module]) -> Callable[[], MethodNetwork]:
         def build() -> MethodNetwork:
@@ -143,13 +133,13 @@ def methods(family: str, depth: int, width: int, device: torch.device | str | No
 
     def momentum() -> MethodNetwork:
         functions = [residual_function(family, width) for _ in range(depth)]
-        return MethodNetwork(MomentumSequence(*functions), MomentumSequence(*functions, memory_free=False), functions)
+        return MethodNetwork(MomentumSequence(*functions), MomentumSequence(*functions, memory_saving=False), functions)
 
     def adjoint(scheme: str) -> Callable[[], MethodNetwork]:
         def build() -> MethodNetwork:
             functions = [residual_function(family, width) for _ in range(depth)]
-            return MethodNetwork(ODEResNet(functions, scheme=scheme, gradient="adjoint"),  # type: ignore[arg-type]
-                            ODEResNet(functions, scheme=scheme, gradient="backprop"), functions)  # type: ignore[arg-type]
+            return MethodNetwork(ODEResNet(*functions, scheme=scheme),  # type: ignore[arg-type]
+                                 ODEResNet(*functions, scheme=scheme, memory_saving=False), functions)  # type: ignore[arg-type]
         return build
 
     budgets = sorted({2, max(2, math.ceil(math.log2(depth)))})
@@ -169,7 +159,7 @@ def methods(family: str, depth: int, width: int, device: torch.device | str | No
     def classified(build: Callable[[], MethodNetwork]) -> Callable[[], MethodNetwork]:
         def build_classifier() -> MethodNetwork:
             network = build()
-            model = _classifier(family, width, network.model).to(device)
+            model = _classifier(family, width, network.model, inputs, classes).to(device)
             exact = nn.Sequential(*(network.exact if module is network.model else module for module in model)).to(device)
             return MethodNetwork(model, exact, network.functions)
         return build_classifier
@@ -177,101 +167,10 @@ def methods(family: str, depth: int, width: int, device: torch.device | str | No
     return {name: classified(build) for name, build in stacks.items()}
 
 
-def make_optimizer(name: str, parameters: Iterable[Tensor], learning_rate: float = 0.01) -> torch.optim.Optimizer:
-    """``"sgd"`` (no state), ``"momentum"`` (SGD with momentum 0.9: one buffer per parameter) or ``"adam"`` (two).
-
-    Raises:
-        ValueError: an unknown name.
-    """
-    if name == "sgd":
-        return torch.optim.SGD(parameters, lr=learning_rate)
-    if name == "momentum":
-        return torch.optim.SGD(parameters, lr=learning_rate, momentum=0.9)
-    if name == "adam":
-        return torch.optim.Adam(parameters, lr=learning_rate)
-    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
-
-
-def training_step(model: nn.Module, inputs: Tensor, targets: Tensor, optimizer: str) -> torch.optim.Optimizer:
-    """One step: a fresh optimiser, cross-entropy, backward, the optimiser's update. Returns the optimiser."""
-    step = make_optimizer(optimizer, model.parameters())
-    step.zero_grad()
-    F.cross_entropy(model(inputs), targets).backward()
-    step.step()
-    return step
-
-
-def first_training_step(model: nn.Module, inputs: Tensor, targets: Tensor, optimizer: str) -> None:
-    """:func:`training_step`, then the gradients released (``.grad`` set to ``None``), as a training loop's
-    ``zero_grad()`` releases them before the next step: what the step allocates (its activations, its
-    gradients, a fresh optimiser's state) is then allocated inside it every time it runs, and a
-    measurement of its peak (:func:`revlib.measure.peak_memory` calls it twice) sees all of it."""
-    training_step(model, inputs, targets, optimizer)
-    model.zero_grad(set_to_none=True)
-
-
-@dataclass(frozen=True)
-class StepMemory:
-    """The memory bill of one training step (:func:`training_step`), in bytes.
-
-    ``parameters``, ``gradients``, ``optimizer_state`` (after the step) and ``activations`` (saved for
-    backward by the forward pass and the loss, the batch and targets among them, the parameters not) are
-    exact counts. ``peak`` is
-    measured (:func:`revlib.measure.peak_memory` of :func:`first_training_step`): the most the step held
-    beyond what was resident before it, the parameters and the batch, with its gradients and a fresh
-    optimiser's state allocated inside it, as on a first step.
-    """
-
-    parameters: int
-    gradients: int
-    optimizer_state: int
-    activations: int
-    peak: int
-
-    @property
-    def parts(self) -> int:
-        """The naive bill, parameters, gradients, optimiser state and saved activations together."""
-        return self.parameters + self.gradients + self.optimizer_state + self.activations
-
-    @property
-    def floor(self) -> int:
-        """What the step must hold at once at some moment beyond the parameters. That is all saved activations at the
-        end of the forward pass, or the gradients and the optimiser state during the update. The activations
-        are freed during the backward pass as the gradients appear, so the peak sits between ``floor`` and
-        ``activations + gradients + optimizer_state`` (plus the backward pass's temporaries), not at their sum."""
-        return max(self.activations, self.gradients + self.optimizer_state)
-
-
-def step_memory(model: nn.Module, inputs: Tensor, targets: Tensor, optimizer: str = "adam") -> StepMemory:
-    """The memory bill of one :func:`training_step` of ``model`` on a batch, counted and measured.
-
-    The model is left as one step of ``optimizer`` left it (its ``.grad`` fields set).
-
-    Raises:
-        ValueError: an unknown optimiser.
-    """
-    make_optimizer(optimizer, [torch.zeros(1, requires_grad=True)])  # checks the name
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    activations = saved_tensor_bytes(lambda: F.cross_entropy(model(inputs), targets), exclude=parameters)
-    peak = peak_memory(first_training_step, model, inputs, targets, optimizer)
-    state = training_step(model, inputs, targets, optimizer).state
-    return StepMemory(
-        parameters=_bytes(parameters),
-        gradients=_bytes(p.grad for p in parameters if p.grad is not None),
-        optimizer_state=_bytes(value for entry in state.values() for value in entry.values() if isinstance(value, Tensor) and value.dim() > 0),
-        activations=activations,
-        peak=peak,
-    )
-
-
 def _gradients(model: nn.Module, inputs: Tensor, targets: Tensor) -> list[Tensor]:
     model.zero_grad()
     F.cross_entropy(model(inputs), targets).backward()
     return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
-
-
-def _bytes(tensors: Iterable[Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def frontier(family: str = "conv", depth: int = 16, width: int = 32, batch: int = 64, *, optimizer: str = "adam",
@@ -296,9 +195,7 @@ def frontier(family: str = "conv", depth: int = 16, width: int = 32, batch: int 
     Raises:
         ValueError: an unknown family or optimiser, a size that is not positive, or an odd width.
     """
-    for name, value in (("depth", depth), ("width", width), ("batch", batch), ("repeats", repeats)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    positive_integers(depth=depth, width=width, batch=batch, repeats=repeats)
     if width % 2:
         raise ValueError(f"width must be even (the reversible blocks split it in halves), got {width}")
     make_optimizer(optimizer, [torch.zeros(1, requires_grad=True)])  # checks the name
@@ -311,24 +208,15 @@ def frontier(family: str = "conv", depth: int = 16, width: int = 32, batch: int 
             torch.default_generator.manual_seed(seed)
             networks[name] = build()
     errors = {name: network.gradient_error(inputs, targets) for name, network in networks.items()}  # before the timed steps train them
-    steps = {name: functools.partial(training_step, network.model, inputs, targets, optimizer) for name, network in networks.items()}
+    steps = {name: functools.partial(training_step, network.model, inputs, targets, make_optimizer(optimizer, network.model.parameters()))
+             for name, network in networks.items()}
     times = {name: timing.median for name, timing in compare_times(steps, repeats=repeats, device=device).items()}
     rows = []
     for name, network in tqdm(networks.items(), desc="frontier", disable=not progress):
         model = network.model
         calls = count_calls(network.functions, _gradients, model, inputs, targets)
         memory = step_memory(model, inputs, targets, optimizer)
-        rows.append(FrontierRow(
-            method=name,
-            parameters=memory.parameters,
-            gradients=memory.gradients,
-            optimizer_state=memory.optimizer_state,
-            activations=memory.activations,
-            peak=memory.peak,
-            seconds=times[name],
-            gradient_error=errors[name],
-            recomputations=calls / len(network.functions) - 1,
-        ))
+        rows.append(FrontierRow(name, memory, times[name], errors[name], calls / len(network.functions) - 1))
     return rows
 
 
@@ -337,28 +225,8 @@ def format_table(rows: list[FrontierRow]) -> str:
     lines = [f"{'method':>16} {'params':>8} {'grads':>8} {'optim':>8} {'activ':>8} {'sum':>8} {'peak':>8} {'ms':>8} "
              f"{'grad err':>9} {'recomp':>7}"]
     for row in rows:
-        mib = [value / 2**20 for value in (row.parameters, row.gradients, row.optimizer_state, row.activations, row.parts, row.peak)]
+        memory = row.memory
+        mib = [value / 2**20 for value in (memory.parameters, memory.gradients, memory.optimizer_state, memory.activations, memory.parts, memory.peak)]
         lines.append(f"{row.method:>16} " + " ".join(f"{value:8.2f}" for value in mib)
                      + f" {row.seconds * 1e3:8.1f} {row.gradient_error:9.1e} {row.recomputations:7.2f}")
     return "\n".join(lines)
-
-
-def main(arguments: list[str] | None = None) -> None:
-    """``python -m revlib.frontier``: print the frontier table for one model family and size."""
-    parser = argparse.ArgumentParser(description="One training step under every memory-saving method: memory, time, gradient error.")
-    parser.add_argument("--family", choices=FAMILIES, default="conv")
-    parser.add_argument("--depth", type=int, default=16)
-    parser.add_argument("--width", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: revlib's default device)")
-    parser.add_argument("--repeats", type=int, default=3)
-    options = parser.parse_args(arguments)
-    rows = frontier(options.family, options.depth, options.width, options.batch, optimizer=options.optimizer,
-                    device=options.device, repeats=options.repeats)
-    print(f"{options.family}, {options.depth} blocks, width {options.width}, batch {options.batch}, {options.optimizer}; MiB unless stated")
-    print(format_table(rows))
-
-
-if __name__ == "__main__":
-    main()

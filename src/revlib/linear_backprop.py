@@ -20,7 +20,8 @@ estimator of Bengio et al. (2013).
 
 :class:`LinearBackprop` wraps one activation; :func:`convert_to_linear_backprop` wraps every activation of
 a model; :func:`sign_ste` is the sign activation of binary networks with a (clipped) straight-through
-backward pass.
+backward pass, and :func:`binary_network` a network of such units. :func:`linear_backprop_cosines` compares
+the two rules' weight gradients layer by layer on the hand-written MLP of :mod:`revlib.backprop`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,20 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from revlib.backprop import MLP, LossName, loss_and_gradient
+from revlib.runtime import resolve_device
+from revlib.verify import cosine_similarity
+
+__all__ = [
+    "ELEMENTWISE_ACTIVATIONS",
+    "LinearBackprop",
+    "SignSTE",
+    "binary_network",
+    "convert_to_linear_backprop",
+    "linear_backprop_cosines",
+    "sign_ste",
+]
 
 ELEMENTWISE_ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Hardtanh, nn.Softsign,
@@ -202,3 +217,38 @@ class SignSTE(nn.Module):
 
     def extra_repr(self) -> str:
         return f"clip={self.clip}"
+
+
+def binary_network(
+    in_features: int, width: int, classes: int, *, clip: float | None = 1.0, device: torch.device | str | None = None
+) -> nn.Sequential:
+    """Two hidden layers of sign units (:class:`SignSTE`), each after a linear map and BatchNorm, and a
+    linear output: ``Linear → BatchNorm → sign → Linear → BatchNorm → sign → Linear``, on ``device``
+    (``None``: :func:`revlib.runtime.default_device`).
+
+    Raises:
+        ValueError: ``clip`` is not positive.
+    """
+    return nn.Sequential(
+        nn.Linear(in_features, width), nn.BatchNorm1d(width), SignSTE(clip),
+        nn.Linear(width, width), nn.BatchNorm1d(width), SignSTE(clip), nn.Linear(width, classes),
+    ).to(resolve_device(device))
+
+
+def linear_backprop_cosines(network: MLP, inputs: Tensor, targets: Tensor, loss: LossName = "cross_entropy") -> list[float]:
+    r"""How well linear backprop points downhill, layer by layer: for every :math:`l`, the cosine between its
+    :math:`\partial J/\partial W_l` and backprop's, both at ``network``'s current weights on one batch.
+
+    The two rules share :math:`\delta_L`, so the last layer's cosine is 1. Below it they differ by the
+    factors :math:`\sigma'(z)`; for the layer just below the output and a single example the cosine is
+    non-negative when :math:`\sigma' \ge 0` (the chapter's Exercise 2), but over a batch, or further down,
+    nothing bounds it. Whichever rule ``network`` trains with, both gradients are computed here.
+    """
+    outputs, cache = network.forward(inputs)
+    _, output_gradient = loss_and_gradient(outputs, targets, loss)
+    by_rule = {}
+    for linear in (True, False):
+        view = copy.copy(network)  # the same weight tensors, the other rule
+        view.linear_backprop = linear
+        by_rule[linear] = view.backward(cache, output_gradient).weights
+    return [cosine_similarity(approximate, exact) for approximate, exact in zip(by_rule[True], by_rule[False])]

@@ -1,4 +1,4 @@
-"""Measuring what training costs: bytes saved for backward, peak memory, time.
+"""Measuring what training costs: bytes saved for backward, peak memory, time, and the bill of one step.
 
 Three instruments, from the most to the least abstract:
 
@@ -13,7 +13,11 @@ Three instruments, from the most to the least abstract:
   reads the caching allocator's peak statistics. On the CPU it runs the step in a fresh Python process and
   reads the peak resident set size of that process (Linux's ``VmHWM``, reset just before the step; where
   it cannot be reset, the peak so far is first occupied by a ballast buffer).
-* :func:`time_call` times a call with warm-up, repeats and the median, synchronising CUDA.
+* :func:`time_call` times a call with warm-up, repeats and the median, synchronising the accelerator;
+  :func:`compare_times` times several calls in turns.
+
+:func:`step_memory` puts them together for one training step (:func:`revlib.training.training_step`): the
+parameters, gradients, optimiser state and activations it holds, counted, and its peak, measured.
 """
 
 from __future__ import annotations
@@ -36,7 +40,21 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from revlib._checks import positive_integers
 from revlib.runtime import resolve_device
+from revlib.training import make_optimizer, training_step
+
+__all__ = [
+    "StepMemory",
+    "Timing",
+    "compare_times",
+    "count_calls",
+    "forward_backward",
+    "peak_memory",
+    "saved_tensor_bytes",
+    "step_memory",
+    "time_call",
+]
 
 BYTES_PER_KIB = 1024  # /proc/self/status reports kibibytes
 
@@ -309,8 +327,7 @@ def time_call(
     """
     if warmup < 0:
         raise ValueError(f"warmup must be non-negative, got {warmup}")
-    if repeats < 1:
-        raise ValueError(f"repeats must be positive, got {repeats}")
+    positive_integers(repeats=repeats)
     device = _device_of(args) if device is None else resolve_device(device)
 
     def synchronise() -> None:
@@ -327,39 +344,6 @@ def time_call(
         synchronise()
         times.append(time.perf_counter() - start)
     return Timing(tuple(times))
-
-
-@dataclass(frozen=True)
-class LineFit:
-    r"""A least-squares line :math:`y \approx \text{slope}\cdot x + \text{intercept}` and its :math:`R^2`."""
-
-    slope: float
-    intercept: float
-    r_squared: float
-
-
-def fit_line(x: Iterable[float], y: Iterable[float], *, loglog: bool = False) -> LineFit:
-    r"""Fit a straight line by least squares, e.g. saved bytes against depth.
-
-    With ``loglog=True`` the line is fitted to :math:`(\log x, \log y)`, so the slope is the exponent
-    :math:`p` of a power law :math:`y \propto x^p` (an error of order :math:`1/N` has slope :math:`-1`).
-
-    Raises:
-        ValueError: fewer than two points, lengths differ, or non-positive values with ``loglog``.
-    """
-    xs, ys = torch.tensor(list(x), dtype=torch.float64), torch.tensor(list(y), dtype=torch.float64)
-    if xs.shape != ys.shape or len(xs) < 2:
-        raise ValueError(f"x and y must hold the same number (at least 2) of values, got {len(xs)} and {len(ys)}")
-    if loglog:
-        if (xs <= 0).any() or (ys <= 0).any():
-            raise ValueError("a log-log fit needs positive x and y")
-        xs, ys = xs.log(), ys.log()
-    design = torch.stack((xs, torch.ones_like(xs)), dim=1)  # (n, 2)
-    solution = torch.linalg.lstsq(design, ys.unsqueeze(1)).solution.squeeze(1)
-    residual = ys - design @ solution
-    total = (ys - ys.mean()).pow(2).sum()
-    r_squared = 1.0 - (residual.pow(2).sum() / total).item() if total > 0 else 1.0
-    return LineFit(solution[0].item(), solution[1].item(), r_squared)
 
 
 def compare_times(
@@ -384,8 +368,7 @@ def compare_times(
         raise ValueError("calls must name at least one call")
     if warmup < 0:
         raise ValueError(f"warmup must be non-negative, got {warmup}")
-    if repeats < 1:
-        raise ValueError(f"repeats must be positive, got {repeats}")
+    positive_integers(repeats=repeats)
     device = resolve_device(device)
     for _ in range(warmup):
         for call in calls.values():
@@ -395,3 +378,67 @@ def compare_times(
         for name, call in calls.items():
             samples[name].extend(time_call(call, warmup=0, repeats=1, device=device).times)
     return {name: Timing(tuple(values)) for name, values in samples.items()}
+
+
+@dataclass(frozen=True)
+class StepMemory:
+    """The memory bill of one training step (:func:`revlib.training.training_step`), in bytes.
+
+    ``parameters``, ``gradients``, ``optimizer_state`` (after the step) and ``activations`` (saved for
+    backward by the forward pass and the loss, the batch and targets among them, the parameters not) are
+    exact counts. ``peak`` is measured (:func:`peak_memory` of a first step, whose gradients and fresh
+    optimiser state are allocated inside it): the most the step held beyond what was resident before it,
+    the parameters and the batch.
+    """
+
+    parameters: int
+    gradients: int
+    optimizer_state: int
+    activations: int
+    peak: int
+
+    @property
+    def parts(self) -> int:
+        """The naive bill, parameters, gradients, optimiser state and saved activations together."""
+        return self.parameters + self.gradients + self.optimizer_state + self.activations
+
+    @property
+    def floor(self) -> int:
+        """What the step must hold at once at some moment beyond the parameters: all saved activations at the
+        end of the forward pass, or the gradients and the optimiser state during the update."""
+        return max(self.activations, self.gradients + self.optimizer_state)
+
+
+def _first_step(model: nn.Module, inputs: Tensor, targets: Tensor, optimizer: str) -> None:
+    """A training step with a fresh optimiser, its gradients released afterwards: what a first step
+    allocates (its activations, gradients and optimiser state) is allocated inside every call."""
+    training_step(model, inputs, targets, make_optimizer(optimizer, model.parameters()))
+    model.zero_grad(set_to_none=True)
+
+
+def step_memory(model: nn.Module, inputs: Tensor, targets: Tensor, optimizer: str = "adam") -> StepMemory:
+    """The memory bill of one training step of ``model`` on a batch, counted and measured.
+
+    The model is left as one step of ``optimizer`` left it (its ``.grad`` fields set).
+
+    Raises:
+        ValueError: an unknown optimiser.
+    """
+    make_optimizer(optimizer, [torch.zeros(1, requires_grad=True)])  # checks the name
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    activations = saved_tensor_bytes(lambda: torch.nn.functional.cross_entropy(model(inputs), targets), exclude=parameters)
+    peak = peak_memory(_first_step, model, inputs, targets, optimizer)
+    step = make_optimizer(optimizer, model.parameters())
+    training_step(model, inputs, targets, step)
+    state = [value for entry in step.state.values() for value in entry.values() if isinstance(value, Tensor) and value.dim() > 0]
+    return StepMemory(
+        parameters=_bytes(parameters),
+        gradients=_bytes(p.grad for p in parameters if p.grad is not None),
+        optimizer_state=_bytes(state),
+        activations=activations,
+        peak=peak,
+    )
+
+
+def _bytes(tensors: Iterable[Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)

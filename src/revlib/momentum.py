@@ -42,7 +42,10 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from revlib._recompute import ForwardState, accumulate, check_parameters_unchanged, distinct_parameters, needs_graph, run_checked, vector_jacobian_products
+from revlib._recompute import BlockSequence, ForwardState, accumulate, check_parameters_unchanged, distinct_parameters, needs_graph, run_checked, vector_jacobian_products
+
+
+__all__ = ["MomentumSequence"]
 
 
 class _MomentumFunction(torch.autograd.Function):
@@ -71,7 +74,7 @@ class _MomentumFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         x, v, *parameters = ctx.saved_tensors
         sequence = ctx.sequence
-        check_parameters_unchanged(tuple(parameters), distinct_parameters(list(sequence.functions)), "MomentumSequence")
+        check_parameters_unchanged(parameters, distinct_parameters(sequence.functions), "MomentumSequence")
         gamma = sequence.gamma
         x, v = x.detach(), v.detach()
         grad_x, grad_v = grad_output, torch.zeros_like(grad_output)  # the loss sees x_N only
@@ -96,46 +99,49 @@ class _MomentumFunction(torch.autograd.Function):
         )
 
 
-class MomentumSequence(nn.Module):
+class MomentumSequence(BlockSequence):
     r"""Momentum residual blocks :math:`v \leftarrow \gamma v + (1-\gamma) f_n(x)`, :math:`x \leftarrow x + v`,
     trained without storing activations.
 
     ``MomentumSequence(f_0, f_1, ..., gamma=0.9)`` maps :math:`x_0` (and an initial velocity, zero by
-    default) to :math:`x_N`. With gradients enabled and ``memory_free=True`` the forward pass keeps only
-    :math:`(x_N, v_N)` and the backward pass rebuilds each block's input by the inverse (see the module
-    documentation); its gradients equal ordinary autograd's to rounding, which grows as :math:`\gamma`
-    gets small. ``memory_free=False`` runs the same blocks with ordinary autograd.
+    default) to :math:`x_N`. With gradients enabled and ``memory_saving=True`` (the default) the forward pass
+    keeps only :math:`(x_N, v_N)` and the backward pass rebuilds each block's input by the inverse (see the
+    module documentation); its gradients equal ordinary autograd's to rounding, which grows as
+    :math:`\gamma` gets small. ``memory_saving=False`` runs the same blocks with ordinary autograd.
 
     Parameters are saved for backward (an in-place change before backward fails with autograd's error;
     replaced parameters with a clear one). Tensors a residual function captures by closure rather than
-    holds as a parameter or buffer receive no gradient. A double backward raises an error.
+    holds as a parameter or buffer receive no gradient. A double backward raises an error. ``len``,
+    iteration, indexing and slicing go over the residual functions, as for the other sequences.
 
     Args:
         *functions: the residual functions :math:`f_n`, shape-preserving ``nn.Module`` objects.
         gamma: the momentum :math:`\gamma`, in :math:`(0, 1)`.
-        memory_free: rebuild activations in the backward pass instead of storing them.
+        memory_saving: rebuild activations in the backward pass instead of storing them.
         preserve_rng_state: replay each function's random state in the recomputation (needed for dropout).
 
     Raises:
         TypeError: a function is not an ``nn.Module``, or ``gamma`` is not a number.
-        ValueError: no function, or ``gamma`` outside :math:`(0, 1)`.
+        ValueError: ``gamma`` outside :math:`(0, 1)`.
     """
 
-    def __init__(self, *functions: nn.Module, gamma: float = 0.9, memory_free: bool = True, preserve_rng_state: bool = True) -> None:
-        super().__init__()
-        if not functions:
-            raise ValueError("MomentumSequence needs at least one residual function")
-        for index, function in enumerate(functions):
-            if not isinstance(function, nn.Module):
-                raise TypeError(f"function {index} must be an nn.Module, got {type(function).__name__}")
+    def __init__(self, *functions: nn.Module, gamma: float = 0.9, memory_saving: bool = True, preserve_rng_state: bool = True) -> None:
+        super().__init__(functions, kind="residual function")
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
             raise TypeError(f"gamma must be a number in (0, 1), got {type(gamma).__name__}")
         if not 0 < gamma < 1:
             raise ValueError(f"gamma must lie in (0, 1) (0 is an ordinary ResNet, which cannot be inverted), got {gamma}")
-        self.functions = nn.ModuleList(functions)
         self.gamma = float(gamma)
-        self.memory_free = memory_free
+        self.memory_saving = memory_saving
         self.preserve_rng_state = preserve_rng_state
+
+    @property
+    def functions(self) -> list[nn.Module]:
+        r"""The residual functions :math:`f_0, \dots, f_{N-1}`, in order."""
+        return self.blocks
+
+    def _like(self, blocks: list[nn.Module]) -> MomentumSequence:
+        return MomentumSequence(*blocks, gamma=self.gamma, memory_saving=self.memory_saving, preserve_rng_state=self.preserve_rng_state)
 
     def forward(self, x: Tensor, v: Tensor | None = None) -> Tensor:
         """:math:`x_N` from :math:`x_0` and the initial velocity ``v`` (zeros when ``None``).
@@ -145,8 +151,8 @@ class MomentumSequence(nn.Module):
                 its input's (it would broadcast into the velocity), or changes its input in place.
         """
         v = self._initial_velocity(x, v)
-        parameters = distinct_parameters(list(self.functions))
-        if self.memory_free and needs_graph([x, v], parameters):
+        parameters = distinct_parameters(self.functions)
+        if self.memory_saving and self.functions and needs_graph([x, v], parameters):
             return _MomentumFunction.apply(x, v, self, *parameters)
         return self.run(x, v)[0]
 
@@ -158,12 +164,13 @@ class MomentumSequence(nn.Module):
             x = x + v
         return x, v
 
-    @torch.no_grad()
     def inverse(self, x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """:math:`(x_0, v_0)` rebuilt from :math:`(x_N, v_N)` by undoing the blocks in reverse order.
 
-        Residual functions with BatchNorm should be in eval mode, so that the inverse evaluates the same
-        functions as the forward pass (in training mode the statistics of the batch differ).
+        Like the other sequences' ``inverse``, it runs in the caller's grad mode (wrap it in
+        ``torch.no_grad()`` when no gradient is wanted). Residual functions with BatchNorm should be in eval
+        mode, so that the inverse evaluates the same functions as the forward pass (in training mode the
+        statistics of the batch differ).
         """
         for function in reversed(self.functions):
             x = x - v
@@ -179,4 +186,4 @@ class MomentumSequence(nn.Module):
         return v
 
     def extra_repr(self) -> str:
-        return f"gamma={self.gamma}, memory_free={self.memory_free}"
+        return f"gamma={self.gamma}, memory_saving={self.memory_saving}"

@@ -8,6 +8,7 @@ chapter. Every helper returns the ``matplotlib.figure.Figure`` it drew on.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import matplotlib as mpl
 import matplotlib.pyplot as plt
@@ -15,8 +16,12 @@ import numpy as np
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from revlib.checkpoint import CheckpointPlan
 from revlib.training import History
+
+if TYPE_CHECKING:
+    from revlib.checkpoint import CheckpointPlan
+
+__all__ = ["BOOK_STYLE", "PALETTE", "draw_graph", "plot_history", "plot_points", "plot_schedule", "show_images", "use_book_style"]
 
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000")
 """The Okabe–Ito colours, distinguishable under every common form of colour blindness."""

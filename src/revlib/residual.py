@@ -33,80 +33,57 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from revlib.backprop import ACTIVATIONS
+from revlib._checks import positive_integers
+from revlib.blocks import ResidualBlock, make_activation, pre_activation_residual
 from revlib.runtime import evaluation_mode, resolve_device
-from revlib.training import LossFunction
 
+__all__ = [
+    "DeepNetwork",
+    "GradientFlow",
+    "conv_network",
+    "deletion_accuracies",
+    "filter_normalized_direction",
+    "gradient_flow",
+    "largest_deletion_share",
+    "largest_dip",
+    "lesion_accuracies",
+    "loss_surface",
+    "mlp_network",
+]
 
-def _activation(name: str) -> nn.Module:
-    """A fresh module of the activation called ``name`` in :data:`revlib.backprop.ACTIVATIONS`."""
-    if name not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {name!r}")
-    return ACTIVATIONS[name].module()
-
-
-def pre_activation_residual(
-    layer: Callable[[], nn.Module], *, activation: str = "relu", norm: Callable[[], nn.Module] | None = None
-) -> nn.Sequential:
-    r"""The residual function of pre-activation ResNets (He et al. 2016b),
-
-    .. math:: \mathcal F(x) = L_2\Big(\sigma\big(N_2(L_1(\sigma(N_1(x))))\big)\Big),
-
-    that is [norm →] σ → layer → [norm →] σ → layer, the modules created in that order. ``layer()`` and
-    ``norm()`` make a fresh layer (a linear map or a convolution) and normalisation; with ``norm=None``
-    there is none.
-
-    Raises:
-        ValueError: the activation is unknown.
-    """
-
-    def normalised_activation() -> list[nn.Module]:
-        return [norm(), _activation(activation)] if norm is not None else [_activation(activation)]
-
-    return nn.Sequential(*normalised_activation(), layer(), *normalised_activation(), layer())
-
-
-class SkipBlock(nn.Module):
-    r"""A block :math:`x \mapsto x + \mathcal F(x)` (``residual=True``) or :math:`x \mapsto \mathcal F(x)`.
-
-    Args:
-        layers: :math:`\mathcal F`, a module that preserves the shape of its input.
-        residual: add the identity shortcut.
-    """
-
-    def __init__(self, layers: nn.Module, residual: bool) -> None:
-        super().__init__()
-        self.layers, self.residual = layers, residual
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.layers(x)
-        return x + out if self.residual else out
-
-    def extra_repr(self) -> str:
-        return f"residual={self.residual}"
+LossFunction = Callable[[Tensor, Tensor], Tensor]
 
 
 class DeepNetwork(nn.Module):
     r"""``stem → block 0 → … → block L−1 → head``, where any block can be bypassed at test time.
 
-    Bypassing block :math:`l` replaces it by the identity, :math:`x_{l+1} = x_l`: for a residual block
-    that deletes :math:`\mathcal F_l` and keeps the shortcut, for a plain block it deletes the layer
-    outright. Build one with :func:`mlp_network` or :func:`conv_network`.
+    Block :math:`l` is :math:`x_{l+1} = x_l + \mathcal F_l(x_l)` in a residual network and
+    :math:`x_{l+1} = \mathcal F_l(x_l)` in a plain one, with the very same functions :math:`\mathcal F_l`
+    (so the two have the same parameters, under the same names). Bypassing block :math:`l` replaces it by the
+    identity, :math:`x_{l+1} = x_l`: for a residual block that deletes :math:`\mathcal F_l` and keeps the
+    shortcut, for a plain block it deletes the layer outright. Build one with :func:`mlp_network` or
+    :func:`conv_network`.
 
     Args:
         stem: maps the input to the blocks' width.
-        blocks: shape-preserving :class:`SkipBlock` modules.
+        functions: the shape-preserving :math:`\mathcal F_l`.
         head: maps the last block's output to class scores.
+        residual: add the identity shortcut around every function.
     """
 
-    def __init__(self, stem: nn.Module, blocks: Sequence[SkipBlock], head: nn.Module) -> None:
+    def __init__(self, stem: nn.Module, functions: Sequence[nn.Module], head: nn.Module, *, residual: bool) -> None:
         super().__init__()
-        self.stem, self.blocks, self.head = stem, nn.ModuleList(blocks), head
+        self.stem, self.functions, self.head = stem, nn.ModuleList(functions), head
+        self.residual = residual
+        # the blocks as modules (ResidualBlock wrappers share the functions' parameters; not registered twice)
+        self._blocks = [ResidualBlock(f) for f in functions] if residual else list(functions)
 
     @property
-    def residual(self) -> bool:
-        """Whether the blocks have skip connections."""
-        return bool(self.blocks) and all(block.residual for block in self.blocks)  # type: ignore[union-attr]
+    def blocks(self) -> list[nn.Module]:
+        """The blocks as modules, in order: :class:`~revlib.blocks.ResidualBlock` around each function, or
+        the functions themselves for a plain network (to run them elsewhere, e.g. in a
+        :class:`~revlib.checkpoint.CheckpointedSequence`)."""
+        return list(self._blocks)
 
     def forward(self, x: Tensor, bypass: Collection[int] = ()) -> Tensor:
         """Class scores; the blocks whose indices are in ``bypass`` are replaced by the identity.
@@ -114,20 +91,17 @@ class DeepNetwork(nn.Module):
         Raises:
             ValueError: an index in ``bypass`` names no block.
         """
-        bad = [index for index in bypass if not 0 <= index < len(self.blocks)]
+        bad = [index for index in bypass if not 0 <= index < len(self.functions)]
         if bad:
-            raise ValueError(f"bypass must hold block indices in [0, {len(self.blocks)}), got {sorted(bad)}")
+            raise ValueError(f"bypass must hold block indices in [0, {len(self.functions)}), got {sorted(bad)}")
         x = self.stem(x)
-        for index, block in enumerate(self.blocks):
+        for index, f in enumerate(self.functions):
             if index not in bypass:
-                x = block(x)
+                x = x + f(x) if self.residual else f(x)
         return self.head(x)
 
-
-def _check_sizes(**sizes: int) -> None:
-    for name, value in sizes.items():
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    def extra_repr(self) -> str:
+        return f"residual={self.residual}"
 
 
 def mlp_network(
@@ -155,7 +129,7 @@ def mlp_network(
         depth: number of blocks.
         classes: outputs.
         residual: add identity shortcuts around the blocks.
-        activation: a name in :data:`revlib.backprop.ACTIVATIONS` (``"relu"``, ``"tanh"``, ``"sigmoid"``, ``"identity"``).
+        activation: a name in :data:`revlib.blocks.ACTIVATIONS` (``"relu"``, ``"tanh"``, ``"sigmoid"``, ``"identity"``).
         batch_norm: put a BatchNorm before every activation (He et al. 2016's setting).
         device: where the parameters live (``None``: :func:`revlib.runtime.default_device`).
         dtype: their dtype.
@@ -163,8 +137,8 @@ def mlp_network(
     Raises:
         ValueError: a size is not a positive integer or the activation is unknown.
     """
-    _check_sizes(in_features=in_features, width=width, depth=depth, classes=classes)
-    _activation(activation)
+    positive_integers(in_features=in_features, width=width, depth=depth, classes=classes)
+    make_activation(activation)  # checks the name
     return _pre_activation_network(
         stem=nn.Linear(in_features, width),
         layer=lambda: nn.Linear(width, width),
@@ -198,7 +172,7 @@ def conv_network(
         depth: number of blocks.
         classes: outputs.
         residual: add identity shortcuts around the blocks.
-        activation: a name in :data:`revlib.backprop.ACTIVATIONS` (``"relu"``, ``"tanh"``, ``"sigmoid"``, ``"identity"``).
+        activation: a name in :data:`revlib.blocks.ACTIVATIONS` (``"relu"``, ``"tanh"``, ``"sigmoid"``, ``"identity"``).
         batch_norm: put a BatchNorm before every activation.
         device: where the parameters live (``None``: :func:`revlib.runtime.default_device`).
         dtype: their dtype.
@@ -206,8 +180,8 @@ def conv_network(
     Raises:
         ValueError: a size is not a positive integer or the activation is unknown.
     """
-    _check_sizes(in_channels=in_channels, channels=channels, depth=depth, classes=classes)
-    _activation(activation)
+    positive_integers(in_channels=in_channels, channels=channels, depth=depth, classes=classes)
+    make_activation(activation)  # checks the name
     return _pre_activation_network(
         stem=nn.Conv2d(in_channels, channels, 3, padding=1),
         layer=lambda: nn.Conv2d(channels, channels, 3, padding=1),
@@ -232,9 +206,9 @@ def _pre_activation_network(
     Layers are created in that order (stem, blocks, head), so seeded initialisations are reproducible.
     """
 
-    blocks = [SkipBlock(pre_activation_residual(layer, activation=activation, norm=norm), residual) for _ in range(depth)]
-    head_layers = [norm(), _activation(activation)] if norm is not None else [_activation(activation)]
-    return DeepNetwork(stem, blocks, nn.Sequential(*head_layers, *head()))
+    functions = [pre_activation_residual(layer, activation=activation, norm=norm) for _ in range(depth)]
+    head_layers = [norm(), make_activation(activation)] if norm is not None else [make_activation(activation)]
+    return DeepNetwork(stem, functions, nn.Sequential(*head_layers, *head()), residual=residual)
 
 
 @dataclass(frozen=True)
@@ -262,14 +236,14 @@ def gradient_flow(model: DeepNetwork, inputs: Tensor, targets: Tensor, *, loss_f
     if not isinstance(model, DeepNetwork):
         raise TypeError(f"model must be a DeepNetwork (from mlp_network or conv_network), got {type(model).__name__}")
     block_inputs: list[Tensor] = []
-    handles = [block.register_forward_pre_hook(lambda _, args: block_inputs.append(args[0])) for block in model.blocks]
+    handles = [block.register_forward_pre_hook(lambda _, args: block_inputs.append(args[0])) for block in model.functions]
     try:
         with torch.enable_grad():
             loss = loss_fn(model(inputs), targets)
     finally:
         for handle in handles:
             handle.remove()
-    block_parameters = [list(block.parameters()) for block in model.blocks]
+    block_parameters = [list(block.parameters()) for block in model.functions]
     flat_parameters = [p for parameters in block_parameters for p in parameters]
     gradients = torch.autograd.grad(loss, [*block_inputs, *flat_parameters])
     input_norms = tuple(g.norm().item() for g in gradients[: len(block_inputs)])
@@ -286,7 +260,7 @@ def lesion_accuracies(model: DeepNetwork, inputs: Tensor, targets: Tensor) -> li
     Runs in eval mode without gradients; the model's mode is restored afterwards (Veit et al. 2016).
     """
     with evaluation_mode(model):
-        return [_accuracy_without(model, inputs, targets, {index}) for index in range(len(model.blocks))]
+        return [_accuracy_without(model, inputs, targets, {index}) for index in range(len(model.functions))]
 
 
 def _accuracy_without(model: DeepNetwork, inputs: Tensor, targets: Tensor, bypass: Collection[int]) -> float:
@@ -322,11 +296,10 @@ def deletion_accuracies(
     Raises:
         ValueError: a count is outside ``[0, len(model.blocks)]`` or ``trials`` is not positive.
     """
-    blocks = len(model.blocks)
+    blocks = len(model.functions)
     if any(not 0 <= count <= blocks for count in counts):
         raise ValueError(f"counts must lie between 0 and the number of blocks ({blocks}), got {list(counts)}")
-    if trials < 1:
-        raise ValueError(f"trials must be a positive integer, got {trials!r}")
+    positive_integers(trials=trials)
     accuracies = []
     with evaluation_mode(model):
         for count in counts:

@@ -24,17 +24,29 @@ walks the blocks backwards, rebuilding and back-propagating through one block at
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from revlib._recompute import ForwardState, check_parameters_unchanged, distinct_parameters, needs_graph, run_checked, vector_jacobian_products
-from revlib.checkpoint import CheckpointedSequence
-from revlib.residual import SkipBlock, pre_activation_residual
+from revlib._checks import positive_integers
+from revlib._recompute import BlockSequence, ForwardState, accumulate, check_parameters_unchanged, distinct_parameters, needs_graph, run_checked, vector_jacobian_products
+from revlib.blocks import ResidualBlock, conv_residual
 from revlib.runtime import resolve_device
+
+__all__ = [
+    "FeedForward",
+    "ResNet",
+    "RevNet",
+    "ReversibleBlock",
+    "ReversibleSequence",
+    "ReversibleTransformer",
+    "SelfAttention",
+]
+
+Stage = Callable[..., nn.Module]  # builds one stage from its blocks: stage(*blocks)
 
 
 class ReversibleBlock(nn.Module):
@@ -145,8 +157,7 @@ class _ReversibleFunction(torch.autograd.Function):
             with torch.no_grad():
                 x1 = z1 - f_out  # x1 = z1 − F(x2)
             del f_out
-            for key, gradient in (*f_parameter_grads, *g_parameter_grads):
-                parameter_gradients[key] = parameter_gradients[key] + gradient if key in parameter_gradients else gradient
+            accumulate(parameter_gradients, (*f_parameter_grads, *g_parameter_grads))
             y1, y2 = x1, x2.detach()  # this block's input is the previous block's output
             dy1, dy2 = dz1, dx2  # dx1 = dz1
         return (
@@ -157,7 +168,7 @@ class _ReversibleFunction(torch.autograd.Function):
         )
 
 
-class ReversibleSequence(nn.Module):
+class ReversibleSequence(BlockSequence):
     r"""A stack of :class:`ReversibleBlock` whose backward pass stores no intermediate activation.
 
     Built like ``nn.Sequential``: ``ReversibleSequence(block1, block2, ...)``. With gradients enabled the
@@ -185,11 +196,14 @@ class ReversibleSequence(nn.Module):
     ``ValueError`` naming the block. A double backward (``create_graph=True``) raises an error.
 
     Indexing gives a block, slicing a ``ReversibleSequence`` of those blocks, and iteration and ``len`` go
-    over the blocks in order. A block may appear more than once (tied weights): it then runs each time and
-    its parameters receive the sum of the gradients, as in ``nn.Sequential``. No block at all is the identity.
+    over the blocks in order; the sequence cannot be changed in place. A block may appear more than once
+    (tied weights): it then runs each time and its parameters receive the sum of the gradients, as in
+    ``nn.Sequential``. No block at all is the identity.
 
     Args:
         *blocks: the reversible blocks, all splitting the same dimension.
+        memory_saving: rebuild the activations in the backward pass (the default); ``False`` runs the
+            same blocks with ordinary autograd, storing every activation.
         preserve_rng_state: replay the random state for ``f`` and ``g`` (needed for dropout; costs two
             copies of the generator state per block, a few KiB).
 
@@ -198,40 +212,26 @@ class ReversibleSequence(nn.Module):
         ValueError: blocks split different dimensions.
     """
 
-    def __init__(self, *blocks: ReversibleBlock, preserve_rng_state: bool = True) -> None:
-        super().__init__()
+    def __init__(self, *blocks: ReversibleBlock, memory_saving: bool = True, preserve_rng_state: bool = True) -> None:
         for index, block in enumerate(blocks):
             if not isinstance(block, ReversibleBlock):
                 raise TypeError(f"block {index} must be a ReversibleBlock, got {type(block).__name__}")
             if block.dim != blocks[0].dim:
                 raise ValueError(f"all blocks must split the same dimension: block 0 splits {blocks[0].dim}, block {index} splits {block.dim}")
-        for index, block in enumerate(blocks):
-            self.add_module(str(index), block)  # numbered like nn.Sequential: the two share state_dict keys
+        super().__init__(blocks)
+        self.memory_saving = memory_saving
         self.preserve_rng_state = preserve_rng_state
 
-    @property
-    def blocks(self) -> list[ReversibleBlock]:
-        """The blocks, in order; a block that appears twice (tied weights) is listed twice."""
-        return list(self._modules.values())  # type: ignore[arg-type]
-
-    def __len__(self) -> int:
-        return len(self._modules)
-
-    def __iter__(self) -> Iterator[ReversibleBlock]:
-        return iter(self.blocks)
-
-    def __getitem__(self, index: int | slice) -> ReversibleBlock | ReversibleSequence:
-        """One block, or (a slice) a ``ReversibleSequence`` of those blocks with the same options."""
-        if isinstance(index, slice):
-            return ReversibleSequence(*self.blocks[index], preserve_rng_state=self.preserve_rng_state)
-        return self.blocks[index]
+    def _like(self, blocks: list[nn.Module]) -> ReversibleSequence:
+        return ReversibleSequence(*blocks, memory_saving=self.memory_saving, preserve_rng_state=self.preserve_rng_state)  # type: ignore[arg-type]
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.blocks or not needs_graph([x], self.parameters()):
-            for block in self.blocks:
+        blocks = self.blocks
+        if not self.memory_saving or not blocks or not needs_graph([x], self.parameters()):
+            for block in blocks:
                 x = block(x)
             return x
-        return _ReversibleFunction.apply(x, self.blocks, self.preserve_rng_state, *self.parameters())
+        return _ReversibleFunction.apply(x, blocks, self.preserve_rng_state, *self.parameters())
 
     def inverse(self, y: Tensor) -> Tensor:
         """Rebuild the input of the whole stack from its output (blocks inverted in reverse order)."""
@@ -240,63 +240,74 @@ class ReversibleSequence(nn.Module):
         return y
 
 
-def conv_residual(channels: int) -> nn.Sequential:
-    """The residual function of the convolutional networks: :func:`revlib.residual.pre_activation_residual`
-    with BatchNorm, ReLU and 3×3 convolutions without bias, preserving ``(B, channels, H, W)``."""
-    return pre_activation_residual(lambda: nn.Conv2d(channels, channels, 3, padding=1, bias=False), norm=lambda: nn.BatchNorm2d(channels))
-
-
 def _downsample(in_channels: int, out_channels: int) -> nn.Sequential:
     """Non-reversible transition between stages: BatchNorm → ReLU → 3×3 conv with stride 2."""
     return nn.Sequential(nn.BatchNorm2d(in_channels), nn.ReLU(), nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1, bias=False))
 
 
-def _classifier_layers(
-    widths: Sequence[int], in_channels: int, classes: int, make_stage: Callable[[int], nn.Module]
-) -> tuple[nn.Module, list[nn.Module], nn.Module]:
-    """Stem, stages with downsampling transitions between them, and head, shared by :class:`RevNet` and
-    :class:`ResNet`; ``make_stage(width)`` builds one stage. Built in that order (so seeded initialisations
-    are reproducible)."""
-    stem = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
-    stages: list[nn.Module] = []
-    for index, width in enumerate(widths):
-        if index:
-            stages.append(_downsample(widths[index - 1], width))
-        stages.append(make_stage(width))
-    head = nn.Sequential(nn.BatchNorm2d(widths[-1]), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[-1], classes))
-    return stem, stages, head
-
-
 def _check_widths(widths: Sequence[int], blocks_per_stage: int) -> None:
-    if not widths or any(w < 2 or w % 2 for w in widths):
+    if not widths or any(isinstance(w, bool) or not isinstance(w, int) or w < 2 or w % 2 for w in widths):
         raise ValueError(f"widths must be a non-empty list of even channel counts, got {list(widths)}")
-    if blocks_per_stage < 1:
-        raise ValueError(f"blocks_per_stage must be positive, got {blocks_per_stage}")
+    positive_integers(blocks_per_stage=blocks_per_stage)
 
 
-class RevNet(nn.Module):
+class _StagedClassifier(nn.Module):
+    """stem conv → stage 1 → downsample → stage 2 → … → BatchNorm → ReLU → global average pool → linear,
+    each stage ``stage(*blocks)`` over ``blocks_per_stage`` blocks ``make_block(width)``; the modules are
+    created in that order, so seeded initialisations are reproducible."""
+
+    def __init__(
+        self,
+        widths: Sequence[int],
+        blocks_per_stage: int,
+        make_block: Callable[[int], nn.Module],
+        stage: Stage,
+        in_channels: int,
+        classes: int,
+        device: torch.device | str | None,
+        dtype: torch.dtype | None,
+    ) -> None:
+        super().__init__()
+        _check_widths(widths, blocks_per_stage)
+        self.stem = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
+        stages: list[nn.Module] = []
+        for index, width in enumerate(widths):
+            if index:
+                stages.append(_downsample(widths[index - 1], width))
+            stages.append(stage(*[make_block(width) for _ in range(blocks_per_stage)]))
+        self.stages = nn.Sequential(*stages)
+        self.head = nn.Sequential(nn.BatchNorm2d(widths[-1]), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[-1], classes))
+        self.to(device=resolve_device(device), dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.stages(self.stem(x)))  # (B, classes)
+
+
+class RevNet(_StagedClassifier):
     r"""A convolutional RevNet classifier in the style of Gomez et al. (2017).
 
     stem conv → stage 1 → downsample → stage 2 → … → BatchNorm → ReLU → global average pool → linear.
-    Each stage is a :class:`ReversibleSequence` of ``blocks_per_stage`` blocks whose :math:`\mathcal F`
-    and :math:`\mathcal G` are :func:`conv_residual` on half the stage's channels. The transitions change
-    the shape, so they are ordinary layers: their inputs are the only activations autograd stores.
+    Each stage holds ``blocks_per_stage`` :class:`ReversibleBlock` objects whose :math:`\mathcal F` and
+    :math:`\mathcal G` are :func:`~revlib.blocks.conv_residual` on half the stage's channels, run by
+    ``stage(*blocks)``: a :class:`ReversibleSequence` by default. The transitions change the shape, so they
+    are ordinary layers: their inputs are the only activations autograd stores.
 
-    With ``reversible=False`` the same blocks run as a plain ``nn.Sequential`` with ordinary autograd —
-    the same function and parameters, the ordinary memory bill — and with ``checkpointed=True`` those
-    stages are :class:`~revlib.checkpoint.CheckpointedSequence` with ``schedule="every"`` (Chen et al.
-    2016): each block's input is kept but none of its internal activations, and the downsampling
-    transitions run as ordinary layers.
+    Other stages run the same blocks — the same function and parameters — another way:
+    ``stage=nn.Sequential`` with ordinary autograd (the ordinary memory bill), or
+    ``stage=functools.partial(CheckpointedSequence, schedule="every")`` recomputing each block in the
+    backward pass (Chen et al. 2016; :mod:`revlib.checkpoint`).
 
     Args:
         widths: channels of each stage (even numbers), e.g. ``(32, 64)``.
         blocks_per_stage: reversible blocks in each stage.
+        stage: builds a stage from its blocks, ``stage(*blocks)``.
         in_channels: channels of the input images.
         classes: number of output classes.
-        reversible: use :class:`ReversibleSequence` (default) or a plain ``nn.Sequential``.
-        checkpointed: with ``reversible=False``, recompute each block in the backward pass.
         device: where the parameters live (``None``: :func:`revlib.runtime.default_device`).
         dtype: their dtype.
+
+    Raises:
+        ValueError: a width that is not an even positive integer, or ``blocks_per_stage`` not positive.
     """
 
     def __init__(
@@ -304,36 +315,22 @@ class RevNet(nn.Module):
         widths: Sequence[int] = (32, 64),
         blocks_per_stage: int = 2,
         *,
+        stage: Stage = ReversibleSequence,
         in_channels: int = 1,
         classes: int = 10,
-        reversible: bool = True,
-        checkpointed: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        _check_widths(widths, blocks_per_stage)
-        if reversible and checkpointed:
-            raise ValueError("checkpointed=True applies to the plain network; pass reversible=False with it")
+        def coupling(width: int) -> nn.Module:
+            return ReversibleBlock(conv_residual(width // 2), conv_residual(width // 2))
 
-        def stage(width: int) -> nn.Module:
-            blocks = [ReversibleBlock(conv_residual(width // 2), conv_residual(width // 2)) for _ in range(blocks_per_stage)]
-            if reversible:
-                return ReversibleSequence(*blocks)
-            return CheckpointedSequence(*blocks, schedule="every") if checkpointed else nn.Sequential(*blocks)
-
-        self.stem, stages, self.head = _classifier_layers(widths, in_channels, classes, stage)
-        self.stages = nn.Sequential(*stages)
-        self.to(device=resolve_device(device), dtype=dtype)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.stages(self.stem(x)))  # (B, classes)
+        super().__init__(widths, blocks_per_stage, coupling, stage, in_channels, classes, device, dtype)
 
 
-class ResNet(nn.Module):
+class ResNet(_StagedClassifier):
     r"""The ResNet that a :class:`RevNet` is compared with: same stem, transitions and head, and stages of
-    ordinary residual blocks :math:`y = x + \mathcal F(x)` with :math:`\mathcal F` = :func:`conv_residual`
-    on all of the stage's channels.
+    ordinary residual blocks :math:`y = x + \mathcal F(x)` (:class:`~revlib.blocks.ResidualBlock`) with
+    :math:`\mathcal F` = :func:`~revlib.blocks.conv_residual` on all of the stage's channels.
 
     A residual function on :math:`C` channels has twice the weights of a reversible block's
     :math:`\mathcal F` and :math:`\mathcal G` on :math:`C/2` channels together (:math:`2\cdot 9C^2` against
@@ -341,12 +338,16 @@ class ResNet(nn.Module):
     and the same number of convolutions along its depth as ``RevNet(widths, k)``.
 
     Args:
-        widths: channels of each stage.
+        widths: channels of each stage (even numbers).
         blocks_per_stage: residual blocks in each stage.
+        stage: builds a stage from its blocks, ``stage(*blocks)`` (``nn.Sequential`` by default).
         in_channels: channels of the input images.
         classes: number of output classes.
         device: where the parameters live (``None``: :func:`revlib.runtime.default_device`).
         dtype: their dtype.
+
+    Raises:
+        ValueError: a width that is not an even positive integer, or ``blocks_per_stage`` not positive.
     """
 
     def __init__(
@@ -354,23 +355,13 @@ class ResNet(nn.Module):
         widths: Sequence[int] = (32, 64),
         blocks_per_stage: int = 1,
         *,
+        stage: Stage = nn.Sequential,
         in_channels: int = 1,
         classes: int = 10,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        _check_widths(widths, blocks_per_stage)
-
-        def stage(width: int) -> nn.Module:
-            return nn.Sequential(*[SkipBlock(conv_residual(width), residual=True) for _ in range(blocks_per_stage)])
-
-        self.stem, stages, self.head = _classifier_layers(widths, in_channels, classes, stage)
-        self.stages = nn.Sequential(*stages)
-        self.to(device=resolve_device(device), dtype=dtype)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.stages(self.stem(x)))
+        super().__init__(widths, blocks_per_stage, lambda width: ResidualBlock(conv_residual(width)), stage, in_channels, classes, device, dtype)
 
 
 class SelfAttention(nn.Module):
@@ -406,7 +397,7 @@ class ReversibleTransformer(nn.Module):
     last dimension, with :math:`\mathcal F` = :class:`SelfAttention` and :math:`\mathcal G` =
     :class:`FeedForward`, so :math:`y_1 = x_1 + \operatorname{Attention}(x_2)`,
     :math:`y_2 = x_2 + \operatorname{FeedForward}(y_1)`. The output halves are averaged, pooled over the
-    sequence and classified. ``reversible=False`` runs the same layers with ordinary autograd.
+    sequence and classified. ``memory_saving=False`` runs the same layers with ordinary autograd.
 
     Args:
         token_features: features per input token.
@@ -416,7 +407,8 @@ class ReversibleTransformer(nn.Module):
         layers: number of reversible layers.
         classes: number of output classes.
         dropout: dropout inside attention and feed-forward.
-        reversible: use :class:`ReversibleSequence` or a plain ``nn.Sequential``.
+        memory_saving: run the layers as a memory-saving :class:`ReversibleSequence` (the default) or
+            with ordinary autograd.
         device: where the parameters live (``None``: :func:`revlib.runtime.default_device`).
         dtype: their dtype.
     """
@@ -431,22 +423,21 @@ class ReversibleTransformer(nn.Module):
         layers: int = 2,
         classes: int = 10,
         dropout: float = 0.0,
-        reversible: bool = True,
+        memory_saving: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if features % heads:
             raise ValueError(f"heads must divide features, got features={features}, heads={heads}")
-        if layers < 1:
-            raise ValueError(f"layers must be positive, got {layers}")
+        positive_integers(layers=layers)
         self.embed = nn.Linear(token_features, features)
         self.position = nn.Parameter(torch.randn(1, length, features) / math.sqrt(features))
         blocks = [
             ReversibleBlock(SelfAttention(features, heads, dropout), FeedForward(features, 4 * features, dropout), dim=-1)
             for _ in range(layers)
         ]
-        self.layers = ReversibleSequence(*blocks) if reversible else nn.Sequential(*blocks)
+        self.layers = ReversibleSequence(*blocks, memory_saving=memory_saving)
         self.head = nn.Sequential(nn.LayerNorm(features), nn.Linear(features, classes))
         self.to(device=resolve_device(device), dtype=dtype)
 

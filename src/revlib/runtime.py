@@ -24,6 +24,15 @@ import numpy as np
 import torch
 from torch import nn
 
+__all__ = [
+    "book_scale",
+    "book_seed",
+    "default_device",
+    "evaluation_mode",
+    "resolve_device",
+    "seed_everything",
+]
+
 DEVICE_VARIABLE = "REVLIB_DEVICE"
 SCALE_VARIABLE = "REVLIB_SCALE"
 SEED_VARIABLE = "REVLIB_SEED"

@@ -9,36 +9,43 @@ image experiments, CIFAR-10 read from the reader's own copy (:func:`revlib.data.
 when there is none, nothing is downloaded). The small settings are the ones the stored outputs come from:
 each chapter runs in minutes on two CPU cores. The large ones are sized for one GPU.
 
-Each settings object also builds the networks its chapter trains (``training_runs``), so that the test suite can
-build every large configuration and train it for one step on the CPU (``tests/test_settings.py``).
-Claims whose bound depends on the data (a test accuracy) read it from ``accuracy_floor``: the digits are
-easy, CIFAR-10 is not.
+Settings are data: sizes, depths, epochs, learning rates, and which images to load. The networks are built
+by the modules of the ideas they illustrate, from these numbers; the test suite builds every chapter's
+networks at the large scale and trains each for one step on the CPU (``tests/test_settings.py``). Claims
+whose bound depends on the data (a test accuracy) read it from ``accuracy_floor``: the digits are easy,
+CIFAR-10 is not.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import torch
-from torch import nn
 
-from revlib.adjoint import GradientMode
-from revlib.data import Dataset, find_cifar10, load_cifar10, load_digits, make_spirals
-from revlib.runtime import Scale, book_scale, resolve_device
+from revlib.data import DataSplits, find_cifar10, load_cifar10, load_digits, make_spirals
+from revlib.runtime import Scale, book_scale
+
+__all__ = [
+    "CHAPTER_SETTINGS",
+    "BackpropSettings",
+    "CheckpointSettings",
+    "FrontierSettings",
+    "ImageSettings",
+    "IntroSettings",
+    "LinearBackpropSettings",
+    "ODESettings",
+    "ResidualSettings",
+    "ReversibleSettings",
+    "Settings",
+    "chapter_settings",
+]
 
 ImageData = Literal["digits", "cifar10"]
 
 
-class TrainingRun(NamedTuple):
-    """One network a chapter trains: how to build it, and the data it is trained on."""
-
-    build: Callable[[], nn.Module]
-    data: Dataset
-
-
-def _image_data(preferred: ImageData, device: torch.device | str | None) -> Dataset:
+def _image_data(preferred: ImageData, device: torch.device | str | None) -> DataSplits:
     """``preferred`` images: CIFAR-10 when asked for and the reader has a copy, the digits otherwise."""
     if preferred == "cifar10" and find_cifar10() is not None:
         return load_cifar10(device=device)
@@ -52,12 +59,12 @@ class ImageSettings:
     image_data: ImageData = "digits"
     accuracy_floor: Mapping[str, float] = field(default_factory=lambda: {"digits": 0.95, "cifar10": 0.6})
 
-    def load_images(self, device: torch.device | str | None = None) -> Dataset:
+    def load_images(self, device: torch.device | str | None = None) -> DataSplits:
         """The chapter's images: CIFAR-10 when ``image_data`` asks for it and :func:`revlib.data.find_cifar10`
         finds a copy (``REVLIB_DATA``), else the digits."""
         return _image_data(self.image_data, device)
 
-    def floor(self, data: Dataset) -> float:
+    def floor(self, data: DataSplits) -> float:
         """The test accuracy the chapter's claims expect on ``data``."""
         return self.accuracy_floor[data.name]
 
@@ -70,21 +77,6 @@ class IntroSettings(ImageSettings):
     epochs: int = 15
     batch_size: int = 64
     learning_rate: float = 2e-3
-
-    def model(self, data: Dataset, device: torch.device | str | None = None) -> nn.Sequential:
-        """Two 3×3 convolutions (the second with stride 2) and a linear read-out, sized for ``data``'s images."""
-        in_channels, height, width = data.feature_shape
-        first, second = self.channels
-        return nn.Sequential(
-            nn.Conv2d(in_channels, first, kernel_size=3, padding=1), nn.ReLU(),  # (B, first, H, W)
-            nn.Conv2d(first, second, kernel_size=3, padding=1, stride=2), nn.ReLU(),  # (B, second, H/2, W/2)
-            nn.Flatten(), nn.Linear(second * ((height + 1) // 2) * ((width + 1) // 2), data.classes),  # (B, classes)
-        ).to(resolve_device(device))
-
-    def training_runs(self, device: torch.device | str | None = None) -> dict[str, TrainingRun]:
-        """The networks the chapter trains, by name, with their data."""
-        data = self.load_images(device)
-        return {"CNN": TrainingRun(lambda: self.model(data, device), data)}
 
 
 @dataclass(frozen=True)
@@ -110,14 +102,6 @@ class BackpropSettings:
     mode_input_sizes: tuple[int, ...] = (8, 16, 32, 64)
     mode_batch: int = 16
 
-    def training_runs(self, device: torch.device | str | None = None) -> dict[str, TrainingRun]:
-        """The network the chapter trains (as the autograd twin of its hand-written MLP), with its data."""
-        from revlib.backprop import MLP
-
-        data = load_digits(flat=True, device=device)
-        sizes = [data.feature_shape[0], *self.hidden, data.classes]
-        return {"MLP": TrainingRun(lambda: MLP(sizes, "relu", weight_decay=self.weight_decay, device=device).to_module(), data)}
-
 
 @dataclass(frozen=True)
 class ResidualSettings:
@@ -142,50 +126,15 @@ class ResidualSettings:
     landscape_directions: int = 8
     landscape_images: int = 256
 
-    def network(self, data: Dataset, depth: int, residual: bool, device: torch.device | str | None = None) -> nn.Module:
-        """The chapter's network with ``depth`` blocks: :func:`revlib.residual.mlp_network` with tanh."""
-        from revlib.residual import mlp_network
-
-        return mlp_network(data.feature_shape[0], self.width, depth, data.classes, residual=residual, activation="tanh", device=device)
-
-    def conv_network(self, data: Dataset, depth: int, residual: bool, device: torch.device | str | None = None) -> nn.Module:
-        """The degradation experiment with BatchNorm and the loss landscapes: :func:`revlib.residual.conv_network`
-        (ReLU, BatchNorm) with ``depth`` blocks of two convolutions, as He et al.'s and Li et al.'s CIFAR
-        networks scaled down to the digit images."""
-        from revlib.residual import conv_network
-
-        return conv_network(data.feature_shape[0], self.batch_norm_channels, depth, data.classes, residual=residual, device=device)
-
-    def lesion_data(self, seed: int = 0, device: torch.device | str | None = None) -> Dataset:
-        """The lesion study's task: three spirals (:func:`revlib.data.make_spirals`), on which a trained network
-        with every block deleted (its stem and head) is near chance, so that the blocks carry the accuracy."""
-        return make_spirals(self.lesion_samples, noise=self.lesion_noise, seed=seed, device=device)
-
-    def lesion_network(self, data: Dataset, depth: int, residual: bool, device: torch.device | str | None = None) -> nn.Module:
-        """The lesion study's network: :func:`revlib.residual.mlp_network` with ReLU, as in Veit et al.'s ResNets."""
-        from revlib.residual import mlp_network
-
-        return mlp_network(data.feature_shape[0], self.lesion_width, depth, data.classes, residual=residual, activation="relu", device=device)
-
     def lesion_networks(self) -> list[tuple[bool, int]]:
         """(residual, blocks) of the lesion study's networks: a shallow plain one (a deep plain one does not
         train) and residual ones of every depth in ``lesion_depths``."""
         return [(False, self.lesion_depths[0])] + [(True, depth) for depth in self.lesion_depths]
 
-    def training_runs(self, device: torch.device | str | None = None) -> dict[str, TrainingRun]:
-        """The networks the chapter trains, by name, with their data."""
-        data, images = load_digits(flat=True, device=device), load_digits(device=device)
-        runs = {f"{'residual' if residual else 'plain'}, {depth} blocks":
-                TrainingRun(lambda depth=depth, residual=residual: self.network(data, depth, residual, device), data)
-                for residual in (False, True) for depth in self.depths}
-        runs |= {f"{'residual' if residual else 'plain'} conv with BatchNorm, {depth} blocks":
-                 TrainingRun(lambda depth=depth, residual=residual: self.conv_network(images, depth, residual, device), images)
-                 for residual in (False, True) for depth in self.batch_norm_depths}
-        spirals = self.lesion_data(device=device)
-        runs |= {f"{'residual' if residual else 'plain'} on the spirals, {depth} blocks":
-                 TrainingRun(lambda depth=depth, residual=residual: self.lesion_network(spirals, depth, residual, device), spirals)
-                 for residual, depth in self.lesion_networks()}
-        return runs
+    def lesion_data(self, seed: int = 0, device: torch.device | str | None = None) -> DataSplits:
+        """The lesion study's task: three spirals (:func:`revlib.data.make_spirals`), on which a trained network
+        with every block deleted (its stem and head) is near chance, so that the blocks carry the accuracy."""
+        return make_spirals(self.lesion_samples, noise=self.lesion_noise, seed=seed, device=device)
 
 
 @dataclass(frozen=True)
@@ -209,46 +158,6 @@ class ReversibleSettings(ImageSettings):
     transformer_epochs: int = 10
     transformer_floor: Mapping[str, float] = field(default_factory=lambda: {"digits": 0.9, "cifar10": 0.45})
 
-    def revnet(self, data: Dataset, device: torch.device | str | None = None) -> nn.Module:
-        """The RevNet with ``revnet_blocks`` reversible blocks per stage."""
-        from revlib.reversible import RevNet
-
-        return RevNet(self.widths, self.revnet_blocks, in_channels=data.feature_shape[0], classes=data.classes, device=device)
-
-    def resnet(self, data: Dataset, device: torch.device | str | None = None) -> nn.Module:
-        """The ResNet of about the RevNet's size (half as many blocks, each twice as wide inside)."""
-        from revlib.reversible import ResNet
-
-        return ResNet(self.widths, self.resnet_blocks, in_channels=data.feature_shape[0], classes=data.classes, device=device)
-
-    def transformer(self, sequences: Dataset, device: torch.device | str | None = None) -> nn.Module:
-        """The reversible Transformer for ``sequences`` (from :meth:`sequences`)."""
-        from revlib.reversible import ReversibleTransformer
-
-        length, token_features = sequences.feature_shape
-        return ReversibleTransformer(token_features, length, features=self.transformer_features, heads=4,
-                                     layers=self.transformer_layers, classes=sequences.classes, device=device)
-
-    def training_runs(self, device: torch.device | str | None = None) -> dict[str, TrainingRun]:
-        """The RevNet, the ResNet and the reversible Transformer (on image rows), with their data."""
-        images = self.load_images(device)
-        sequences = self.sequences(images)
-        return {
-            "RevNet": TrainingRun(lambda: self.revnet(images, device), images),
-            "ResNet": TrainingRun(lambda: self.resnet(images, device), images),
-            "reversible Transformer": TrainingRun(lambda: self.transformer(sequences, device), sequences),
-        }
-
-    @staticmethod
-    def sequences(data: Dataset) -> Dataset:
-        """The images as sequences for the Transformer: each image row is a token, ``(N, H, C·W)``."""
-
-        def rows(images: torch.Tensor) -> torch.Tensor:
-            count, channels, height, width = images.shape
-            return images.permute(0, 2, 1, 3).reshape(count, height, channels * width)  # (N, H, C·W)
-
-        return Dataset(f"{data.name} rows", rows(data.x_train), data.y_train, rows(data.x_test), data.y_test, data.classes)
-
 
 @dataclass(frozen=True)
 class ODESettings:
@@ -264,37 +173,6 @@ class ODESettings:
     comparison_depths: tuple[int, ...] = (8, 32, 128)
     heunnet_depths: tuple[int, ...] = (4, 8, 16, 32, 64)
     roughness_depth: int = 16
-
-    def classifier(self, data: Dataset, depth: int, *, gradient: GradientMode = "backprop", seed: int = 0,
-                   init: Literal["smooth", "i.i.d."] = "smooth", device: torch.device | str | None = None) -> nn.Sequential:
-        """A frozen random linear read-out after an :class:`~revlib.adjoint.ODEResNet` of ``depth`` tanh steps,
-        so that all learning happens in the ODE block. ``init="smooth"`` makes the weights smooth in depth
-        (:func:`~revlib.adjoint.smooth_in_depth_` with a generator seeded by ``seed``); ``"i.i.d."`` keeps
-        PyTorch's independent initialisation of every layer. The read-out is created first, then the
-        residual functions, both from the global random state.
-
-        Raises:
-            ValueError: ``init`` is neither ``"smooth"`` nor ``"i.i.d."``.
-        """
-        from revlib.adjoint import ODEResNet, smooth_in_depth_, tanh_residuals
-
-        if init not in ("smooth", "i.i.d."):
-            raise ValueError(f"init must be 'smooth' or 'i.i.d.', got {init!r}")
-        features = data.feature_shape[0]
-        readout = nn.Linear(features, data.classes).requires_grad_(False)
-        ode = ODEResNet(tanh_residuals(depth, features, hidden=self.width), gradient=gradient)
-        if init == "smooth":
-            smooth_in_depth_(ode, generator=torch.Generator().manual_seed(seed))
-        return nn.Sequential(ode, readout).to(resolve_device(device))
-
-    def training_runs(self, device: torch.device | str | None = None) -> dict[str, TrainingRun]:
-        """The networks the chapter trains, by name, with their data."""
-        data = load_digits(flat=True, device=device)
-        return {f"N={depth}, {mode}": TrainingRun(lambda depth=depth, mode=mode: self.classifier(data, depth, gradient=mode, device=device), data)
-                for depth in self.training_depths for mode in ("backprop", "adjoint")}
-
-
-ACTIVATION_NAMES = ("relu", "tanh", "sigmoid")
 
 
 @dataclass(frozen=True)
@@ -319,41 +197,6 @@ class LinearBackpropSettings(ImageSettings):
     gelu_width: int = 256
     gelu_blocks: int = 4
 
-    def mlp(self, data: Dataset, activation: str, device: torch.device | str | None = None) -> nn.Sequential:
-        """Three hidden layers of ``mlp_width`` units with ``activation`` and a linear output."""
-        from revlib.backprop import ACTIVATIONS
-
-        sizes = [data.feature_shape[0], self.mlp_width, self.mlp_width, self.mlp_width]
-        layers: list[nn.Module] = []
-        for fan_in, fan_out in zip(sizes, sizes[1:]):
-            layers += [nn.Linear(fan_in, fan_out), ACTIVATIONS[activation].module()]
-        return nn.Sequential(*layers, nn.Linear(self.mlp_width, data.classes)).to(resolve_device(device))
-
-    def cnn(self, data: Dataset, activation: str, device: torch.device | str | None = None) -> nn.Module:
-        """The residual CNN with BatchNorm: :func:`revlib.residual.conv_network`."""
-        from revlib.residual import conv_network
-
-        return conv_network(data.feature_shape[0], self.cnn_channels, self.cnn_blocks, data.classes, residual=True, activation=activation, device=device)
-
-    def binary_network(self, data: Dataset, clip: float | None, device: torch.device | str | None = None) -> nn.Sequential:
-        """Two hidden layers of sign units (:class:`~revlib.linear_backprop.SignSTE`), each after BatchNorm."""
-        from revlib.linear_backprop import SignSTE
-
-        width = self.binary_width
-        return nn.Sequential(
-            nn.Linear(data.feature_shape[0], width), nn.BatchNorm1d(width), SignSTE(clip),
-            nn.Linear(width, width), nn.BatchNorm1d(width), SignSTE(clip), nn.Linear(width, data.classes),
-        ).to(resolve_device(device))
-
-    def training_runs(self, device: torch.device | str | None = None) -> dict[str, TrainingRun]:
-        """The networks the chapter trains on real data, by name, with their data: MLPs and binary networks on
-        the flat digits, residual CNNs on the chapter's images."""
-        vectors, images = load_digits(flat=True, device=device), self.load_images(device)
-        runs = {f"MLP {a}": TrainingRun(lambda a=a: self.mlp(vectors, a, device), vectors) for a in ACTIVATION_NAMES}
-        runs |= {f"residual CNN {a}": TrainingRun(lambda a=a: self.cnn(images, a, device), images) for a in ("relu", "tanh")}
-        runs |= {f"binary, clip {c}": TrainingRun(lambda c=c: self.binary_network(vectors, c, device), vectors) for c in (1.0, None)}
-        return runs
-
 
 @dataclass(frozen=True)
 class CheckpointSettings(ImageSettings):
@@ -371,33 +214,6 @@ class CheckpointSettings(ImageSettings):
     epochs: int = 12
     batch_size: int = 64
     learning_rate: float = 0.1
-
-    def blocks(self, depth: int, device: torch.device | str | None = None) -> list[nn.Module]:
-        """``depth`` reversible blocks on ``channels`` channels (pre-activation convolutions on each half)."""
-        from revlib.reversible import ReversibleBlock, conv_residual
-
-        half = self.channels // 2
-        return [ReversibleBlock(conv_residual(half), conv_residual(half)).to(resolve_device(device)) for _ in range(depth)]
-
-    def resnet(self, data: Dataset, device: torch.device | str | None = None) -> nn.Module:
-        """The trained network: :func:`revlib.residual.conv_network` with ``train_blocks`` residual blocks."""
-        from revlib.residual import conv_network
-
-        return conv_network(data.feature_shape[0], self.train_channels, self.train_blocks, data.classes, residual=True, device=device)
-
-    def checkpointed(self, resnet: nn.Module) -> nn.Sequential:
-        """``resnet`` (from :meth:`resnet`) with its blocks in a :class:`~revlib.checkpoint.CheckpointedSequence`
-        on the optimal schedule with ``train_slots`` stored inputs; the modules, hence the weights, are shared."""
-        from revlib.checkpoint import CheckpointedSequence
-
-        blocks = CheckpointedSequence(*resnet.blocks, schedule="revolve", slots=self.train_slots)
-        return nn.Sequential(resnet.stem, blocks, resnet.head)
-
-    def training_runs(self, device: torch.device | str | None = None) -> dict[str, TrainingRun]:
-        """The networks the chapter trains, plain and checkpointed, with their data."""
-        data = self.load_images(device)
-        return {"ResNet": TrainingRun(lambda: self.resnet(data, device), data),
-                "checkpointed ResNet": TrainingRun(lambda: self.checkpointed(self.resnet(data, device)), data)}
 
 
 @dataclass(frozen=True)
@@ -421,14 +237,6 @@ class FrontierSettings:
     momentum_depth: int = 16
     gammas: tuple[float, ...] = (0.99, 0.9, 0.7, 0.5, 0.3, 0.2, 0.1)
     rounding_depths: tuple[int, ...] = (16, 32, 64)
-
-    def training_runs(self, device: torch.device | str | None = None) -> dict[str, TrainingRun]:
-        """The networks the chapter trains: each method's network on the digits (vectors for the MLP family)."""
-        from revlib.frontier import methods
-
-        data = load_digits(flat=self.train_family == "mlp", device=device)
-        builders = methods(self.train_family, self.train_depth, self.train_width, device)
-        return {name: TrainingRun(lambda build=build: build().model, data) for name, build in builders.items()}
 
 
 Settings = IntroSettings | BackpropSettings | ResidualSettings | ReversibleSettings | ODESettings | LinearBackpropSettings | CheckpointSettings | FrontierSettings

@@ -1,26 +1,43 @@
-"""A small, explicit training loop.
+"""A small, explicit training loop, and one training step.
 
 :func:`fit` is the loop every chapter uses: mini-batch gradient descent with any optimiser, a ``tqdm``
 progress bar that can be switched off, and a :class:`History` with one row per epoch that
 :mod:`revlib.plotting` knows how to draw. Shuffling uses its own seeded generator, so a run is repeatable
-without touching the global random state.
+without touching the global random state. :func:`train_epochs` is that loop for models that update
+themselves (the hand-written MLP of chapter 01).
+
+:func:`make_optimizer` and :func:`training_step` are the single step whose memory bill the book measures:
+cross-entropy, backward, the optimiser's update.
 """
 
 from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from revlib.data import Dataset
+from revlib._checks import positive_integers
+from revlib.data import DataSplits
 from revlib.runtime import evaluation_mode, resolve_device
 
+__all__ = [
+    "OPTIMIZERS",
+    "History",
+    "LossFunction",
+    "evaluate",
+    "fit",
+    "make_optimizer",
+    "train_epochs",
+    "training_step",
+]
+
 LossFunction = Callable[[Tensor, Tensor], Tensor]
+OPTIMIZERS = ("sgd", "momentum", "adam")
 
 
 @dataclass
@@ -91,11 +108,8 @@ Assess = Callable[[Tensor, Tensor], tuple[float, float]]
 """Loss and accuracy of the current model on a whole data set ``(x, y)``, without updating it."""
 
 
-def _check_loop_arguments(epochs: int, batch_size: int, data: Dataset) -> None:
-    if epochs < 1:
-        raise ValueError(f"epochs must be a positive integer, got {epochs}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+def _check_loop_arguments(epochs: int, batch_size: int, data: DataSplits) -> None:
+    positive_integers(epochs=epochs, batch_size=batch_size)
     if len(data.x_train) == 0:
         raise ValueError("data has an empty training set")
 
@@ -103,7 +117,7 @@ def _check_loop_arguments(epochs: int, batch_size: int, data: Dataset) -> None:
 def train_epochs(
     step: Step,
     assess: Assess,
-    data: Dataset,
+    data: DataSplits,
     epochs: int,
     *,
     batch_size: int = 64,
@@ -150,7 +164,7 @@ def train_epochs(
 
 def fit(
     model: nn.Module,
-    data: Dataset,
+    data: DataSplits,
     optimizer: torch.optim.Optimizer,
     epochs: int,
     *,
@@ -206,3 +220,30 @@ def fit(
 
     model.train()
     return train_epochs(step, assess, data, epochs, batch_size=batch_size, seed=seed, progress=progress)
+
+
+def make_optimizer(name: str, parameters: Iterable[Tensor], learning_rate: float = 0.01) -> torch.optim.Optimizer:
+    """``"sgd"`` (no state), ``"momentum"`` (SGD with momentum 0.9: one buffer per parameter) or ``"adam"``
+    (two moments per parameter and a step count per parameter).
+
+    Raises:
+        ValueError: an unknown name (the message lists :data:`OPTIMIZERS`).
+    """
+    if name == "sgd":
+        return torch.optim.SGD(parameters, lr=learning_rate)
+    if name == "momentum":
+        return torch.optim.SGD(parameters, lr=learning_rate, momentum=0.9)
+    if name == "adam":
+        return torch.optim.Adam(parameters, lr=learning_rate)
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+
+
+def training_step(model: nn.Module, inputs: Tensor, targets: Tensor, optimizer: torch.optim.Optimizer) -> None:
+    """One step of training: ``zero_grad``, cross-entropy of ``model(inputs)``, backward, ``optimizer.step()``.
+
+    The gradients are released first (``set_to_none``), as a training loop's ``zero_grad()`` does, so a
+    step allocates its gradients anew while its activations are freed.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    F.cross_entropy(model(inputs), targets).backward()
+    optimizer.step()

@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+__all__ = ["cosine_similarity", "finite_difference_gradient", "flat_gradient", "relative_error"]
+
 _TINY = 1e-30  # keeps the relative error finite when the reference is zero
 
 

@@ -1,0 +1,197 @@
+r"""The building blocks several chapters share: activations, residual functions, residual blocks, small networks.
+
+* :data:`ACTIVATIONS` — the elementwise non-linearities the book uses, each with its derivative written in
+  terms of its output (the hand-written backward pass of chapter 01 needs it) and its ``nn.Module``;
+  :func:`make_activation` makes a fresh module by name.
+* Residual functions :math:`\mathcal F` that preserve their input's shape: :func:`mlp_residual`
+  (linear → σ → linear, the ODE and frontier chapters), :func:`pre_activation_residual` and its
+  convolutional case :func:`conv_residual` (He et al. 2016b: [norm →] σ → layer → [norm →] σ → layer).
+* :class:`ResidualBlock`, :math:`x \mapsto x + \mathcal F(x)`.
+* :func:`small_cnn` and :func:`mlp`, the plain networks of the first chapters.
+
+Nothing here saves memory; the chapters' modules build their networks from these pieces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from revlib._checks import positive_integers
+from revlib.runtime import resolve_device
+
+__all__ = [
+    "ACTIVATIONS",
+    "Activation",
+    "ResidualBlock",
+    "make_activation",
+    "conv_residual",
+    "mlp",
+    "mlp_residual",
+    "pre_activation_residual",
+    "small_cnn",
+]
+
+
+@dataclass(frozen=True)
+class Activation:
+    r"""An elementwise non-linearity :math:`\sigma` with its derivative written in terms of its output.
+
+    Attributes:
+        name: ``"relu"``, ``"sigmoid"``, ``"tanh"`` or ``"identity"``.
+        forward: :math:`z \mapsto \sigma(z)`.
+        derivative_from_output: :math:`h \mapsto \sigma'(z)` where :math:`h = \sigma(z)`.
+        module: a factory of the equivalent ``nn.Module``.
+    """
+
+    name: str
+    forward: Callable[[Tensor], Tensor]
+    derivative_from_output: Callable[[Tensor], Tensor]
+    module: Callable[[], nn.Module]
+
+
+def _relu_derivative(h: Tensor) -> Tensor:
+    return (h > 0).to(h.dtype)  # σ(z) = max(z, 0): σ'(z) = 1[z > 0] = 1[h > 0]
+
+
+def _sigmoid_derivative(h: Tensor) -> Tensor:
+    return h * (1 - h)  # σ(z) = 1 / (1 + e^{-z}): σ'(z) = σ(z)(1 - σ(z)) = h(1 - h)
+
+
+def _tanh_derivative(h: Tensor) -> Tensor:
+    return 1 - h * h  # σ'(z) = 1 - tanh²(z) = 1 - h²
+
+
+def _identity(z: Tensor) -> Tensor:
+    return z
+
+
+ACTIVATIONS: dict[str, Activation] = {
+    "relu": Activation("relu", torch.relu, _relu_derivative, nn.ReLU),
+    "sigmoid": Activation("sigmoid", torch.sigmoid, _sigmoid_derivative, nn.Sigmoid),
+    "tanh": Activation("tanh", torch.tanh, _tanh_derivative, nn.Tanh),
+    "identity": Activation("identity", _identity, torch.ones_like, nn.Identity),  # a linear network: σ' = 1
+}
+"""The activations of the book's networks, by name."""
+
+
+def make_activation(name: str) -> nn.Module:
+    """A fresh module of the activation called ``name`` in :data:`ACTIVATIONS`.
+
+    Raises:
+        ValueError: an unknown name (the message lists the known ones).
+    """
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {name!r}")
+    return ACTIVATIONS[name].module()
+
+
+def mlp_residual(width: int, hidden: int | None = None, *, activation: str = "tanh") -> nn.Sequential:
+    r"""The residual function :math:`\mathcal F(x) = W_2\,\sigma(W_1 x + b_1) + b_2` on ``(B, width)`` vectors.
+
+    Args:
+        width: features of :math:`x`, kept by the function.
+        hidden: features between the two linear maps (``width`` when ``None``).
+        activation: :math:`\sigma`, a name in :data:`ACTIVATIONS`.
+
+    Raises:
+        ValueError: a size that is not a positive integer, or an unknown activation.
+    """
+    hidden = width if hidden is None else hidden
+    positive_integers(width=width, hidden=hidden)
+    return nn.Sequential(nn.Linear(width, hidden), make_activation(activation), nn.Linear(hidden, width))
+
+
+def pre_activation_residual(
+    layer: Callable[[], nn.Module], *, activation: str = "relu", norm: Callable[[], nn.Module] | None = None
+) -> nn.Sequential:
+    r"""The residual function of pre-activation ResNets (He et al. 2016b),
+
+    .. math:: \mathcal F(x) = L_2\Big(\sigma\big(N_2(L_1(\sigma(N_1(x))))\big)\Big),
+
+    that is [norm →] σ → layer → [norm →] σ → layer, the modules created in that order. ``layer()`` and
+    ``norm()`` make a fresh layer (a linear map or a convolution) and normalisation; with ``norm=None``
+    there is none.
+
+    Raises:
+        ValueError: the activation is unknown.
+    """
+
+    def normalised_activation() -> list[nn.Module]:
+        return [norm(), make_activation(activation)] if norm is not None else [make_activation(activation)]
+
+    return nn.Sequential(*normalised_activation(), layer(), *normalised_activation(), layer())
+
+
+def conv_residual(channels: int) -> nn.Sequential:
+    r"""The convolutional residual function: :func:`pre_activation_residual` with BatchNorm, ReLU and 3×3
+    convolutions without bias, preserving ``(B, channels, H, W)``.
+
+    Raises:
+        ValueError: ``channels`` is not a positive integer.
+    """
+    positive_integers(channels=channels)
+    return pre_activation_residual(lambda: nn.Conv2d(channels, channels, 3, padding=1, bias=False), norm=lambda: nn.BatchNorm2d(channels))
+
+
+class ResidualBlock(nn.Module):
+    r"""A residual block :math:`x \mapsto x + \mathcal F(x)` (He et al. 2016).
+
+    Args:
+        f: :math:`\mathcal F`, a module that preserves the shape of its input.
+
+    Raises:
+        TypeError: ``f`` is not an ``nn.Module``.
+    """
+
+    def __init__(self, f: nn.Module) -> None:
+        super().__init__()
+        if not isinstance(f, nn.Module):
+            raise TypeError(f"f must be an nn.Module, got {type(f).__name__}")
+        self.f = f
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.f(x)
+
+
+def small_cnn(
+    feature_shape: Sequence[int], channels: tuple[int, int], classes: int, *, device: torch.device | str | None = None
+) -> nn.Sequential:
+    """Two 3×3 convolutions (the second with stride 2) and a linear read-out, for ``(B, C, H, W)`` images
+    of ``feature_shape`` ``(C, H, W)``: the first chapter's network, on ``device`` (``None``:
+    :func:`revlib.runtime.default_device`).
+
+    Raises:
+        ValueError: ``feature_shape`` is not ``(C, H, W)``, or a size is not a positive integer.
+    """
+    if len(feature_shape) != 3:
+        raise ValueError(f"feature_shape must be (channels, height, width), got {tuple(feature_shape)}")
+    in_channels, height, width = (int(size) for size in feature_shape)
+    first, second = channels
+    positive_integers(in_channels=in_channels, height=height, width=width, first=first, second=second, classes=classes)
+    return nn.Sequential(
+        nn.Conv2d(in_channels, first, kernel_size=3, padding=1), nn.ReLU(),  # (B, first, H, W)
+        nn.Conv2d(first, second, kernel_size=3, padding=1, stride=2), nn.ReLU(),  # (B, second, H/2, W/2)
+        nn.Flatten(), nn.Linear(second * ((height + 1) // 2) * ((width + 1) // 2), classes),  # (B, classes)
+    ).to(resolve_device(device))
+
+
+def mlp(sizes: Sequence[int], activation: str = "relu", *, device: torch.device | str | None = None) -> nn.Sequential:
+    """A multilayer perceptron ``Linear(n_0, n_1) → σ → … → Linear(n_{L−1}, n_L)`` (no activation at the end),
+    on ``device`` (``None``: :func:`revlib.runtime.default_device`).
+
+    Raises:
+        ValueError: fewer than two sizes, a size that is not a positive integer, or an unknown activation.
+    """
+    if len(sizes) < 2:
+        raise ValueError(f"sizes must list at least an input and an output size, got {list(sizes)}")
+    positive_integers(**{f"sizes[{index}]": size for index, size in enumerate(sizes)})
+    layers: list[nn.Module] = []
+    for index, (fan_in, fan_out) in enumerate(zip(sizes, sizes[1:])):
+        layers.append(nn.Linear(fan_in, fan_out))
+        if index < len(sizes) - 2:
+            layers.append(make_activation(activation))
+    return nn.Sequential(*layers).to(resolve_device(device))
