@@ -8,6 +8,7 @@ The companion library of the book. One module per chapter, plus shared infrastru
 * :mod:`revlib.data` — data sets that need no network (and CIFAR-10 from a local copy);
 * :mod:`revlib.training` — the training loop and its history;
 * :mod:`revlib.measure` — bytes saved for backward, peak memory, timing;
+* :mod:`revlib.timeline` — the memory a call holds over time, by category, from PyTorch's memory profiler;
 * :mod:`revlib.verify` — relative errors, finite differences, flat gradients: the checks of every gradient;
 * :mod:`revlib.plotting` — the book's figure style (imported on first use, as it loads matplotlib).
 """
@@ -22,6 +23,7 @@ from revlib.data import Dataset, find_cifar10, load_cifar10, load_digits, make_s
 from revlib.measure import LineFit, Timing, compare_times, count_calls, fit_line, forward_backward, peak_memory, saved_tensor_bytes, time_call
 from revlib.runtime import book_scale, book_seed, default_device, resolve_device, seed_everything
 from revlib.settings import chapter_settings
+from revlib.timeline import MemoryTimeline, memory_timeline
 from revlib.training import History, evaluate, fit
 
 __version__ = "0.1.0"
@@ -32,6 +34,7 @@ __all__ = [
     "Dataset",
     "History",
     "LineFit",
+    "MemoryTimeline",
     "Timing",
     "book_scale",
     "book_seed",
@@ -48,6 +51,7 @@ __all__ = [
     "load_cifar10",
     "load_digits",
     "make_spirals",
+    "memory_timeline",
     "peak_memory",
     "resolve_device",
     "saved_tensor_bytes",
