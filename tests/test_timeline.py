@@ -210,6 +210,8 @@ def test_bad_arguments_are_refused_naming_the_argument() -> None:
         memory_timeline(3)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="track must hold"):
         memory_timeline(lambda: None, track=[torch.zeros(1)])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="track must hold"):
+        memory_timeline(lambda: None, track=3)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="device must be"):
         memory_timeline(lambda: None, device=3)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="device="):

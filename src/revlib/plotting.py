@@ -224,7 +224,7 @@ CATEGORY_COLOURS = dict(zip(CATEGORIES, (PALETTE[0], PALETTE[4], PALETTE[2], PAL
 
 
 def plot_timeline(timeline: MemoryTimeline, *, ax: plt.Axes | None = None, title: str | None = None, unit: str = "MiB") -> Figure:
-    """Draw a :func:`revlib.memory_timeline` as stacked areas, one per category, over the call's time.
+    """Draw a :func:`revlib.timeline.memory_timeline` as stacked areas, one per category, over the call's time.
 
     The height of the stack at a time is the memory held then; the forward pass, the backward pass and the
     optimiser step are shaded and named along the top, and a dashed line marks the peak. Time is the profiled

@@ -38,7 +38,7 @@ from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.optim import Optimizer
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.profiler import ProfilerActivity, profile
-from torch.profiler._memory_profiler import Action, Category, MemoryProfile, TensorKey
+from torch.profiler._memory_profiler import Action, Category, MemoryProfile, OpTree, TensorKey
 
 from revlib.runtime import resolve_device
 
@@ -137,12 +137,12 @@ class MemoryTimeline:
 
     @property
     def baseline(self) -> int:
-        """Bytes live when the call started: the sum of :attr:`at_start`."""
+        """Bytes live when the call started, the sum of :attr:`at_start`."""
         return int(self.total[0])
 
     @property
     def added_peak(self) -> int:
-        """What the call adds at its peak to what was live before it: :attr:`peak` − :attr:`baseline`."""
+        """What the call adds at its peak to what was live before it, :attr:`peak` − :attr:`baseline`."""
         return self.peak - self.baseline
 
     def at(self, time: float) -> dict[str, int]:
@@ -257,12 +257,12 @@ def memory_timeline(
     """
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
-    tracked = [track] if isinstance(track, (nn.Module, Optimizer)) else list(track)
+    tracked = list(track) if isinstance(track, Iterable) and not isinstance(track, nn.Module) else [track]
     for owner in tracked:
         if not isinstance(owner, (nn.Module, Optimizer)):
             raise TypeError(f"track must hold nn.Module and torch.optim.Optimizer objects, got a {type(owner).__name__}")
-    values = [*_arguments_of(fn), *args, *kwargs.values()]
-    owners = tracked + [value for value in _leaves(values) if isinstance(value, (nn.Module, Optimizer))]
+    found = [value for value in _leaves([*_arguments_of(fn), *args, *kwargs.values()]) if isinstance(value, (nn.Module, Optimizer))]
+    owners = list(dict.fromkeys(tracked + found))
     inputs = [value for value in _leaves([*args, *kwargs.values()]) if isinstance(value, Tensor)]
     device = _device_of(inputs, owners) if device is None else resolve_device(device)
     if device.type == "cuda" and device.index is None:  # the profiler names the device with its index
@@ -270,10 +270,9 @@ def memory_timeline(
 
     with _chatter_dropped(), profile(activities=[ProfilerActivity.CPU], profile_memory=True):
         fn(*args, **kwargs)  # warm-up, profiled so that the CPU allocator learns the sizes of what it allocates
-    gc.collect()
     _synchronize(device)
     measured = profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True)
-    with _chatter_dropped():
+    with _chatter_dropped(), _garbage_collection_paused():
         measured.start()
         try:
             with record_function(_CALL), _identities_marked(owners, inputs):
@@ -343,7 +342,11 @@ def _identities_marked(owners: list[nn.Module | Optimizer], inputs: list[Tensor]
 class _AttributedProfile(MemoryProfile):
     """PyTorch's memory profile, with the marked categories imposed before its own inference and again after
     its deduction of parameters from the data flow, and the marked storages live before the call counted at
-    their full size (the profiler only sees the extent its tensors' views reach)."""
+    their full size (the profiler only sees the extent its tensors' views reach).
+
+    ``MemoryProfile.__init__`` builds the profile's event tree, then runs the inference step by step; the marks
+    are read from the tree at the first step.
+    """
 
     def _set_gradients_and_temporaries(self) -> None:  # the first step of MemoryProfile's inference
         self._marked = _read_marks(self._op_tree)
@@ -367,7 +370,7 @@ class _AttributedProfile(MemoryProfile):
             self._categories.set_by_id(key, category)
 
 
-def _read_marks(tree: Any) -> dict[TensorKey, tuple[Category, int]]:
+def _read_marks(tree: OpTree) -> dict[TensorKey, tuple[Category, int]]:
     """Each marked storage's category (the mark of highest :data:`_PRECEDENCE`, per tensor id) and bytes."""
     marks: dict[int, tuple[TensorKey, Category, int]] = {}
     for event in tree.dfs():
@@ -406,9 +409,12 @@ def _timeline(memory: _AttributedProfile, device: torch.device) -> MemoryTimelin
                 return category
         return None
 
+    def in_backward(time: int | None) -> bool:
+        return time is not None and segment(time) % 2 == 1 and phases[segment(time) // 2].name == "backward"
+
     def name(category: Category | None, born: int | None, died: int | None) -> str:
-        if category == Category.ACTIVATION and born is not None and segment(born) % 2 and phases[segment(born) // 2].name == "backward":
-            category = None  # the profiler floods activations into the engine's own operators (sum_to, say)
+        if category == Category.ACTIVATION and in_backward(born):
+            category = None  # the profiler lets activations flow into the engine's own operators (sum_to, say)
         if category in _NAMES:
             return _NAMES[category]
         if born is not None and died is not None and segment(born) == segment(died):
@@ -441,7 +447,7 @@ def _timeline(memory: _AttributedProfile, device: torch.device) -> MemoryTimelin
             changes.append((freed, 2, category, -nbytes))
     changes.sort(key=lambda change: change[:2])
 
-    times = np.array([start, *(max(time, start) for time, *_ in changes), end], dtype=np.int64)
+    times = np.clip(np.array([start, *(time for time, *_ in changes), end], dtype=np.int64), start, end)
     series = {}
     for category in CATEGORIES:
         steps = np.zeros(len(times), dtype=np.int64)
@@ -542,12 +548,29 @@ def _synchronize(device: torch.device) -> None:
 
 
 @contextlib.contextmanager
+def _garbage_collection_paused() -> Iterator[None]:
+    """No collection of reference cycles meanwhile: it would free, at a moment of its own, garbage made before
+    the call (cheaper than collecting it all first)."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
+
+
+@contextlib.contextmanager
 def _chatter_dropped() -> Iterator[None]:
-    """Catch what native code writes to the standard error's file descriptor meanwhile and pass it on, less
-    the profiler's chatter (:data:`_CHATTER`), which a notebook would otherwise show in every cell that profiles."""
+    """Catch what native code writes to the standard error's file descriptor meanwhile and pass it on at the
+    end, less the profiler's chatter (:data:`_CHATTER`), which a notebook would show in every cell that profiles."""
     try:
         saved = os.dup(2)
     except OSError:  # no standard error to filter
+        yield
+        return
+    if sys.stderr is None:  # pythonw: nothing to pass anything on to
+        os.close(saved)
         yield
         return
     with tempfile.TemporaryFile() as caught:
