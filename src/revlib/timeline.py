@@ -376,8 +376,9 @@ def _read_marks(tree: OpTree) -> dict[TensorKey, tuple[Category, int]]:
     for event in tree.dfs():
         if event.typed[0] == _EventType.TorchOp and event.name.startswith(_MARK):
             name, nbytes = event.name.removeprefix(_MARK).split()
-            key = TensorKey.from_tensor(event.children[0].typed[1].inputs[0])
-            if key is None:
+            alias = next((child for child in event.children if child.name == "aten::alias" and child.typed[1].inputs), None)
+            key = None if alias is None else TensorKey.from_tensor(alias.typed[1].inputs[0])
+            if key is None:  # a tensor without storage the profiler can name
                 continue
             category = Category[name]
             kept = marks.get(key.id)
