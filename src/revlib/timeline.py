@@ -182,14 +182,14 @@ def memory_timeline(
 ) -> MemoryTimeline:
     r"""Bytes held by category over one call of ``fn(*args, **kwargs)``, measured by PyTorch's memory profiler.
 
-    ``fn`` runs twice: once to warm up, then under the profiler. The result holds :math:`b_c(t)`, the bytes of
-    each category :math:`c` live after each allocation and free of the measured call (:class:`MemoryTimeline`).
-    Counted are the tensors the call allocates and, from its start (:attr:`MemoryTimeline.baseline`), those
-    live before it that it uses or that belong to its modules and optimisers. Memory it never touches
-    (another model, a data set) is not. The warm-up pays one-off costs and creates the ``.grad`` tensors
-    and the state of a persistent optimiser, so the measured call of a training step is a steady-state
-    step; to see a first step, let ``fn`` create its optimiser and release the gradients at its end (as
-    :func:`revlib.frontier.first_training_step` does).
+    ``fn`` runs twice (a training step trains twice): once to warm up, then under the profiler. The result
+    holds :math:`b_c(t)`, the bytes of each category :math:`c` live after each allocation and free of the
+    measured call (:class:`MemoryTimeline`). Counted are the tensors the call allocates and, from its start
+    (:attr:`MemoryTimeline.baseline`), those live before it that it uses or that belong to its modules and
+    optimisers. Memory it never touches (another model, a data set) is not. The warm-up pays one-off costs
+    and creates the ``.grad`` tensors and the state of a persistent optimiser, so the measured call of a
+    training step is a steady-state step; to see a first step, let ``fn`` create its optimiser and release
+    the gradients at its end (as :func:`revlib.frontier.first_training_step` does).
 
     The categories:
 
@@ -233,8 +233,9 @@ def memory_timeline(
     as live (none is in a training step). On CUDA the caching allocator reports the blocks it hands out
     (multiples of 512 bytes): tensors allocated during the call count at their block's size, tensors live
     before it at their storage's size, and only CUDA memory is counted (Adam's step counters live on the
-    CPU). Profiling costs time: a training step runs several times slower, and the analysis takes longer
-    than the profiled step; it does not change what is allocated.
+    CPU). Profiling does not change what is allocated, but it costs time, mostly in PyTorch's analysis of the
+    profile: about 1.3 s for a training step of a 16-block convolutional residual network that takes 0.05 s
+    (some 25 times the call).
 
     Args:
         fn: the call to measure, e.g. a training step.
