@@ -14,7 +14,9 @@ import pytest
 import revlib
 
 SOURCE = Path(revlib.__file__).resolve().parent
-INFRASTRUCTURE = ("runtime", "claims", "data", "training", "measure", "analysis", "verify", "plotting", "settings", "_checks")
+INFRASTRUCTURE = (
+    "runtime", "claims", "data", "training", "measure", "timeline", "analysis", "verify", "plotting", "settings", "_checks",
+)
 CHAPTERS = ("backprop", "residual", "reversible", "adjoint", "linear_backprop", "checkpoint", "momentum", "frontier")  # book order
 
 

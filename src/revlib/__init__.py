@@ -16,7 +16,8 @@ on first use. One module per idea, in the book's order,
 built from :mod:`revlib.blocks` (activations, residual functions, residual blocks) and measured with the
 infrastructure: :mod:`revlib.runtime` (devices, seeds, scale), :mod:`revlib.settings` (each chapter's
 experiments at two scales), :mod:`revlib.data`, :mod:`revlib.training`, :mod:`revlib.measure` (saved bytes,
-peak memory, time, a step's bill), :mod:`revlib.analysis` (fits), :mod:`revlib.verify` (gradient checks),
+peak memory, time, a step's bill), :mod:`revlib.timeline` (the memory a call holds over time, by
+category, from PyTorch's memory profiler), :mod:`revlib.analysis` (fits), :mod:`revlib.verify` (gradient checks),
 :mod:`revlib.claims` (asserted claims) and :mod:`revlib.plotting` (the book's figures; loads matplotlib).
 """
 
@@ -30,7 +31,8 @@ __version__ = "0.1.0"
 
 _SUBMODULES = (
     "adjoint", "analysis", "backprop", "blocks", "checkpoint", "claims", "data", "frontier", "linear_backprop",
-    "measure", "momentum", "plotting", "residual", "reversible", "runtime", "settings", "training", "verify",
+    "measure", "momentum", "plotting", "residual", "reversible", "runtime", "settings", "timeline", "training",
+    "verify",
 )
 
 _EXPORTS = {  # name → the module that defines it
@@ -68,6 +70,8 @@ _EXPORTS = {  # name → the module that defines it
     "saved_tensor_bytes": "measure",
     "step_memory": "measure",
     "time_call": "measure",
+    "MemoryTimeline": "timeline",
+    "memory_timeline": "timeline",
     "LineFit": "analysis",
     "fit_line": "analysis",
     "relative_error": "verify",
@@ -98,6 +102,7 @@ if TYPE_CHECKING:  # what static tools see; at run time the names are looked up 
     from revlib.reversible import ResNet, ReversibleBlock, ReversibleSequence, ReversibleTransformer, RevNet
     from revlib.runtime import book_scale, book_seed, default_device, evaluation_mode, resolve_device, seed_everything
     from revlib.settings import chapter_settings
+    from revlib.timeline import MemoryTimeline, memory_timeline
     from revlib.training import History, evaluate, fit, make_optimizer, training_step
     from revlib.verify import relative_error
 

@@ -16,12 +16,13 @@ import numpy as np
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from revlib.timeline import CATEGORIES, MemoryTimeline
 from revlib.training import History
 
 if TYPE_CHECKING:
     from revlib.checkpoint import CheckpointPlan
 
-__all__ = ["BOOK_STYLE", "PALETTE", "draw_graph", "plot_history", "plot_points", "plot_schedule", "show_images", "use_book_style"]
+__all__ = ["BOOK_STYLE", "PALETTE", "draw_graph", "plot_history", "plot_points", "plot_schedule", "plot_timeline", "show_images", "use_book_style"]
 
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000")
 """The Okabe–Ito colours, distinguishable under every common form of colour blindness."""
@@ -217,4 +218,49 @@ def plot_schedule(plan: CheckpointPlan, *, ax: plt.Axes | None = None, title: st
     ax.legend(legend, ["forward", "advance", "turn", "input kept"], loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set(xlabel="block evaluations", ylabel="state $x_i$", xlim=(0, time), ylim=(-0.5, steps + 0.5),
            title=title or f"{plan.schedule}: {plan.evaluations} evaluations, at most {plan.most_stored} inputs kept")
+    return ax.figure
+
+
+#: Bytes per unit of the memory axis of :func:`plot_timeline`.
+MEMORY_UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+
+#: The colour of each category of a :class:`~revlib.timeline.MemoryTimeline`.
+CATEGORY_COLOURS = dict(zip(CATEGORIES, (PALETTE[0], PALETTE[4], PALETTE[2], PALETTE[5], PALETTE[1], PALETTE[3], "0.7")))
+
+
+def plot_timeline(timeline: MemoryTimeline, *, ax: plt.Axes | None = None, title: str | None = None, unit: str = "MiB") -> Figure:
+    """Draw a :func:`revlib.timeline.memory_timeline` as stacked areas, one per category, over the call's time.
+
+    The height of the stack at a time is the memory held then; the forward pass, the backward pass and the
+    optimiser step are shaded and named along the top, and a dashed line marks the peak. Time is the profiled
+    call's, which profiling slows down unevenly: read the figure for the order and the sizes of things. Categories that stay
+    empty throughout are left out of the legend.
+
+    Args:
+        timeline: the measured call.
+        ax: the axes to draw on (a new figure when ``None``).
+        title: the title (by default the peak and what the call adds to the memory live at its start).
+        unit: the unit of the memory axis, one of :data:`MEMORY_UNITS`.
+
+    Raises:
+        ValueError: an unknown unit.
+    """
+    if unit not in MEMORY_UNITS:
+        raise ValueError(f"unit must be one of {tuple(MEMORY_UNITS)}, got {unit!r}")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7.2, 3.8))
+    scale = MEMORY_UNITS[unit]
+    milliseconds = timeline.times * 1e3
+    shown = [name for name in CATEGORIES if timeline.largest[name] > 0]
+    ax.stackplot(milliseconds, *(timeline.series[name] / scale for name in shown), step="post",
+                 colors=[CATEGORY_COLOURS[name] for name in shown], labels=[name.replace("_", " ") for name in shown], alpha=0.85)
+    for index, phase in enumerate(timeline.phases):
+        ax.axvspan(phase.start * 1e3, phase.end * 1e3, color="0.5", alpha=0.12 if index % 2 == 0 else 0.06, lw=0)
+        ax.text((phase.start + phase.end) / 2 * 1e3, 1.01 + 0.06 * (index % 2), phase.name, transform=ax.get_xaxis_transform(),
+                ha="center", va="bottom", fontsize=8)  # staggered, so that the names of short phases do not overlap
+    ax.axhline(timeline.peak / scale, color="0.25", lw=0.8, ls="--")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), reverse=True)
+    ax.set(xlabel="time (ms)", ylabel=f"memory ({unit})", xlim=(0, milliseconds[-1]), ylim=(0, timeline.peak / scale * 1.08))
+    default = f"peak {timeline.peak / scale:.3g} {unit}, of which the call adds {timeline.added_peak / scale:.3g}"
+    ax.set_title(default if title is None else title, pad=24)  # room for the phases' names
     return ax.figure
