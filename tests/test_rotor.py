@@ -216,15 +216,32 @@ def fastest_revolve_within(chain: tuple, budget: float) -> tuple[float, int]:
     return min(fitting)
 
 
-@pytest.mark.parametrize("per_stage, budget_mib", [(4, 56), (4, 64), (8, 64), (8, 80)])
+def fastest_size_blind_within(chain: tuple, budget: float) -> float:
+    """The fastest of the programme's plans for *equal* blocks (Griewank's, with s = 1 … N slots: unit inputs,
+    unit graphs, budget s + 5), run on the real sizes, that fits: what knowing the sizes adds."""
+    steps = len(chain[0])
+    times = []
+    for slots in range(1, steps + 1):
+        blind = optimal_chain_plan(chain[0], chain[1], [1] * (steps + 1), [1] * steps, slots + 5, allow_record=False)
+        simulated = simulate(blind.forward, blind.backward, *chain)
+        if simulated.peak_bytes <= budget:
+            times.append(simulated.time)
+    return min(times)
+
+
+@pytest.mark.parametrize("per_stage, budget_mib", [(4, 56), (4, 64), (8, 56), (8, 64), (8, 80)])
 def test_unequal_chain_is_faster_than_revolve_at_the_same_budget(per_stage: int, budget_mib: int) -> None:
+    """With 32 blocks and 64 MiB: revolve's best 193, the equal-block plans' best 190, the programme without
+    records 142, with records 125; plain backprop takes 96 but needs 257 MiB."""
     chain = resnet_chain(per_stage)
     budget = budget_mib * MiB
     revolve_time, _ = fastest_revolve_within(chain, budget)
     checkpointing = optimal_chain_plan(*chain, budget, allow_record=False)
     recording = optimal_chain_plan(*chain, budget)
-    assert recording.time < checkpointing.time < revolve_time
+    assert recording.time < checkpointing.time < min(revolve_time, fastest_size_blind_within(chain, budget))
     assert recording.peak_bytes <= budget and checkpointing.peak_bytes <= budget
+    if (per_stage, budget_mib) == (8, 64):
+        assert (revolve_time, fastest_size_blind_within(chain, budget), checkpointing.time, recording.time) == (193, 190, 142, 125)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -40,11 +40,11 @@ During an action the new tensors add to it:
     \text{turn } i:\ \begin{cases} M + a_i & \text{recorded,} \\ M + g_i + a_{i+1} + a_i & \text{not} \end{cases}
 
 (a turn holds :math:`\delta_{i+1}` and makes :math:`\delta_i`; without a recorded graph it also makes the
-graph and the output :math:`x_{i+1}`, exactly what recording block :math:`i` and turning it at once holds). A plan's peak is the largest of these over its actions, :math:`M`
-before the first one (:math:`a_0`) included; it fits a budget :math:`B` when the peak is at most :math:`B`.
-:func:`simulate` computes the peak and the time of any plan under this model, the dynamic programme
-optimises over it, and ``tests/test_rotor.py`` checks the programme against a search over every plan
-built from the same transitions (``_step``).
+graph and the output :math:`x_{i+1}`, just as recording block :math:`i` and turning it at once would). A
+plan's peak is the largest of these over its actions, :math:`M` before the first one (:math:`a_0`)
+included; it fits a budget :math:`B` when the peak is at most :math:`B`. :func:`simulate` computes the
+peak and the time of any plan under this model, the dynamic programme optimises over it, and
+``tests/test_rotor.py`` searches every plan built from the same transitions (``_step``).
 
 **The dynamic programme.** Let :math:`C(s, t, m)` be the least time to turn blocks :math:`t-1, \dots, s`
 starting from :math:`x_s` current (and kept) and :math:`\delta_t`, within :math:`m` bytes that include
@@ -62,10 +62,10 @@ restores :math:`x_s` and solves :math:`[s, j)` with the memory :math:`[j, t)` ga
         \min_{s < j < t} \sum_{k=s}^{j-1} f_k + C(j, t, m - a_s) + C(s, j, m) \Big)
 
 where the first term needs :math:`m \ge a_s + g_s + a_{s+1} + \max(a_t, a_s + a_{s+1})` (the record,
-and the final turn of block :math:`s` beside its graph's output and :math:`\delta_{s+1}`), the :math:`j`-th needs
-:math:`m \ge a_s + a_t + \max_{s \le k < j} ([k > s]\,a_k + a_{k+1})` (the advances), and an infeasible
-term is :math:`+\infty`. The answer is :math:`C(0, N+1, B)`; its forward pass is everything before the
-loss's turn.
+and the final turn of block :math:`s` beside its graph's output and :math:`\delta_{s+1}`), the
+:math:`j`-th needs :math:`m \ge a_s + a_t + \max_{s \le k < j} ([k > s]\,a_k + a_{k+1})` (the
+advances), and an infeasible term is :math:`+\infty`. The answer is :math:`C(0, N+1, B)`; its forward
+pass is everything before the loss's turn.
 
 **Which plans it optimises over.** A segment's input stays kept until the segment's first block is
 turned: the paper's *persistent* plans, and the recurrence finds the fastest of them (``tests/test_rotor.py``
@@ -82,8 +82,9 @@ faster non-persistent plan (by 11 % at most); the least budget was the same for 
 *down*, so a plan that fits in units fits in bytes. The plan is optimal for the discretised problem (for
 the real one when the sizes are whole multiples of :math:`u`, e.g. integers with :math:`B \le`
 ``units``). The table has :math:`O(N^2 U)` entries and costs :math:`O(N^3 U)` operations, vectorised over
-the split :math:`j` and the memory :math:`m` with NumPy. The least budget any plan fits is found exactly in
-bytes by the same recursion with the peak as its objective (:math:`O(N^3)`).
+the split :math:`j` and the memory :math:`m` with NumPy (N = 64 blocks and 500 units: about a tenth of a
+second). The least budget any plan fits is found exactly in bytes by the same recursion with the peak as
+its objective (:math:`O(N^3)`).
 
 **Revolve as a special case.** With equal blocks (:math:`a_i = a`, :math:`g_i = g`), no records and
 :math:`B = (s + 4)\,a + g` (a turn holds its input, its output, two gradients and the graph), every turn
@@ -358,7 +359,7 @@ def optimal_chain_plan(
             positive integer.
     """
     chain = _validated_chain(forward_time, backward_time, input_bytes, activation_bytes)
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget <= 0:
+    if isinstance(budget, (bool, np.bool_)) or not isinstance(budget, (int, float, np.integer, np.floating)) or not math.isfinite(budget) or budget <= 0:
         raise ValueError(f"budget must be a positive number of bytes, got {budget!r}")
     if isinstance(units, bool) or not isinstance(units, int) or units < 1:
         raise ValueError(f"units must be a positive integer, got {units!r}")
