@@ -364,17 +364,19 @@ def heun_fixed_point_reverse_step(
     r"""Rebuild :math:`x_n` from the Heun step :math:`x_{n+1} = x_n + \tfrac h2 \big(f(x_n) + g(x_n + h f(x_n))\big)`.
 
     :math:`g = f` is Heun's step, :math:`g = f_{n+1}` HeunNet's. The first iterate is the reversed step of the
-    approximate adjoint (the scheme with step :math:`-h` and the stages exchanged, local error
-    :math:`O(h^3)` for :math:`g = f`); each further one iterates the implicit equation,
+    approximate adjoint (the scheme with step :math:`-h` and the stages exchanged); each further one iterates
+    the implicit equation,
 
     .. math::
 
         x^{(1)} = x_{n+1} - \tfrac h2 \big(g(x_{n+1}) + f(x_{n+1} - h\, g(x_{n+1}))\big), \qquad
         x^{(j+1)} = x_{n+1} - \tfrac h2 \big(f(x^{(j)}) + g(x^{(j)} + h f(x^{(j)}))\big),
 
-    and gains one order: :math:`k` iterates have local error :math:`O(h^{k+2})` for :math:`g = f` (for
-    HeunNet with unrelated :math:`f, g` the first iterate's error is :math:`O(h^2)`, and :math:`k` iterates
-    give :math:`O(h^{k+1})`). The map is a contraction when
+    and gains one order. For :math:`g = f` the first iterate's local error is :math:`O(h^4)`, not
+    :math:`O(h^3)`: Heun's leading error term is odd in :math:`h`, so the forward step's and the reversed
+    step's cancel, and :math:`k` iterates have local error :math:`O(h^{k+3})`. For HeunNet with unrelated
+    :math:`f, g` the first iterate's error is :math:`\tfrac{h^2}{4} (g' - f')(f - g) + O(h^3)`, and :math:`k`
+    iterates give :math:`O(h^{k+1})`. The map is a contraction when
     :math:`\tfrac h2 (L_f + L_g + h L_f L_g) < 1`; for :math:`f = g = \lambda\,\mathrm{id}` it multiplies the
     error by :math:`-(h\lambda + (h\lambda)^2/2)`. Costs :math:`2k` evaluations.
 
