@@ -35,7 +35,7 @@ def residual_functions(count: int, width: int = 6, *, dropout: float = 0.0, batc
 
 def loss_of(out: torch.Tensor) -> torch.Tensor:
     """A loss whose gradient is neither constant nor proportional to the output."""
-    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).reshape(out.shape)
     return (out * weights).sum() + out.pow(2).sum()
 
 
@@ -212,6 +212,25 @@ def test_dropout_masks_are_replayed_and_the_callers_random_stream_is_untouched()
     torch.manual_seed(1)
     without_replay = gradients(model, x)
     assert relative_error(without_replay, expected) > 1e-2, "without the replay the masks differ (negative control)"
+
+
+def test_random_state_is_kept_once_when_no_function_draws_random_numbers() -> None:
+    x = torch.randn(5, 6, requires_grad=True)
+    plain = ReversibleHeunResNet(residual_functions(9))(x).grad_fn.states  # type: ignore[union-attr]
+    assert len(plain) == 9 and all(state.cpu_rng is plain[0].cpu_rng for state in plain), "one copy serves all"
+    random = ReversibleHeunResNet(residual_functions(9, dropout=0.5))(x).grad_fn.states  # type: ignore[union-attr]
+    assert len({id(state.cpu_rng) for state in random}) == 9, "one per function evaluation"
+
+
+def test_dropout_replay_on_every_device(device: torch.device) -> None:
+    model = ReversibleHeunResNet(residual_functions(9, dropout=0.3)).to(device, torch.float64)
+    x = torch.randn(8, 6, dtype=torch.float64, device=device)
+    found = []
+    for memory_saving in (True, False):
+        model.memory_saving = memory_saving
+        torch.manual_seed(2)
+        found.append(gradients(model, x))
+    assert relative_error(*found) < 1e-12
 
 
 def test_batch_norm_statistics_are_updated_once_per_forward() -> None:
