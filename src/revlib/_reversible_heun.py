@@ -1,5 +1,8 @@
 r"""The reversible Heun method: an ODE-ResNet with exact gradients in memory that does not grow with depth.
 
+For the chapter "ResNets as Neural ODEs" (``chapters/04_neural_odes``), beside :mod:`revlib.adjoint`, whose
+``ODEResNet`` is to offer it as ``scheme="reversible_heun"`` and the fixed-point rebuild as an option.
+
 **The scheme** (Kidger, Foster, Li and Lyons 2021; McCallum and Foster 2024). Two states :math:`(y_n, z_n)`,
 step :math:`h = 1/N`, and :math:`N + 1` residual functions :math:`f_0, \dots, f_N` (function :math:`f_n` is
 evaluated at layer :math:`n`, depth :math:`s = n/N`, the indexing of HeunNet in :mod:`revlib.adjoint`):
