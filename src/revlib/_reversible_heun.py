@@ -1,0 +1,412 @@
+r"""The reversible Heun method: an ODE-ResNet with exact gradients in memory that does not grow with depth.
+
+For the chapter "ResNets as Neural ODEs" (``chapters/04_neural_odes``), beside :mod:`revlib.adjoint`, whose
+``ODEResNet`` is to offer it as ``scheme="reversible_heun"`` and the fixed-point rebuild as an option.
+
+**The scheme** (Kidger, Foster, Li and Lyons 2021; McCallum and Foster 2024). Two states :math:`(y_n, z_n)`,
+step :math:`h = 1/N`, and :math:`N + 1` residual functions :math:`f_0, \dots, f_N` (function :math:`f_n` is
+evaluated at layer :math:`n`, depth :math:`s = n/N`, the indexing of HeunNet in :mod:`revlib.adjoint`):
+
+.. math::
+
+    z_{n+1} &= 2 y_n - z_n + h\, f_n(z_n), \\
+    y_{n+1} &= y_n + \tfrac h2 \big(f_n(z_n) + f_{n+1}(z_{n+1})\big), \qquad n = 0, \dots, N-1,
+
+from :math:`y_0 = z_0 = x_0`; the network's output is :math:`y_N`. :math:`z` is an auxiliary state that
+leap-frogs around :math:`y`; :math:`y` is updated by the trapezoidal (Heun) rule with the slopes taken at
+:math:`z`. Each step evaluates one new function, :math:`f_{n+1}(z_{n+1})`, which the next step reuses as its
+:math:`f_n(z_n)`: :math:`N + 1` evaluations in all, about the cost of Euler and half that of Heun.
+
+**Exact reversal.** From :math:`(y_{n+1}, z_{n+1})` alone: the :math:`y`-update gives
+:math:`2y_n = 2y_{n+1} - h f_n(z_n) - h f_{n+1}(z_{n+1})`; put it into the :math:`z`-update and
+:math:`h f_n(z_n)` cancels,
+
+.. math::
+
+    z_n &= 2 y_{n+1} - z_{n+1} - h\, f_{n+1}(z_{n+1}), \\
+    y_n &= y_{n+1} - \tfrac h2 \big(f_n(z_n) + f_{n+1}(z_{n+1})\big)
+    \quad\text{(with } z_n \text{ from the line above).}
+
+In exact arithmetic this undoes the step exactly, for any residual functions and any :math:`h`; in floating
+point each reversed step adds a rounding error of order :math:`\epsilon\,(|y| + |z|)`. One evaluation per
+reversed step again: :math:`f_n(z_n)` serves :math:`y_n` here and :math:`z_{n-1}` in the next reversed step.
+
+**Backward pass.** :class:`ReversibleHeunResNet` keeps only :math:`(y_N, z_N)` (not :math:`f_N(z_N)`: the
+backward pass evaluates :math:`f_N` at :math:`z_N` with its graph anyway, for its vector-Jacobian product,
+and gets the value with it). Write :math:`F_n = f_n(z_n)`, :math:`J_n = \partial f_n/\partial z` at
+:math:`z_n`, and :math:`\bar y_n, \bar z_n` for the gradients of the loss with respect to :math:`y_n, z_n`
+through everything downstream. :math:`F_n` feeds :math:`z_{n+1}` (weight :math:`h`), :math:`y_{n+1}` and,
+for :math:`n \ge 1`, :math:`y_n` (weight :math:`h/2` each); :math:`y_n` feeds :math:`z_{n+1}` (weight 2)
+and :math:`y_{n+1}`; :math:`z_n` feeds :math:`z_{n+1}` (weight :math:`-1`) and :math:`F_n`. Hence, from
+:math:`\bar y_N = \partial L/\partial y_N` and
+
+.. math::
+
+    \bar F_N = \tfrac h2\, \bar y_N, \qquad \bar z_N = \frac{\partial L}{\partial z_N} + J_N^\top \bar F_N,
+
+one reversed step, for :math:`n = N-1, \dots, 0`, is
+
+.. math::
+
+    \bar y_n &= \bar y_{n+1} + 2\, \bar z_{n+1}, \\
+    \bar F_n &= h\, \bar z_{n+1} + \tfrac h2\, \bar y_{n+1} + [n \ge 1]\, \tfrac h2\, \bar y_n
+              \;\;(= h\, \bar y_n \text{ for } n \ge 1), \\
+    \bar z_n &= -\bar z_{n+1} + J_n^\top \bar F_n, \qquad
+    \bar\theta_n \mathrel{+}= \Big(\frac{\partial f_n}{\partial \theta_n}\Big)^{\!\top} \bar F_n ,
+
+with :math:`\bar\theta_N = (\partial f_N/\partial\theta_N)^\top \bar F_N`, and the input's gradient is
+:math:`\bar x_0 = \bar y_0 + \bar z_0`. :math:`\bar y_n` is complete before :math:`F_n` is touched, so
+every step needs one evaluation of :math:`f_n` with its graph, at the rebuilt :math:`z_n`, and one
+vector-Jacobian product: the backward pass costs one extra evaluation per layer, like a reversible
+(RevNet) block, and its gradient is ordinary backprop's through the same computation, up to rounding.
+Random, autocast and BatchNorm state are replayed through the mechanism shared with the other recomputing
+networks (:mod:`revlib._recompute`).
+
+**Stability.** For :math:`f(x) = \lambda x` one step multiplies :math:`(y, z)` by a matrix with eigenvalues
+:math:`\rho = h\lambda \pm \sqrt{1 + (h\lambda)^2}` and determinant :math:`-1`: the solution's root
+:math:`\approx e^{h\lambda}` and a parasitic one :math:`\approx -e^{-h\lambda}`. Both have modulus 1 only for
+:math:`h\lambda` on the imaginary segment :math:`[-i, i]`; for a contracting field (:math:`\lambda < 0`) the
+parasitic mode grows like :math:`e^{|\lambda| s}` in the forward pass, and the reversal — any exact
+reversal — expands the solution's mode by :math:`e^{|\lambda| s}`, amplifying rounding errors alike.
+
+**The fixed-point rebuild of the approximate adjoint.** :func:`fixed_point_reverse_step` and
+:func:`heun_fixed_point_reverse_step` rebuild one step of the Euler or Heun ODE-ResNet of
+:mod:`revlib.adjoint` more accurately than its reversed step, by iterating the implicit equation that
+:math:`x_n` satisfies (see :func:`fixed_point_reverse`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from revlib._recompute import ForwardState, check_parameters_unchanged, distinct_parameters, vector_jacobian_products
+
+
+def _residual(f: nn.Module, z: Tensor, index: int) -> Tensor:
+    """:math:`f_n(z)`, refusing a function that does not preserve the shape of its input."""
+    out = f(z)
+    if not isinstance(out, Tensor) or out.shape != z.shape:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(
+            f"residual function {index} must preserve the shape of its input: it maps an input of shape "
+            f"{tuple(z.shape)} to an output of shape {shape}"
+        )
+    return out
+
+
+def _step(y: Tensor, z: Tensor, velocity: Tensor, f_next: nn.Module, index: int, h: float) -> tuple[Tensor, Tensor, Tensor]:
+    """One step forward: :math:`(y_{n+1}, z_{n+1}, f_{n+1}(z_{n+1}))` from :math:`(y_n, z_n, f_n(z_n))`.
+
+    ``index`` is :math:`n + 1`, the index of ``f_next``. The one helper both forward paths use, so that they
+    compute the same floating-point operations in the same order.
+    """
+    z_next = 2 * y - z + h * velocity  # z_{n+1} = 2 y_n − z_n + h f_n(z_n)
+    velocity_next = _residual(f_next, z_next, index)  # f_{n+1}(z_{n+1}), reused by the next step
+    y_next = y + (h / 2) * (velocity + velocity_next)  # y_{n+1} = y_n + h/2 (f_n(z_n) + f_{n+1}(z_{n+1}))
+    return y_next, z_next, velocity_next
+
+
+def _unstep_z(y_next: Tensor, z_next: Tensor, velocity_next: Tensor, h: float) -> Tensor:
+    """:math:`z_n = 2 y_{n+1} - z_{n+1} - h f_{n+1}(z_{n+1})`."""
+    return 2 * y_next - z_next - h * velocity_next
+
+
+def _unstep_y(y_next: Tensor, velocity: Tensor, velocity_next: Tensor, h: float) -> Tensor:
+    """:math:`y_n = y_{n+1} - \\tfrac h2 (f_n(z_n) + f_{n+1}(z_{n+1}))`."""
+    return y_next - (h / 2) * (velocity + velocity_next)
+
+
+class _ReversibleHeunFunction(torch.autograd.Function):
+    """Run the reversible Heun steps keeping only (y_N, z_N); rebuild and back-propagate step by step."""
+
+    @staticmethod
+    def forward(ctx: Any, y: Tensor, z: Tensor, network: ReversibleHeunResNet, *parameters: Tensor) -> tuple[Tensor, Tensor]:
+        ctx.network = network  # the modules (not tensors): needed to recompute the residual functions
+        ctx.states = []  # per residual function, its random, autocast and buffer states: a few KiB, no activations
+        residuals = network.residuals
+        h = 1.0 / network.depth
+        with torch.no_grad():
+            state = ForwardState.capture(y.device, network.preserve_rng_state)
+            with state.recording(residuals[0]):
+                velocity = _residual(residuals[0], z, 0)  # F_0 = f_0(z_0)
+            ctx.states.append(state)
+            for index in range(1, len(residuals)):
+                state = ForwardState.capture(y.device, network.preserve_rng_state, previous=state)
+                with state.recording(residuals[index]):
+                    y, z, velocity = _step(y, z, velocity, residuals[index], index, h)
+                ctx.states.append(state)
+        # y_N and z_N are all that is kept (f_N(z_N) is not: backward evaluates f_N at z_N with its graph anyway);
+        # the parameters are saved so that autograd's version check catches an in-place change before backward
+        ctx.save_for_backward(y, z, *parameters)
+        return y, z
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_y: Tensor, grad_z: Tensor) -> tuple[Tensor | None, ...]:
+        y, z, *parameters = ctx.saved_tensors
+        network = ctx.network
+        residuals = network.residuals
+        check_parameters_unchanged(tuple(parameters), distinct_parameters(list(residuals)), "ReversibleHeunResNet")
+        h = 1.0 / network.depth
+        last = len(residuals) - 1  # N
+        parameter_gradients: dict[int, Tensor] = {}  # by id, summed: a residual function may appear twice
+
+        def through(index: int, point: Tensor, grad_velocity: Tensor) -> tuple[Tensor, Tensor]:
+            """F_n = f_n(z_n) replayed at the rebuilt z_n, and J_nᵀ F̄_n; adds (∂f_n/∂θ_n)ᵀ F̄_n to the parameters'."""
+            state = ctx.states[index]
+            point = point.detach().requires_grad_(True)
+            with state.buffers_restored():
+                with state.replayed(), torch.enable_grad():
+                    velocity = _residual(residuals[index], point, index)  # F_n, with its graph
+                grad_point, found = vector_jacobian_products(velocity, point, list(residuals[index].parameters()), grad_velocity)
+            for key, gradient in found:
+                parameter_gradients[key] = parameter_gradients[key] + gradient if key in parameter_gradients else gradient
+            return velocity.detach(), grad_point
+
+        grad_velocity = (h / 2) * grad_y  # F̄_N = h/2 ȳ_N: F_N feeds y_N only
+        velocity, grad_from_velocity = through(last, z, grad_velocity)  # F_N = f_N(z_N); J_Nᵀ F̄_N
+        grad_z = grad_z + grad_from_velocity  # z̄_N = ∂L/∂z_N + J_Nᵀ F̄_N
+        for index in range(last - 1, -1, -1):  # n = N−1, …, 0; (y, z, velocity) hold (y_{n+1}, z_{n+1}, F_{n+1})
+            with torch.no_grad():
+                z_previous = _unstep_z(y, z, velocity, h)  # z_n = 2 y_{n+1} − z_{n+1} − h F_{n+1}
+            grad_y_previous = grad_y + 2 * grad_z  # ȳ_n = ȳ_{n+1} + 2 z̄_{n+1}: y_n feeds y_{n+1} and z_{n+1}
+            grad_velocity = h * grad_z + (h / 2) * grad_y  # F̄_n from z_{n+1} (weight h) and y_{n+1} (weight h/2) …
+            if index > 0:
+                grad_velocity = grad_velocity + (h / 2) * grad_y_previous  # … and from y_n (weight h/2) unless y_0 is an input
+            velocity_previous, grad_from_velocity = through(index, z_previous, grad_velocity)  # F_n = f_n(z_n); J_nᵀ F̄_n
+            grad_z = -grad_z + grad_from_velocity  # z̄_n = −z̄_{n+1} + J_nᵀ F̄_n: z_n feeds z_{n+1} and F_n
+            grad_y = grad_y_previous
+            with torch.no_grad():
+                y = _unstep_y(y, velocity_previous, velocity, h)  # y_n = y_{n+1} − h/2 (F_n + F_{n+1})
+            z, velocity = z_previous, velocity_previous
+        return (
+            grad_y if ctx.needs_input_grad[0] else None,  # y_0
+            grad_z if ctx.needs_input_grad[1] else None,  # z_0
+            None,  # network
+            *(parameter_gradients.get(id(p)) for p in parameters),  # every parameter, in the order given
+        )
+
+
+class ReversibleHeunResNet(nn.Module):
+    r"""An ODE-ResNet integrated by the reversible Heun method, with exact gradients in memory flat in depth.
+
+    .. math::
+
+        z_{n+1} = 2 y_n - z_n + h f_n(z_n), \qquad
+        y_{n+1} = y_n + \tfrac h2 \big(f_n(z_n) + f_{n+1}(z_{n+1})\big), \qquad h = 1/N,
+
+    from :math:`y_0 = z_0 = x` to the output :math:`y_N`, with :math:`N + 1` residual functions for
+    :math:`N` steps (see :mod:`revlib._reversible_heun` for the reversal and the backward recursion). With
+    gradients enabled and ``memory_saving=True`` the forward pass keeps only :math:`(y_N, z_N)`, and the
+    backward pass rebuilds :math:`(y_n, z_n)` step by step through the exact inverse and back-propagates
+    through one evaluation of :math:`f_n` at a time: its gradients equal ordinary backprop's through the same
+    network to rounding (unlike :class:`revlib.adjoint.ODEResNet`'s adjoint, which is approximate), at one
+    extra evaluation of each function. ``memory_saving=False`` runs the same steps with ordinary autograd.
+
+    Like the other recomputing networks it replays each function's random state (dropout draws its forward
+    masks again), re-enters its autocast state and leaves BatchNorm's running statistics as the forward pass
+    updated them (once); it saves the parameters for backward (an in-place change to one fails with
+    autograd's error; a replaced one with a clear error). It is ``once_differentiable``. Tensors a residual
+    function captures by closure rather than holds as a parameter or buffer receive no gradient.
+
+    Its stability region is small (see the module documentation): on a strongly contracting field the
+    parasitic mode grows in the forward pass and the reversal amplifies rounding errors roughly like
+    :math:`e^{2c}`, :math:`c` the field's total contraction. With :math:`f_n(x) = -16x` and :math:`N = 64` the
+    float64 rebuild of :math:`x_0` keeps only five digits and the float32 gradient is useless (relative error
+    :math:`10^4`), where ordinary float32 backprop is accurate to :math:`10^{-5}`; on tanh residual functions
+    of ordinary size the rebuilt gradient is as accurate as backprop's.
+
+    Args:
+        residuals: the functions :math:`f_0, \dots, f_N`, at least two shape-preserving ``nn.Module`` objects.
+        memory_saving: rebuild the states in the backward pass instead of storing them.
+        preserve_rng_state: replay each function's random state in the recomputation (needed for dropout).
+
+    Raises:
+        TypeError: a residual function is not an ``nn.Module``.
+        ValueError: fewer than two residual functions. A residual function that changes the shape of its
+            input raises a ``ValueError`` naming its index and both shapes when the network runs.
+    """
+
+    def __init__(self, residuals: Sequence[nn.Module], memory_saving: bool = True, *, preserve_rng_state: bool = True) -> None:
+        super().__init__()
+        residuals = list(residuals)
+        if len(residuals) < 2:
+            raise ValueError(f"the reversible Heun method needs N + 1 residual functions for N steps: at least 2, got {len(residuals)}")
+        for index, f in enumerate(residuals):
+            if not isinstance(f, nn.Module):
+                raise TypeError(f"residual function {index} must be an nn.Module, got {type(f).__name__}")
+        self.residuals = nn.ModuleList(residuals)
+        self.memory_saving = memory_saving
+        self.preserve_rng_state = preserve_rng_state
+
+    @property
+    def depth(self) -> int:
+        """The number of steps :math:`N`, one fewer than the residual functions."""
+        return len(self.residuals) - 1
+
+    def forward(self, x: Tensor) -> Tensor:
+        """:math:`y_N` from :math:`y_0 = z_0 = x`."""
+        return self.run(x)[0]
+
+    def run(self, y: Tensor, z: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Both final states :math:`(y_N, z_N)` from :math:`(y_0, z_0)`; ``z=None`` starts from :math:`z_0 = y_0`.
+
+        Raises:
+            ValueError: ``z`` has another shape than ``y``, or a residual function changes the shape of its input.
+        """
+        z = y if z is None else z
+        if z.shape != y.shape:
+            raise ValueError(f"z must have the shape of y, {tuple(y.shape)}, got {tuple(z.shape)}")
+        parameters = distinct_parameters(list(self.residuals))
+        needs_graph = torch.is_grad_enabled() and (y.requires_grad or z.requires_grad or any(p.requires_grad for p in parameters))
+        if self.memory_saving and needs_graph:
+            return _ReversibleHeunFunction.apply(y, z, self, *parameters)
+        h = 1.0 / self.depth
+        velocity = _residual(self.residuals[0], z, 0)  # F_0 = f_0(z_0)
+        for index in range(1, len(self.residuals)):
+            y, z, velocity = _step(y, z, velocity, self.residuals[index], index, h)
+        return y, z
+
+    @torch.no_grad()
+    def inverse(self, y: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+        r""":math:`(y_0, z_0)` rebuilt from :math:`(y_N, z_N)`, as the backward pass rebuilds them: exact up to rounding.
+
+        Residual functions with BatchNorm should be in eval mode, so that the inverse evaluates the same
+        functions as the forward pass; random ones (dropout) draw other masks here than in forward.
+
+        Raises:
+            ValueError: ``z`` has another shape than ``y``.
+        """
+        if z.shape != y.shape:
+            raise ValueError(f"z must have the shape of y, {tuple(y.shape)}, got {tuple(z.shape)}")
+        h = 1.0 / self.depth
+        last = len(self.residuals) - 1
+        velocity = _residual(self.residuals[last], z, last)  # F_N = f_N(z_N)
+        for index in range(last - 1, -1, -1):
+            z_previous = _unstep_z(y, z, velocity, h)  # z_n = 2 y_{n+1} − z_{n+1} − h F_{n+1}
+            velocity_previous = _residual(self.residuals[index], z_previous, index)  # F_n = f_n(z_n)
+            y = _unstep_y(y, velocity_previous, velocity, h)  # y_n = y_{n+1} − h/2 (F_n + F_{n+1})
+            z, velocity = z_previous, velocity_previous
+        return y, z
+
+    def extra_repr(self) -> str:
+        return f"depth={self.depth}, memory_saving={self.memory_saving}"
+
+
+def _check_iterations(iterations: int) -> None:
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"iterations must be a positive integer (1 is the plain reversed step), got {iterations!r}")
+
+
+def _check_step(h: float) -> None:
+    if isinstance(h, bool) or not isinstance(h, (int, float)) or not math.isfinite(h) or h <= 0:
+        raise ValueError(f"h must be a positive finite step, got {h!r}")
+
+
+def fixed_point_reverse(increment: Callable[[Tensor], Tensor], x_next: Tensor, iterations: int, *, start: Tensor | None = None) -> Tensor:
+    r"""Iterate :math:`x^{(j+1)} = x_{n+1} - \Delta(x^{(j)})` from :math:`x^{(0)} =` ``start`` (default :math:`x_{n+1}`).
+
+    A one-step scheme :math:`x_{n+1} = x_n + \Delta(x_n)` (Euler: :math:`\Delta = h f_n`; Heun:
+    :math:`\Delta(x) = \tfrac h2 (f(x) + g(x + h f(x)))`) is undone by the fixed point of
+    :math:`x \mapsto x_{n+1} - \Delta(x)`. When :math:`\Delta` is a contraction, Lipschitz with constant
+    :math:`q < 1` (:math:`q = hL` for Euler with :math:`f_n` :math:`L`-Lipschitz), every iteration divides the
+    distance to the true :math:`x_n` by at least :math:`1/q`; with :math:`q \ge 1` the iteration need not
+    converge (for :math:`\Delta(x) = q x` the error is multiplied by :math:`-q` each time).
+
+    ``increment`` is called ``iterations`` times; one that draws random numbers (dropout) must draw the
+    forward pass's at every call (evaluate it inside the step's :meth:`ForwardState.replayed` block each time).
+
+    Args:
+        increment: :math:`\Delta`, the step's increment, tensor to tensor of the same shape.
+        x_next: :math:`x_{n+1}`.
+        iterations: how many times to apply the map, at least 1.
+        start: the first guess :math:`x^{(0)}`.
+
+    Returns:
+        :math:`x^{(\text{iterations})}`, with the grad mode of the caller.
+
+    Raises:
+        ValueError: ``iterations`` is not a positive integer.
+    """
+    _check_iterations(iterations)
+    x = x_next if start is None else start
+    for _ in range(iterations):
+        x = x_next - increment(x)  # x^{(j+1)} = x_{n+1} − Δ(x^{(j)})
+    return x
+
+
+def fixed_point_reverse_step(f: Callable[[Tensor], Tensor], x_next: Tensor, h: float, iterations: int) -> Tensor:
+    r"""Rebuild :math:`x_n` from :math:`x_{n+1} = x_n + h f(x_n)` by ``iterations`` fixed-point iterates.
+
+    .. math::
+
+        x^{(0)} = x_{n+1}, \qquad x^{(j+1)} = x_{n+1} - h\, f(x^{(j)}), \qquad j = 0, \dots, k - 1 .
+
+    The first iterate is the reversed Euler step :math:`x_{n+1} - h f(x_{n+1})` of the approximate adjoint
+    (:class:`revlib.adjoint.ODEResNet`). The error starts at :math:`x^{(0)} - x_n = h f(x_n) = O(h)` and is
+    multiplied by at most :math:`hL` per iterate (:math:`L` the Lipschitz constant of :math:`f`), so :math:`k`
+    iterates have local error :math:`O(h^{k+1})` when :math:`hL < 1`; with :math:`hL \ge 1` they may diverge.
+    Costs :math:`k` evaluations of :math:`f`.
+
+    Args:
+        f: the step's residual function :math:`f_n` (random ones must replay their draws at every call,
+            see :func:`fixed_point_reverse`).
+        x_next: :math:`x_{n+1}`.
+        h: the step, :math:`1/N`.
+        iterations: :math:`k \ge 1`.
+
+    Raises:
+        ValueError: ``iterations`` is not a positive integer or ``h`` not a positive finite number.
+    """
+    _check_step(h)
+    return fixed_point_reverse(lambda x: h * f(x), x_next, iterations)
+
+
+def heun_fixed_point_reverse_step(
+    f: Callable[[Tensor], Tensor], g: Callable[[Tensor], Tensor], x_next: Tensor, h: float, iterations: int
+) -> Tensor:
+    r"""Rebuild :math:`x_n` from the Heun step :math:`x_{n+1} = x_n + \tfrac h2 \big(f(x_n) + g(x_n + h f(x_n))\big)`.
+
+    :math:`g = f` is Heun's step, :math:`g = f_{n+1}` HeunNet's. The first iterate is the reversed step of the
+    approximate adjoint (the scheme with step :math:`-h` and the stages exchanged); each further one iterates
+    the implicit equation,
+
+    .. math::
+
+        x^{(1)} = x_{n+1} - \tfrac h2 \big(g(x_{n+1}) + f(x_{n+1} - h\, g(x_{n+1}))\big), \qquad
+        x^{(j+1)} = x_{n+1} - \tfrac h2 \big(f(x^{(j)}) + g(x^{(j)} + h f(x^{(j)}))\big),
+
+    and gains one order. For :math:`g = f` the first iterate's local error is :math:`O(h^4)`, not
+    :math:`O(h^3)`: Heun's leading error term is odd in :math:`h`, so the forward step's and the reversed
+    step's cancel, and :math:`k` iterates have local error :math:`O(h^{k+3})`. For HeunNet with unrelated
+    :math:`f, g` the first iterate's error is :math:`\tfrac{h^2}{4} (g' - f')(f - g) + O(h^3)`, and :math:`k`
+    iterates give :math:`O(h^{k+1})`. The map is a contraction when
+    :math:`\tfrac h2 (L_f + L_g + h L_f L_g) < 1`; for :math:`f = g = \lambda\,\mathrm{id}` it multiplies the
+    error by :math:`-(h\lambda + (h\lambda)^2/2)`. Costs :math:`2k` evaluations.
+
+    Args:
+        f: the predictor's function :math:`f_n`.
+        g: the corrector's function, :math:`f_n` (Heun) or :math:`f_{n+1}` (HeunNet).
+        x_next: :math:`x_{n+1}`.
+        h: the step, :math:`1/N`.
+        iterations: :math:`k \ge 1`.
+
+    Raises:
+        ValueError: ``iterations`` is not a positive integer or ``h`` not a positive finite number.
+    """
+    _check_step(h)
+    _check_iterations(iterations)
+    slope = g(x_next)
+    first = x_next - (h / 2) * (slope + f(x_next - h * slope))  # the reversed step: Heun at −h, stages exchanged
+
+    def increment(x: Tensor) -> Tensor:
+        slope = f(x)
+        return (h / 2) * (slope + g(x + h * slope))  # Δ(x) = h/2 (f(x) + g(x + h f(x)))
+
+    return first if iterations == 1 else fixed_point_reverse(increment, x_next, iterations - 1, start=first)
