@@ -62,7 +62,9 @@ def _peer(name: str) -> tuple[Any, str]:
         return None, f"{type(error).__name__}: {error}"
 
 
-def coupling_variants(features: int, hidden: int, activation: str, depth: int, device: torch.device, seed: int = 0) -> dict[str, tuple[nn.Module, list[tuple[nn.Module, nn.Module]]]]:
+def coupling_variants(
+    features: int, hidden: int, activation: str, depth: int, device: torch.device, peers: tuple[str, ...] = PEERS, seed: int = 0
+) -> dict[str, tuple[nn.Module, list[tuple[nn.Module, nn.Module]]]]:
     """The same ``depth`` couplings with the same weights under every available mechanism.
 
     Returns, per variant, the model and its (F, G) modules in order (to compare gradients parameter by parameter).
@@ -82,12 +84,12 @@ def coupling_variants(features: int, hidden: int, activation: str, depth: int, d
     variants["plain"] = (nn.Sequential(*[ReversibleBlock(f, g) for f, g in pairs]), pairs)
     pairs = copies()
     variants["revlib"] = (ReversibleSequence(*[ReversibleBlock(f, g) for f, g in pairs]), pairs)
-    memcnn, _ = _peer("memcnn")
+    memcnn, _ = _peer("memcnn") if "memcnn" in peers else (None, "")
     if memcnn is not None:
         pairs = copies()
         wrapped = [memcnn.InvertibleModuleWrapper(memcnn.AdditiveCoupling(f, g, split_dim=1), keep_input=False, keep_input_inverse=False) for f, g in pairs]
         variants["memcnn"] = (nn.Sequential(*wrapped), pairs)
-    revtorch, _ = _peer("revtorch")
+    revtorch, _ = _peer("revtorch") if "revtorch" in peers else (None, "")
     if revtorch is not None:
         pairs = copies()
         blocks = nn.ModuleList([revtorch.ReversibleBlock(f, g, split_along_dim=1) for f, g in pairs])
@@ -123,7 +125,7 @@ def coupling_run(arguments: argparse.Namespace, depth: int) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(1)
     inputs = torch.randn(arguments.batch, arguments.features, generator=generator).to(device)
     weight = torch.randn(arguments.batch, arguments.features, generator=generator).to(device)
-    variants = coupling_variants(arguments.features, arguments.hidden, arguments.activation, depth, device)
+    variants = coupling_variants(arguments.features, arguments.hidden, arguments.activation, depth, device, tuple(arguments.peers))
     reference = _gradients(*variants["plain"], inputs, weight)
     errors = {name: relative_error(_gradients(model, pairs, inputs, weight), reference) for name, (model, pairs) in variants.items()}
     calls = {name: functools.partial(_step, model, inputs) for name, (model, _) in variants.items()}
@@ -132,7 +134,7 @@ def coupling_run(arguments: argparse.Namespace, depth: int) -> dict[str, Any]:
 
 
 def coupling_table(arguments: argparse.Namespace) -> None:
-    for name in PEERS:
+    for name in arguments.peers:
         module, reason = _peer(name)
         if module is None:
             print(f"note: {name} is not importable, skipped ({reason})")
@@ -199,6 +201,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=512, help="couplings: hidden width of F and G")
     parser.add_argument("--activation", choices=sorted(ACTIVATIONS), default="relu", help="couplings: F's and G's activation")
     parser.add_argument("--runs", type=int, default=3, help="couplings: fresh processes per depth")
+    parser.add_argument("--peers", nargs="*", choices=PEERS, default=list(PEERS), help="couplings: the other libraries to time, when importable")
     parser.add_argument("--width", type=int, default=32, help="revnet: channels of the stage")
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # internal: one fresh-process run of one depth
     arguments = parser.parse_args()

@@ -31,7 +31,15 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from revlib._recompute import ForwardState, check_parameters_unchanged, distinct_parameters, needs_graph, run_checked, vector_jacobian_products
+from revlib._recompute import (
+    ForwardState,
+    accumulates_into_grad,
+    check_parameters_unchanged,
+    module_parameters,
+    needs_graph,
+    run_checked,
+    vector_jacobian_products,
+)
 from revlib.checkpoint import CheckpointedSequence
 from revlib.residual import SkipBlock, pre_activation_residual
 from revlib.runtime import resolve_device
@@ -116,45 +124,64 @@ class _ReversibleFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        y, *parameters = ctx.saved_tensors
-        check_parameters_unchanged(tuple(parameters), distinct_parameters(ctx.blocks), "ReversibleSequence")
+        # in a plain backward() the parameters' gradients go to their .grad piece by piece (one piece's held
+        # at a time, added while still in cache); for torch.autograd.grad they are returned, as autograd's are
+        ctx.into_grad = accumulates_into_grad()  # read here: once_differentiable turns grad mode off
+        return _ReversibleFunction._backward(ctx, grad_output)
+
+    @staticmethod
+    @once_differentiable
+    def _backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        y, *parameters = ctx.saved_tensors  # unpacking checks that no parameter was changed in place
+        into_grad = ctx.into_grad  # a bool: hand parameter gradients to their accumulators, return none
+        parameter_gradients: list[Tensor | None] = [None] * len(parameters)  # in the order given; summed when shared
+        position = {} if into_grad else {id(p): i for i, p in enumerate(parameters)}
         last = ctx.blocks[-1]
         y1, y2 = last.split(y.detach())
         dy1, dy2 = last.split(grad_output)
-        parameter_gradients: dict[int, Tensor] = {}  # by id, summed: a parameter may be shared between blocks
         for block, (state_f, state_g) in zip(reversed(ctx.blocks), reversed(ctx.states)):
             # z1 = y1; rebuild G(z1) with the graph of g only
             z1 = y1.detach().requires_grad_(True)
+            g_parameters = _same_parameters(block.g, state_g)
             with state_g.buffers_restored():
                 with state_g.replayed(), torch.enable_grad():
                     g_out = block.g(z1)
-                dz1, g_parameter_grads = vector_jacobian_products(g_out, z1, list(block.g.parameters()), dy2)
+                dz1, g_parameter_grads = vector_jacobian_products(g_out, z1, g_parameters, dy2, into_grad=into_grad)
             dz1 = dy1 + dz1  # dz1 = dy1 + G'(z1)ᵀ dy2
             with torch.no_grad():
                 x2 = y2 - g_out  # x2 = y2 − G(z1)
             del g_out
             # rebuild F(x2) with the graph of f only
             x2 = x2.detach().requires_grad_(True)
+            f_parameters = _same_parameters(block.f, state_f)
             with state_f.buffers_restored():
                 with state_f.replayed(), torch.enable_grad():
                     f_out = block.f(x2)
-                dx2, f_parameter_grads = vector_jacobian_products(f_out, x2, list(block.f.parameters()), dz1)
+                dx2, f_parameter_grads = vector_jacobian_products(f_out, x2, f_parameters, dz1, into_grad=into_grad)
             dx2 = dy2 + dx2  # dx2 = dy2 + F'(x2)ᵀ dz1
             with torch.no_grad():
                 x1 = z1 - f_out  # x1 = z1 − F(x2)
             del f_out
-            for key, gradient in (*f_parameter_grads, *g_parameter_grads):
-                parameter_gradients[key] = parameter_gradients[key] + gradient if key in parameter_gradients else gradient
+            for key, gradient in (*f_parameter_grads, *g_parameter_grads):  # empty with into_grad
+                i = position[key]
+                kept = parameter_gradients[i]
+                parameter_gradients[i] = gradient if kept is None else kept + gradient
             y1, y2 = x1, x2.detach()  # this block's input is the previous block's output
             dy1, dy2 = dz1, dx2  # dx1 = dz1
         return (
             torch.cat((dy1, dy2), dim=last.dim) if ctx.needs_input_grad[0] else None,  # x
             None,  # blocks
             None,  # preserve_rng
-            *(parameter_gradients.get(id(p)) for p in parameters),  # every parameter, in the order given
+            *parameter_gradients,  # every parameter, in the order given (None where already in .grad)
         )
+
+
+def _same_parameters(module: nn.Module, state: ForwardState) -> list[Tensor]:
+    """``module``'s parameters, which must be those it ran with in forward (else a clear error)."""
+    parameters = module_parameters(module)
+    check_parameters_unchanged(state.parameters, parameters, "ReversibleSequence")
+    return parameters
 
 
 class ReversibleSequence(nn.Module):
@@ -231,7 +258,7 @@ class ReversibleSequence(nn.Module):
             for block in self.blocks:
                 x = block(x)
             return x
-        return _ReversibleFunction.apply(x, self.blocks, self.preserve_rng_state, *self.parameters())
+        return _ReversibleFunction.apply(x, self.blocks, self.preserve_rng_state, *module_parameters(self))
 
     def inverse(self, y: Tensor) -> Tensor:
         """Rebuild the input of the whole stack from its output (blocks inverted in reverse order)."""
