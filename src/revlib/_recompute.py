@@ -19,7 +19,9 @@ records what that takes while the piece runs forward, and :meth:`ForwardState.re
 The rest is the plumbing the four Functions share: :func:`needs_graph` (does this call need a backward
 pass at all?), :func:`run_checked` (a block run with its shape and in-place checks), :class:`Stash` (block
 inputs kept for backward that can be released before the backward pass ends), :func:`check_parameters_unchanged`,
-:func:`vector_jacobian_products` and :func:`accumulate` (parameter gradients summed by parameter).
+:func:`vector_jacobian_products` and :func:`accumulate` (parameter gradients summed by parameter), and
+:func:`submodules` and :func:`module_parameters` (``modules()`` and ``parameters()`` at half the cost: every
+pass walks every piece).
 """
 
 from __future__ import annotations
@@ -145,10 +147,10 @@ class _Recording:
 
     def __init__(self, state: ForwardState, module: nn.Module) -> None:
         self.state = state
-        modules = submodules(module)
+        modules = _walk(module)
+        state.parameters = list(module.parameters()) if modules is None else _parameters_of(modules)
         # only a submodule that holds buffers can update one, and most (linear layers, activations) hold none
-        self.holders = [child for child in modules if child._buffers]
-        state.parameters = _parameters_of(modules)
+        self.holders = [child for child in (module.modules() if modules is None else modules) if child._buffers]
         self.versions: list[list[int]] = []
 
     def __enter__(self) -> None:
@@ -210,6 +212,18 @@ def submodules(module: nn.Module) -> list[nn.Module]:
     """``list(module.modules())``: the module and its submodules, each once, depth first, as ``nn.Module`` gives
     them but at half the cost (no generators or name prefixes); a recomputing sequence walks every piece in
     every pass."""
+    found = _walk(module)
+    return list(module.modules()) if found is None else found
+
+
+def module_parameters(module: nn.Module) -> list[Tensor]:
+    """``list(module.parameters())``, each parameter once in ``nn.Module``'s order, at half the cost (see :func:`submodules`)."""
+    found = _walk(module)
+    return list(module.parameters()) if found is None else _parameters_of(found)
+
+
+def _walk(module: nn.Module) -> list[nn.Module] | None:
+    """:func:`submodules`, or ``None`` where a module's class changes how ``nn.Module`` walks (ask it then)."""
     found: dict[int, nn.Module] = {}
     stack = [module]
     while stack:
@@ -221,16 +235,11 @@ def submodules(module: nn.Module) -> list[nn.Module]:
         if plain is None:
             plain = _walks_like_module[kind] = all(getattr(kind, name, None) is getattr(nn.Module, name) for name in _TRAVERSAL)
         if not plain:
-            return list(module.modules())
+            return None
         found[id(current)] = current
         if current._modules:
             stack.extend(reversed([child for child in current._modules.values() if child is not None]))
     return list(found.values())
-
-
-def module_parameters(module: nn.Module) -> list[Tensor]:
-    """``list(module.parameters())``, each parameter once in ``nn.Module``'s order, at half the cost (see :func:`submodules`)."""
-    return _parameters_of(submodules(module))
 
 
 def _parameters_of(modules: list[nn.Module]) -> list[Tensor]:
@@ -361,19 +370,11 @@ def check_parameters_unchanged(saved: Sequence[Tensor], current: Sequence[Tensor
         )
 
 
-def vector_jacobian_products(
-    output: Tensor, point: Tensor | None, parameters: Iterable[Tensor], grad_output: Tensor, *, into_grad: bool = False
-) -> tuple[Tensor | None, list[tuple[int, Tensor]]]:
+def vector_jacobian_products(output: Tensor, point: Tensor | None, parameters: Iterable[Tensor], grad_output: Tensor) -> tuple[Tensor | None, list[tuple[int, Tensor]]]:
     """Vector-Jacobian products of ``output`` with respect to ``point`` and to the parameters that require grad.
 
     Returns the gradient of ``point`` (zeros when ``output`` does not depend on it; ``None`` when ``point``
     is ``None``, i.e. not wanted) and ``(id, gradient)`` pairs for the parameters that received one.
-
-    With ``into_grad`` the parameters' gradients are instead accumulated into their ``.grad`` at once, through
-    their own gradient accumulators (so their hooks run), as ``backward()`` would, and none is returned: a
-    backward pass that walks many pieces then holds one piece's parameter gradients at a time, not all of
-    them until it returns. Only valid inside a backward pass that accumulates every leaf (see
-    :func:`accumulates_into_grad`); ``point`` must then be a leaf of the caller's (``x.detach().requires_grad_()``).
     """
     wanted = [p for p in parameters if p.requires_grad]
     inputs = [*wanted] if point is None else [point, *wanted]
@@ -381,12 +382,6 @@ def vector_jacobian_products(
         return (None if point is None else torch.zeros_like(point)), []
     if grad_output.dtype != output.dtype:  # autocast: the piece computed in lower precision
         grad_output = grad_output.to(output.dtype)
-    if into_grad:
-        torch.autograd.backward(output, grad_output, inputs=inputs)
-        if point is None:
-            return None, []
-        gradient, point.grad = point.grad, None
-        return _point_gradient(gradient, point), []
     found = torch.autograd.grad(output, inputs, grad_output, allow_unused=True)
     if point is not None:
         point_gradient, found = _point_gradient(found[0], point), found[1:]
@@ -400,18 +395,6 @@ def _point_gradient(gradient: Tensor | None, point: Tensor) -> Tensor:
     if gradient is None:
         return torch.zeros_like(point)
     return gradient if gradient.dtype == point.dtype else gradient.to(point.dtype)
-
-
-def accumulates_into_grad() -> bool:
-    """Whether the backward pass running now accumulates every leaf's gradient into ``.grad`` without a graph
-    of its own: a ``backward()`` without ``inputs`` and without ``create_graph`` (not ``torch.autograd.grad``).
-
-    A recomputing Function's backward may then hand its parameters' gradients to their accumulators directly
-    (:func:`vector_jacobian_products` with ``into_grad``) and return none for them. Call it at the start of
-    ``backward``, before any ``torch.no_grad`` (``once_differentiable`` sets one): the grad mode there is
-    ``create_graph``.
-    """
-    return not torch.is_grad_enabled() and torch.autograd._is_checkpoint_valid()
 
 
 def accumulate(gradients: dict[int, Tensor], found: Iterable[tuple[int, Tensor]]) -> None:
