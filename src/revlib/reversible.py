@@ -131,13 +131,13 @@ class _ReversibleFunction(torch.autograd.Function):
         else:  # the halves of the block below's output, then the parameters
             x1, x2, *parameters = tensors
         previous = chain.states[-1][1] if chain.states else None
-        with torch.no_grad():
-            state_f = ForwardState.capture(x1.device, preserve_rng, previous=previous)
-            with state_f.recording(block.f):
-                y1 = x1 + block._residual(f"block {index}'s f", block.f, x2)
-            state_g = ForwardState.capture(x1.device, preserve_rng, previous=state_f)
-            with state_g.recording(block.g):
-                y2 = x2 + block._residual(f"block {index}'s g", block.g, y1)
+        # (autograd runs a Function's forward without recording a graph)
+        state_f = ForwardState.capture(x1.device, preserve_rng, previous=previous)
+        with state_f.recording(block.f):
+            y1 = x1 + block._residual(f"block {index}'s f", block.f, x2)
+        state_g = ForwardState.capture(x1.device, preserve_rng, previous=state_f)
+        with state_g.recording(block.g):
+            y2 = x2 + block._residual(f"block {index}'s g", block.g, y1)
         chain.states.append((state_f, state_g))
         ctx.chain, ctx.index = chain, index  # the shared blocks and states (no tensors), and which block this is
         ctx.states = chain.states  # every block's states so far (the last block's ctx lists them all)
@@ -165,6 +165,7 @@ class _ReversibleFunction(torch.autograd.Function):
             y1, y2 = chain.rebuilt  # this block's output, rebuilt by the block above
             dy1, dy2 = output_grads
         chain.rebuilt = None
+        # (once_differentiable runs this without recording a graph; the recomputations enable it for themselves)
         # z1 = y1; rebuild G(z1) with the graph of g only
         z1 = y1.detach().requires_grad_(True)
         g_parameters = _same_parameters(block.g, state_g)
@@ -173,8 +174,7 @@ class _ReversibleFunction(torch.autograd.Function):
                 g_out = block.g(z1)
             dz1, g_parameter_grads = vector_jacobian_products(g_out, z1, g_parameters, dy2)
         dz1 = dy1 + dz1  # dz1 = dy1 + G'(z1)ᵀ dy2
-        with torch.no_grad():
-            x2 = y2 - g_out  # x2 = y2 − G(z1)
+        x2 = y2 - g_out  # x2 = y2 − G(z1)
         del g_out
         # rebuild F(x2) with the graph of f only
         x2 = x2.detach().requires_grad_(True)
@@ -184,8 +184,7 @@ class _ReversibleFunction(torch.autograd.Function):
                 f_out = block.f(x2)
             dx2, f_parameter_grads = vector_jacobian_products(f_out, x2, f_parameters, dz1)
         dx2 = dy2 + dx2  # dx2 = dy2 + F'(x2)ᵀ dz1
-        with torch.no_grad():
-            x1 = z1 - f_out  # x1 = z1 − F(x2)
+        x1 = z1 - f_out  # x1 = z1 − F(x2)
         del f_out
         if index:
             chain.rebuilt = (x1, x2.detach())  # this block's input is the block below's output
