@@ -10,14 +10,19 @@ Two tables, each for the *same* blocks with the *same* weights under several mem
 
   * plain    — ``nn.Sequential`` of the blocks, ordinary autograd (stores every block's activations);
   * revlib   — :class:`revlib.reversible.ReversibleSequence` (stores the output, rebuilds the inputs;
-    random state replayed, its default);
+    random state replayed, its default); with ``--without-rng`` also ``revlib-norng``, the same with
+    ``preserve_rng_state=False``, which is what the two others do by default;
   * memcnn   — MemCNN's ``AdditiveCoupling`` in ``InvertibleModuleWrapper(keep_input=False)``, its
     memory-saving mode (each block inverted, then recomputed with its graph), when ``memcnn`` is importable;
   * revtorch — RevTorch's ``ReversibleSequence`` of ``ReversibleBlock``, when ``revtorch`` is importable.
 
-  Each depth is timed in ``--runs`` fresh processes, the variants in turns (round-robin, median of
-  ``--repeats`` rounds), and the table gives the median ms and the ratio to plain (median of the runs, and
-  their range). Before timing, every variant's input and parameter gradients are compared with plain
+  The stack's input comes from a leaf through one copy, as if a layer came before it (see ``_stem``). Each
+  depth is timed in ``--runs`` fresh processes, the variants in turns (round-robin, median of ``--repeats``
+  rounds), and the table gives the median ms and the ratio to plain (median of the runs, and their range).
+  The processes run with glibc's heap kept (``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_`` and
+  ``MALLOC_MMAP_THRESHOLD_`` raised; ``--default-malloc`` to leave them): otherwise the memory one variant
+  frees decides how many pages the next one faults in, and plain's time moved by 7 % with the other variants
+  in its process. Before timing, every variant's input and parameter gradients are compared with plain
   autograd's (relative error, printed). The other libraries are compared, never depended on: missing ones
   are skipped with a note.
 * ``revnet`` — a RevNet stage (N reversible blocks of 32 channels on 8×8 inputs) as plain, checkpointed
@@ -32,6 +37,7 @@ import copy
 import functools
 import importlib
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -63,7 +69,14 @@ def _peer(name: str) -> tuple[Any, str]:
 
 
 def coupling_variants(
-    features: int, hidden: int, activation: str, depth: int, device: torch.device, peers: tuple[str, ...] = PEERS, seed: int = 0
+    features: int,
+    hidden: int,
+    activation: str,
+    depth: int,
+    device: torch.device,
+    peers: tuple[str, ...] = PEERS,
+    seed: int = 0,
+    without_rng: bool = False,
 ) -> dict[str, tuple[nn.Module, list[tuple[nn.Module, nn.Module]]]]:
     """The same ``depth`` couplings with the same weights under every available mechanism.
 
@@ -84,6 +97,9 @@ def coupling_variants(
     variants["plain"] = (nn.Sequential(*[ReversibleBlock(f, g) for f, g in pairs]), pairs)
     pairs = copies()
     variants["revlib"] = (ReversibleSequence(*[ReversibleBlock(f, g) for f, g in pairs]), pairs)
+    if without_rng:
+        pairs = copies()
+        variants["revlib-norng"] = (ReversibleSequence(*[ReversibleBlock(f, g) for f, g in pairs], preserve_rng_state=False), pairs)
     memcnn, _ = _peer("memcnn") if "memcnn" in peers else (None, "")
     if memcnn is not None:
         pairs = copies()
@@ -125,12 +141,23 @@ def coupling_run(arguments: argparse.Namespace, depth: int) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(1)
     inputs = torch.randn(arguments.batch, arguments.features, generator=generator).to(device)
     weight = torch.randn(arguments.batch, arguments.features, generator=generator).to(device)
-    variants = coupling_variants(arguments.features, arguments.hidden, arguments.activation, depth, device, tuple(arguments.peers))
+    variants = coupling_variants(
+        arguments.features, arguments.hidden, arguments.activation, depth, device, tuple(arguments.peers), without_rng=arguments.without_rng
+    )
     reference = _gradients(*variants["plain"], inputs, weight)
     errors = {name: relative_error(_gradients(model, pairs, inputs, weight), reference) for name, (model, pairs) in variants.items()}
     calls = {name: functools.partial(_step, model, inputs) for name, (model, _) in variants.items()}
     timings = compare_times(calls, warmup=2, repeats=arguments.repeats, device=device)
     return {"ms": {name: timing.median * 1e3 for name, timing in timings.items()}, "errors": errors}
+
+
+def _worker_environment(arguments: argparse.Namespace) -> dict[str, str]:
+    """The measuring process's environment: glibc keeps its heap (no trimming, no mmap for large blocks)
+    unless ``--default-malloc``, so that each variant's page faults do not depend on the variant before it."""
+    environment = dict(os.environ)
+    if not arguments.default_malloc:
+        environment.update(MALLOC_TRIM_THRESHOLD_=str(2**40), MALLOC_TOP_PAD_=str(2**28), MALLOC_MMAP_THRESHOLD_=str(2**30))
+    return environment
 
 
 def coupling_table(arguments: argparse.Namespace) -> None:
@@ -142,18 +169,19 @@ def coupling_table(arguments: argparse.Namespace) -> None:
     print(
         f"additive couplings on {device}: features {arguments.features} (halves {arguments.features // 2}), F and G "
         f"Linear→{arguments.activation}→Linear with hidden {arguments.hidden}, batch {arguments.batch}, {arguments.threads} thread(s); "
-        f"{arguments.runs} fresh processes per depth, variants in turns, median of {arguments.repeats} rounds each"
+        f"{arguments.runs} fresh processes per depth, variants in turns, median of {arguments.repeats} rounds each, "
+        f"{'default malloc' if arguments.default_malloc else 'heap kept'}"
     )
     for depth in arguments.depths:
         runs = []
         for _ in range(arguments.runs):
             command = [sys.executable, __file__, "--worker", str(depth), *sys.argv[1:]]
-            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            done = subprocess.run(command, capture_output=True, text=True, check=False, env=_worker_environment(arguments))
             if done.returncode:
                 raise RuntimeError(f"the measuring process failed:\n{done.stderr}")
             runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
         names = list(runs[0]["ms"])
-        header = f"{'blocks':>6} | {'variant':<8} | {'ms':>7} | {'ratio to plain (range)':>22} | {'grad error':>10}"
+        header = f"{'blocks':>6} | {'variant':<12} | {'ms':>7} | {'ratio to plain (range)':>22} | {'grad error':>10}"
         print()
         print(header)
         print("-" * len(header))
@@ -161,7 +189,7 @@ def coupling_table(arguments: argparse.Namespace) -> None:
             ms = statistics.median(run["ms"][name] for run in runs)
             ratios = [run["ms"][name] / run["ms"]["plain"] for run in runs]
             ratio = f"{statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f})"
-            print(f"{depth:>6} | {name:<8} | {ms:7.1f} | {ratio:>22} | {runs[0]['errors'][name]:10.1e}")
+            print(f"{depth:>6} | {name:<12} | {ms:7.1f} | {ratio:>22} | {runs[0]['errors'][name]:10.1e}")
     print("ms: median over runs of each run's median step; ratio: each run's ms / plain's in that run, median (min–max)")
 
 
@@ -202,6 +230,8 @@ def main() -> None:
     parser.add_argument("--activation", choices=sorted(ACTIVATIONS), default="relu", help="couplings: F's and G's activation")
     parser.add_argument("--runs", type=int, default=3, help="couplings: fresh processes per depth")
     parser.add_argument("--peers", nargs="*", choices=PEERS, default=list(PEERS), help="couplings: the other libraries to time, when importable")
+    parser.add_argument("--without-rng", action="store_true", help="couplings: also time revlib with preserve_rng_state=False")
+    parser.add_argument("--default-malloc", action="store_true", help="couplings: leave glibc's heap trimming as it is")
     parser.add_argument("--width", type=int, default=32, help="revnet: channels of the stage")
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # internal: one fresh-process run of one depth
     arguments = parser.parse_args()
