@@ -200,3 +200,34 @@ def test_dropout_masks_are_replayed_on_every_device(name: str, device: torch.dev
 
     bound = 1e-2 if name.startswith("adjoint") else 1e-12
     assert relative_error(gradients(model), gradients(twin)) < bound
+
+
+def test_module_walks_match_nn_module() -> None:
+    """revlib's cheaper walks give what nn.Module's modules() and parameters() give: shared submodules and
+    parameters once, depth first, parametrized weights through their originals, and a class that walks its
+    own way asked directly."""
+    from torch.nn.utils import parametrize
+
+    from revlib._recompute import module_parameters, submodules
+
+    class Scale(nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return 2 * w
+
+    class OwnWalk(nn.Sequential):
+        def parameters(self, recurse: bool = True):  # type: ignore[override]
+            return iter(list(super().parameters(recurse))[::-1])
+
+    torch.manual_seed(0)
+    shared = nn.Linear(3, 3)
+    tied = nn.Linear(3, 3)
+    tied.bias = shared.bias
+    model = nn.Sequential(shared, nn.Sequential(nn.Tanh(), shared, tied), nn.BatchNorm1d(3), nn.Linear(3, 3))
+    parametrize.register_parametrization(model[3], "weight", Scale())
+    def same(a: list, b: list) -> bool:
+        return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+    assert same(submodules(model), list(model.modules()))
+    assert same(module_parameters(model), list(model.parameters()))
+    own = OwnWalk(nn.Linear(2, 2), nn.Linear(2, 2))
+    assert same(module_parameters(own), list(own.parameters()))

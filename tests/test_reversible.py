@@ -331,3 +331,52 @@ def test_memory_held_during_backward_does_not_grow_with_depth() -> None:
     x = torch.randn(64, 32, requires_grad=True)
     peaks = [added_peak(lambda: sequence(x).sum().backward()) for sequence in (stack(blocks, features=16).requires_grad_(False) for blocks in (2, 32))]
     assert peaks[0] == peaks[1] > 0
+
+
+def test_parameter_gradients_are_not_all_held_until_backward_ends() -> None:
+    """In backward() each piece's parameter gradients go to .grad as soon as they are computed: with trainable
+    parameters (whose .grad exist after the warm-up step) the most a step holds is the same at 2 and 32 blocks."""
+    x = torch.randn(64, 32, requires_grad=True)
+    peaks = [added_peak(lambda: sequence(x).sum().backward()) for sequence in (stack(blocks, features=16) for blocks in (2, 32))]
+    assert peaks[0] == peaks[1] > 0
+
+
+def test_autograd_grad_and_backward_give_the_same_parameter_gradients() -> None:
+    """backward() hands each piece's parameter gradients to their accumulators (their hooks run, once per use);
+    torch.autograd.grad gets them returned by the Function, and leaves .grad alone."""
+    sequence = stack(4, dtype=torch.float64)
+    x, weight = torch.randn(3, 8, dtype=torch.float64, requires_grad=True), torch.randn(3, 8, dtype=torch.float64)
+    parameters = list(sequence.parameters())
+    seen = []
+    handles = [p.register_post_accumulate_grad_hook(lambda p: seen.append(p)) for p in parameters]
+    by_backward = gradients(sequence, x, weight)
+    assert len(seen) == len(parameters) and all(a is b for a, b in zip(sorted(seen, key=id), sorted(parameters, key=id)))
+    for handle in handles:
+        handle.remove()
+    sequence.zero_grad(set_to_none=True)
+    by_grad = torch.autograd.grad((sequence(x) * weight).sum(), [x, *parameters])
+    assert all(p.grad is None for p in parameters)
+    assert relative_error(list(by_grad), by_backward) < 1e-12
+    assert relative_error(list(by_grad), gradients(nn.Sequential(*sequence.blocks), x, weight)) < 1e-12
+
+
+def test_dropout_in_some_blocks_only_is_replayed_exactly() -> None:
+    """Pieces without randomness share one generator state and pieces with dropout keep their own; each
+    recomputation replays the masks of its own first run, and the caller's stream is left where it was."""
+    torch.manual_seed(0)
+    halves = [(0.0, 0.0), (0.5, 0.0), (0.0, 0.0), (0.0, 0.3), (0.0, 0.0)]  # dropout in block 1's f and block 3's g
+    sequence = ReversibleSequence(*[ReversibleBlock(mlp_half(16, p), mlp_half(16, q)) for p, q in halves]).double()
+    plain = nn.Sequential(*sequence.blocks)
+    x, weight = torch.randn(8, 32, dtype=torch.float64), torch.randn(8, 32, dtype=torch.float64)
+    torch.manual_seed(3)
+    reversible_gradients = gradients(sequence, x, weight)
+    after_reversible = torch.rand(3)
+    torch.manual_seed(3)
+    plain_gradients = gradients(plain, x, weight)
+    after_plain = torch.rand(3)
+    assert relative_error(reversible_gradients, plain_gradients) < 1e-12
+    assert torch.equal(after_reversible, after_plain)
+    torch.manual_seed(3)
+    states = [state for pair in sequence(x.requires_grad_(True)).grad_fn.states for state in pair]
+    distinct = len({id(state.cpu_rng) for state in states})
+    assert distinct == 3, f"one state before block 1's f, one after it, one after block 3's g: got {distinct}"

@@ -15,8 +15,9 @@ from revlib._reversible_heun import (
     fixed_point_reverse_step,
     heun_fixed_point_reverse_step,
 )
-from revlib.adjoint import ODEResNet, _reverse_step, tanh_residuals
-from revlib.measure import fit_line, saved_tensor_bytes
+from revlib.adjoint import _reverse_step, _Stage, tanh_residuals
+from revlib.analysis import fit_line
+from revlib.measure import saved_tensor_bytes
 from revlib.verify import relative_error
 
 
@@ -429,7 +430,7 @@ def test_the_first_iterate_is_the_adjoints_reversed_step(scheme: str) -> None:
     f, g = residual_functions(2)
     x = torch.randn(3, 6)
     with torch.no_grad():
-        expected = _reverse_step((f, f), x, 0.1, scheme)  # type: ignore[arg-type]
+        expected = _reverse_step(_Stage(f, f, 0, 0), x, 0.1, scheme)
         found = fixed_point_reverse_step(f, x, 0.1, 1) if scheme == "euler" else heun_fixed_point_reverse_step(f, f, x, 0.1, 1)
     assert torch.equal(found, expected)
 
@@ -473,8 +474,7 @@ def test_fixed_point_rebuild_improves_the_euler_adjoint_gradient() -> None:
     """Used as the adjoint's rebuild, each iteration shrinks the gradient error by about a factor hL (a preview of
     ODEResNet(..., rebuild_iterations=k)): here the rebuilt inputs of every step, compared with the true ones."""
     torch.manual_seed(0)
-    residuals = tanh_residuals(32, 6)
-    model = ODEResNet(residuals).double()
+    residuals = [f.double() for f in tanh_residuals(32, 6)]
     x = torch.randn(8, 6, dtype=torch.float64)
     with torch.no_grad():
         states = [x]

@@ -19,14 +19,16 @@ records what that takes while the piece runs forward, and :meth:`ForwardState.re
 The rest is the plumbing the four sequences share: :class:`BlockSequence` (how they hold their blocks),
 :func:`needs_graph` (does this call need a backward pass at all?), :func:`run_checked` (a block run with its shape and in-place checks), :class:`Stash` (block
 inputs kept for backward that can be released before the backward pass ends), :func:`check_parameters_unchanged`,
-:func:`vector_jacobian_products` and :func:`accumulate` (parameter gradients summed by parameter).
+:func:`vector_jacobian_products` and :func:`accumulate` (parameter gradients summed by parameter), and
+:func:`submodules` and :func:`module_parameters` (``modules()`` and ``parameters()`` at half the cost: every
+pass walks every piece).
 """
 
 from __future__ import annotations
 
 import weakref
 from collections.abc import Hashable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, NoReturn
@@ -58,6 +60,8 @@ class ForwardState:
     autocast_enabled: bool
     autocast_dtype: torch.dtype
     updated_buffers: list[Tensor] = field(default_factory=list)  # references to the module's own buffers
+    # the piece's parameters when it ran (references, set by recording): its recomputation must use the same
+    parameters: list[Tensor] = field(default_factory=list)
 
     @classmethod
     def capture(cls, device: torch.device, preserve_rng: bool, previous: ForwardState | None = None) -> ForwardState:
@@ -83,21 +87,27 @@ class ForwardState:
             autocast_dtype=torch.get_autocast_dtype(kind),
         )
 
-    @contextmanager
-    def recording(self, module: nn.Module) -> Iterator[None]:
-        """Run the piece's forward inside this block: notes which of ``module``'s submodules update buffers."""
-        versions = [(child, [buffer._version for buffer in child.buffers(recurse=False)]) for child in module.modules()]
-        yield
-        for child, before in versions:
-            if [buffer._version for buffer in child.buffers(recurse=False)] != before:
-                self.updated_buffers.extend(child.buffers(recurse=False))
+    def recording(self, module: nn.Module) -> AbstractContextManager[None]:
+        """Run the piece's forward inside this block: notes which of ``module``'s submodules update buffers,
+        and ``module``'s parameters (:attr:`parameters`)."""
+        return _Recording(self, module)
 
-    @contextmanager
-    def replayed(self) -> Iterator[None]:
+    def replayed(self) -> AbstractContextManager[None]:
         """Recompute the piece inside this block: the random state and autocast state of its first run.
 
-        The grad mode is the caller's to choose (``torch.enable_grad()`` to build the piece's graph).
+        The caller's random stream is left as it was; autocast is re-entered only where its state now differs
+        from the first run's (a backward pass usually runs outside autocast, and so did a forward pass without
+        it). The grad mode is the caller's to choose (``torch.enable_grad()`` to build the piece's graph).
         """
+        kind = self.device.type
+        enabled = torch.is_autocast_enabled(kind)
+        if self.device_rng is None and enabled == self.autocast_enabled and (not enabled or torch.get_autocast_dtype(kind) == self.autocast_dtype):
+            return _CPUStateReplayed(self.cpu_rng)  # the common case, entered for every piece: a plain class
+        return self._replayed_in_full()
+
+    @contextmanager
+    def _replayed_in_full(self) -> Iterator[None]:
+        """:meth:`replayed` with an accelerator's random state (forked by ``torch.random.fork_rng``) or autocast to re-enter."""
         devices = [self.device] if self.device_rng is not None else []
         with torch.random.fork_rng(devices=devices, enabled=self.cpu_rng is not None, device_type=self.device.type if devices else None):
             if self.cpu_rng is not None:
@@ -117,18 +127,129 @@ class ForwardState:
             for buffer, value in zip(self.updated_buffers, snapshot):
                 buffer.copy_(value)
 
-    @contextmanager
-    def buffers_restored(self) -> Iterator[None]:
+    def buffers_restored(self) -> AbstractContextManager[None]:
         """Put back, on leaving, the buffers the piece updated in its first run (BatchNorm's statistics).
 
         Wrap the recomputation *and* the backward pass through it: autograd saves the running statistics
         with BatchNorm's graph, and writing them back before that graph is used would fail its version check.
         """
-        snapshot = self.snapshot_buffers()
-        try:
-            yield
-        finally:
-            self.restore_buffers(snapshot)
+        return _BuffersRestored(self)
+
+
+# The three contexts below are entered once per piece in every forward or backward pass, so they are small
+# classes rather than @contextmanager generators (which cost several times more to enter and leave).
+
+
+class _Recording:
+    """The context of :meth:`ForwardState.recording`: buffer versions before and after the piece's forward."""
+
+    __slots__ = ("state", "holders", "versions")
+
+    def __init__(self, state: ForwardState, module: nn.Module) -> None:
+        self.state = state
+        modules = _walk(module)
+        state.parameters = list(module.parameters()) if modules is None else _parameters_of(modules)
+        # only a submodule that holds buffers can update one, and most (linear layers, activations) hold none
+        self.holders = [child for child in (module.modules() if modules is None else modules) if child._buffers]
+        self.versions: list[list[int]] = []
+
+    def __enter__(self) -> None:
+        self.versions = [[buffer._version for buffer in child.buffers(recurse=False)] for child in self.holders]
+
+    def __exit__(self, error_type: type[BaseException] | None, *_: Any) -> None:
+        if error_type is not None:
+            return
+        for child, before in zip(self.holders, self.versions):
+            if [buffer._version for buffer in child.buffers(recurse=False)] != before:
+                self.state.updated_buffers.extend(child.buffers(recurse=False))
+
+
+class _CPUStateReplayed:
+    """The context of :meth:`ForwardState.replayed` when at most the CPU random state is to be replayed:
+    set on entering, the caller's put back on leaving (what ``torch.random.fork_rng`` does for the CPU)."""
+
+    __slots__ = ("state", "caller")
+
+    def __init__(self, state: Tensor | None) -> None:
+        self.state, self.caller = state, None
+
+    def __enter__(self) -> None:
+        if self.state is not None:
+            self.caller = torch.get_rng_state()
+            torch.set_rng_state(self.state)
+
+    def __exit__(self, *_: Any) -> None:
+        if self.caller is not None:
+            torch.set_rng_state(self.caller)
+            self.caller = None
+
+
+class _BuffersRestored:
+    """The context of :meth:`ForwardState.buffers_restored`; nothing to copy when the piece updated no buffer."""
+
+    __slots__ = ("state", "snapshot")
+
+    def __init__(self, state: ForwardState) -> None:
+        self.state, self.snapshot = state, None
+
+    def __enter__(self) -> None:
+        if self.state.updated_buffers:
+            self.snapshot = self.state.snapshot_buffers()
+
+    def __exit__(self, *_: Any) -> None:
+        if self.snapshot is not None:
+            self.state.restore_buffers(self.snapshot)
+            self.snapshot = None
+
+
+# nn.Module methods through which modules() and parameters() walk a module tree: a class that overrides one
+# walks its own way, and is asked directly
+_TRAVERSAL = ("modules", "named_modules", "children", "named_children", "parameters", "named_parameters", "_named_members")
+_walks_like_module: dict[type, bool] = {}
+
+
+def submodules(module: nn.Module) -> list[nn.Module]:
+    """``list(module.modules())``: the module and its submodules, each once, depth first, as ``nn.Module`` gives
+    them but at half the cost (no generators or name prefixes); a recomputing sequence walks every piece in
+    every pass."""
+    found = _walk(module)
+    return list(module.modules()) if found is None else found
+
+
+def module_parameters(module: nn.Module) -> list[Tensor]:
+    """``list(module.parameters())``, each parameter once in ``nn.Module``'s order, at half the cost (see :func:`submodules`)."""
+    found = _walk(module)
+    return list(module.parameters()) if found is None else _parameters_of(found)
+
+
+def _walk(module: nn.Module) -> list[nn.Module] | None:
+    """:func:`submodules`, or ``None`` where a module's class changes how ``nn.Module`` walks (ask it then)."""
+    found: dict[int, nn.Module] = {}
+    stack = [module]
+    while stack:
+        current = stack.pop()
+        if id(current) in found:
+            continue
+        kind = type(current)
+        plain = _walks_like_module.get(kind)
+        if plain is None:
+            plain = _walks_like_module[kind] = all(getattr(kind, name, None) is getattr(nn.Module, name) for name in _TRAVERSAL)
+        if not plain:
+            return None
+        found[id(current)] = current
+        if current._modules:
+            stack.extend(reversed([child for child in current._modules.values() if child is not None]))
+    return list(found.values())
+
+
+def _parameters_of(modules: list[nn.Module]) -> list[Tensor]:
+    """The parameters the ``modules`` hold themselves, each once, in order."""
+    found: dict[int, Tensor] = {}
+    for current in modules:
+        for parameter in current._parameters.values():
+            if parameter is not None:
+                found.setdefault(id(parameter), parameter)
+    return list(found.values())
 
 
 def _shared(kept: Tensor | None, now: Tensor | None) -> Tensor | None:
@@ -228,7 +349,7 @@ class Stash:
 
 def distinct_parameters(modules: Sequence[nn.Module]) -> list[Tensor]:
     """The parameters of ``modules`` in the order ``nn.Module.parameters()`` gives them, each once."""
-    return list(dict.fromkeys(p for module in modules for p in module.parameters()))
+    return list(dict.fromkeys(p for module in modules for p in module_parameters(module)))
 
 
 def check_parameters_unchanged(saved: Sequence[Tensor], current: Sequence[Tensor], owner: str) -> None:
@@ -256,15 +377,24 @@ def vector_jacobian_products(output: Tensor, point: Tensor | None, parameters: I
     is ``None``, i.e. not wanted) and ``(id, gradient)`` pairs for the parameters that received one.
     """
     wanted = [p for p in parameters if p.requires_grad]
-    inputs = ([] if point is None else [point]) + wanted
+    inputs = [*wanted] if point is None else [point, *wanted]
     if not output.requires_grad or not inputs:
         return (None if point is None else torch.zeros_like(point)), []
-    found = list(torch.autograd.grad(output, inputs, grad_output.to(output.dtype), allow_unused=True))
-    point_gradient = None
+    if grad_output.dtype != output.dtype:  # autocast: the piece computed in lower precision
+        grad_output = grad_output.to(output.dtype)
+    found = torch.autograd.grad(output, inputs, grad_output, allow_unused=True)
     if point is not None:
-        first = found.pop(0)
-        point_gradient = torch.zeros_like(point) if first is None else first.to(point.dtype)
+        point_gradient, found = _point_gradient(found[0], point), found[1:]
+    else:
+        point_gradient = None
     return point_gradient, [(id(p), g) for p, g in zip(wanted, found) if g is not None]
+
+
+def _point_gradient(gradient: Tensor | None, point: Tensor) -> Tensor:
+    """The gradient found for ``point``, in its dtype; zeros when the output did not depend on it."""
+    if gradient is None:
+        return torch.zeros_like(point)
+    return gradient if gradient.dtype == point.dtype else gradient.to(point.dtype)
 
 
 def accumulate(gradients: dict[int, Tensor], found: Iterable[tuple[int, Tensor]]) -> None:

@@ -17,8 +17,9 @@ So a stack of blocks can rebuild every block's input from its output during the 
 only the stack's output has to be kept: the memory for activations no longer grows with depth.
 
 The mathematics lives in :class:`ReversibleBlock` (``forward`` and ``inverse``); the memory mechanism
-lives in :class:`ReversibleSequence`, whose custom ``torch.autograd.Function`` keeps only the output and
-walks the blocks backwards, rebuilding and back-propagating through one block at a time.
+lives in :class:`ReversibleSequence`, whose custom ``torch.autograd.Function`` (one node per block, keeping
+no activation but the last block's output) walks the blocks backwards, rebuilding and back-propagating
+through one block at a time.
 """
 
 from __future__ import annotations
@@ -32,7 +33,16 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from revlib._checks import positive_integers
-from revlib._recompute import BlockSequence, ForwardState, accumulate, check_parameters_unchanged, distinct_parameters, needs_graph, run_checked, vector_jacobian_products
+from revlib._recompute import (
+    BlockSequence,
+    ForwardState,
+    accumulate,
+    check_parameters_unchanged,
+    module_parameters,
+    needs_graph,
+    run_checked,
+    vector_jacobian_products,
+)
 from revlib.blocks import ResidualBlock, conv_residual
 from revlib.runtime import resolve_device
 
@@ -102,70 +112,120 @@ class ReversibleBlock(nn.Module):
         return torch.cat((x1, x2), dim=self.dim)
 
 
+class _Chain:
+    """What the Functions of one reversible forward pass share: the blocks, their states, and the input that the
+    backward pass of one block rebuilds for the block below it (one at a time: no activation is stored)."""
+
+    __slots__ = ("blocks", "states", "rebuilt")
+
+    def __init__(self, blocks: Sequence[ReversibleBlock]) -> None:
+        self.blocks = blocks
+        self.states: list[tuple[ForwardState, ForwardState]] = []  # per block, the (f, g) random, autocast and buffer states
+        self.rebuilt: tuple[Tensor, Tensor] | None = None  # the halves of the next block's input, rebuilt in backward
+
+
 class _ReversibleFunction(torch.autograd.Function):
-    """Run reversible blocks keeping only the output; rebuild and back-propagate block by block."""
+    """One block of a reversible sequence, keeping no activation; its backward rebuilds the block's input from
+    its output and back-propagates through the block.
+
+    One Function per block rather than one for the whole sequence: each block's parameter gradients leave
+    backward as soon as the block is done, and autograd adds them to ``.grad`` at once (its gradient
+    accumulators run before the next block), where one Function would hold the whole sequence's parameter
+    gradients until its last block is done. The halves pass from block to block as two tensors, never
+    concatenated; the first block takes the sequence's input, the last returns its output, which it keeps.
+    """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, blocks: Sequence[ReversibleBlock], preserve_rng: bool, *parameters: Tensor) -> Tensor:
-        ctx.blocks = blocks  # the modules themselves (not tensors): needed to recompute f and g
-        ctx.states = []  # per block, the (f, g) random, autocast and buffer states: a few KiB, no activations
-        state_g = None
-        with torch.no_grad():
-            x1, x2 = blocks[0].split(x)
-            for index, block in enumerate(blocks):  # the halves pass from block to block without being concatenated
-                state_f = ForwardState.capture(x.device, preserve_rng, previous=state_g)
-                with state_f.recording(block.f):
-                    y1 = x1 + block._residual(f"block {index}'s f", block.f, x2)
-                state_g = ForwardState.capture(x.device, preserve_rng, previous=state_f)
-                with state_g.recording(block.g):
-                    y2 = x2 + block._residual(f"block {index}'s g", block.g, y1)
-                x1, x2 = y1, y2
-                ctx.states.append((state_f, state_g))
-            y = torch.cat((x1, x2), dim=blocks[-1].dim)
-        # the only activation kept is the last block's output; the parameters are saved so that autograd's
-        # version check catches an in-place change to one of them before backward
-        ctx.save_for_backward(y, *parameters)
-        return y
+    def forward(ctx: Any, chain: _Chain, index: int, preserve_rng: bool, *tensors: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        block = chain.blocks[index]
+        if index == 0:  # the sequence's input, then the block's parameters
+            x, *parameters = tensors
+            x1, x2 = block.split(x)
+        else:  # the halves of the block below's output, then the parameters
+            x1, x2, *parameters = tensors
+        previous = chain.states[-1][1] if chain.states else None
+        # (autograd runs a Function's forward without recording a graph)
+        state_f = ForwardState.capture(x1.device, preserve_rng, previous=previous)
+        with state_f.recording(block.f):
+            y1 = x1 + block._residual(f"block {index}'s f", block.f, x2)
+        state_g = ForwardState.capture(x1.device, preserve_rng, previous=state_f)
+        with state_g.recording(block.g):
+            y2 = x2 + block._residual(f"block {index}'s g", block.g, y1)
+        chain.states.append((state_f, state_g))
+        ctx.chain, ctx.index = chain, index  # the shared blocks and states (no tensors), and which block this is
+        ctx.states = chain.states  # every block's states so far (the last block's ctx lists them all)
+        # the parameters are saved so that autograd's version check catches an in-place change to one of them
+        # before backward; the only activation kept is the last block's output
+        if index == len(chain.blocks) - 1:
+            y = torch.cat((y1, y2), dim=block.dim)
+            ctx.save_for_backward(y, *parameters)
+            return y
+        ctx.save_for_backward(*parameters)
+        return y1, y2
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        y, *parameters = ctx.saved_tensors
-        check_parameters_unchanged(tuple(parameters), distinct_parameters(ctx.blocks), "ReversibleSequence")
-        last = ctx.blocks[-1]
-        y1, y2 = last.split(y.detach())
-        dy1, dy2 = last.split(grad_output)
-        parameter_gradients: dict[int, Tensor] = {}  # by id, summed: a parameter may be shared between blocks
-        for block, (state_f, state_g) in zip(reversed(ctx.blocks), reversed(ctx.states)):
-            # z1 = y1; rebuild G(z1) with the graph of g only
-            z1 = y1.detach().requires_grad_(True)
-            with state_g.buffers_restored():
-                with state_g.replayed(), torch.enable_grad():
-                    g_out = block.g(z1)
-                dz1, g_parameter_grads = vector_jacobian_products(g_out, z1, list(block.g.parameters()), dy2)
-            dz1 = dy1 + dz1  # dz1 = dy1 + G'(z1)ᵀ dy2
-            with torch.no_grad():
-                x2 = y2 - g_out  # x2 = y2 − G(z1)
-            del g_out
-            # rebuild F(x2) with the graph of f only
-            x2 = x2.detach().requires_grad_(True)
-            with state_f.buffers_restored():
-                with state_f.replayed(), torch.enable_grad():
-                    f_out = block.f(x2)
-                dx2, f_parameter_grads = vector_jacobian_products(f_out, x2, list(block.f.parameters()), dz1)
-            dx2 = dy2 + dx2  # dx2 = dy2 + F'(x2)ᵀ dz1
-            with torch.no_grad():
-                x1 = z1 - f_out  # x1 = z1 − F(x2)
-            del f_out
-            accumulate(parameter_gradients, (*f_parameter_grads, *g_parameter_grads))
-            y1, y2 = x1, x2.detach()  # this block's input is the previous block's output
-            dy1, dy2 = dz1, dx2  # dx1 = dz1
-        return (
-            torch.cat((dy1, dy2), dim=last.dim) if ctx.needs_input_grad[0] else None,  # x
-            None,  # blocks
-            None,  # preserve_rng
-            *(parameter_gradients.get(id(p)) for p in parameters),  # every parameter, in the order given
-        )
+    def backward(ctx: Any, *output_grads: Tensor) -> tuple[Tensor | None, ...]:
+        chain, index = ctx.chain, ctx.index
+        block = chain.blocks[index]
+        state_f, state_g = chain.states[index]
+        if index == len(chain.blocks) - 1:
+            y, *parameters = ctx.saved_tensors  # unpacking checks that no parameter was changed in place
+            y1, y2 = block.split(y.detach())
+            dy1, dy2 = block.split(output_grads[0])
+        else:
+            parameters = list(ctx.saved_tensors)
+            y1, y2 = chain.rebuilt  # this block's output, rebuilt by the block above
+            dy1, dy2 = output_grads
+        chain.rebuilt = None
+        # (once_differentiable runs this without recording a graph; the recomputations enable it for themselves)
+        # z1 = y1; rebuild G(z1) with the graph of g only
+        z1 = y1.detach().requires_grad_(True)
+        g_parameters = _same_parameters(block.g, state_g)
+        with state_g.buffers_restored():
+            with state_g.replayed(), torch.enable_grad():
+                g_out = block.g(z1)
+            dz1, g_parameter_grads = vector_jacobian_products(g_out, z1, g_parameters, dy2)
+        dz1 = dy1 + dz1  # dz1 = dy1 + G'(z1)ᵀ dy2
+        x2 = y2 - g_out  # x2 = y2 − G(z1)
+        del g_out
+        # rebuild F(x2) with the graph of f only
+        x2 = x2.detach().requires_grad_(True)
+        f_parameters = _same_parameters(block.f, state_f)
+        with state_f.buffers_restored():
+            with state_f.replayed(), torch.enable_grad():
+                f_out = block.f(x2)
+            dx2, f_parameter_grads = vector_jacobian_products(f_out, x2, f_parameters, dz1)
+        dx2 = dy2 + dx2  # dx2 = dy2 + F'(x2)ᵀ dz1
+        x1 = z1 - f_out  # x1 = z1 − F(x2)
+        del f_out
+        if index:
+            chain.rebuilt = (x1, x2.detach())  # this block's input is the block below's output
+        # this block's parameter gradients, summed where f and g share a parameter
+        found: dict[int, Tensor] = {}
+        accumulate(found, (*f_parameter_grads, *g_parameter_grads))
+        parameter_gradients = [found.get(id(p)) for p in parameters]
+        if index == 0:
+            dx = torch.cat((dz1, dx2), dim=block.dim) if ctx.needs_input_grad[3] else None  # dx1 = dz1
+            return None, None, None, dx, *parameter_gradients  # chain, index, preserve_rng, x, parameters
+        return None, None, None, dz1, dx2, *parameter_gradients  # chain, index, preserve_rng, x1, x2, parameters
+
+
+def _same_parameters(module: nn.Module, state: ForwardState) -> list[Tensor]:
+    """``module``'s parameters, which must be those it ran with in forward (else a clear error)."""
+    parameters = module_parameters(module)
+    check_parameters_unchanged(state.parameters, parameters, "ReversibleSequence")
+    return parameters
+
+
+def _reversible(x: Tensor, blocks: Sequence[ReversibleBlock], preserve_rng: bool) -> Tensor:
+    """The blocks applied to ``x``, each through a :class:`_ReversibleFunction` that keeps no activation."""
+    chain = _Chain(blocks)
+    halves: tuple[Tensor, ...] = (x,)
+    for index, block in enumerate(blocks):
+        out = _ReversibleFunction.apply(chain, index, preserve_rng, *halves, *module_parameters(block))
+        halves = out if isinstance(out, tuple) else (out,)
+    return halves[0]
 
 
 class ReversibleSequence(BlockSequence):
@@ -177,7 +237,9 @@ class ReversibleSequence(BlockSequence):
     recomputation of :math:`\mathcal G` and :math:`\mathcal F` that the gradients need anyway — and back-propagating through that one block
     (Gomez et al. 2017, Algorithm 1). Memory for activations is therefore constant in the number of
     blocks, at the price of recomputing :math:`\mathcal F` and :math:`\mathcal G` once more each (about
-    4 instead of 3 forward-pass equivalents of compute).
+    4 instead of 3 forward-pass equivalents of compute). Each block is its own autograd node, so its
+    parameters' gradients reach ``.grad`` (and their hooks run, once) as soon as the block is done: the
+    backward pass never holds more than one block's parameter gradients.
 
     Gradients equal those of running the same blocks as a plain sequence up to rounding (the rebuilt
     inputs differ from the originals by floating-point error, which grows with depth; see the chapter).
@@ -231,7 +293,7 @@ class ReversibleSequence(BlockSequence):
             for block in blocks:
                 x = block(x)
             return x
-        return _ReversibleFunction.apply(x, blocks, self.preserve_rng_state, *self.parameters())
+        return _reversible(x, blocks, self.preserve_rng_state)
 
     def inverse(self, y: Tensor) -> Tensor:
         """Rebuild the input of the whole stack from its output (blocks inverted in reverse order)."""
