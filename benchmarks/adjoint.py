@@ -6,7 +6,7 @@ For every depth N (residual functions Linear → tanh → Linear of the given wi
 Euler steps 1/N) it prints, for four ways of differentiating the *same* network:
 
 * backprop     — :class:`revlib.adjoint.ODEResNet` with ordinary autograd (stores every step);
-* adjoint      — the same with ``gradient="adjoint"`` (stores the output, rebuilds by reversed Euler steps);
+* adjoint      — the same with ``memory_saving=True`` (stores the output, rebuilds by reversed Euler steps);
 * adjoint heun — Heun steps with the adjoint (a different, second-order network: its error is against
   its own backprop gradient);
 * torchdiffeq  — ``torchdiffeq.odeint_adjoint`` with fixed-step Euler on the same vector field
@@ -57,17 +57,17 @@ def main() -> None:
     print("-" * len(header))
     for depth in arguments.depths:
         torch.manual_seed(0)
-        model = smooth_in_depth_(ODEResNet(tanh_residuals(depth, arguments.width)).to(device), generator=torch.Generator().manual_seed(0))
+        model = smooth_in_depth_(ODEResNet(*tanh_residuals(depth, arguments.width), memory_saving=False).to(device), generator=torch.Generator().manual_seed(0))
         variants: dict[str, nn.Module] = {
             "backprop": model,
-            "adjoint": ODEResNet(model.residuals, gradient="adjoint"),
-            "adjoint heun": ODEResNet(model.residuals, scheme="heun", gradient="adjoint"),
+            "adjoint": ODEResNet(*model.residuals),
+            "adjoint heun": ODEResNet(*model.residuals, scheme="heun"),
             "torchdiffeq": TorchdiffeqResNet(model),
         }
         errors = {
             "backprop": 0.0,
-            "adjoint": gradient_error(ODEResNet(model.residuals), inputs, squared),
-            "adjoint heun": gradient_error(ODEResNet(model.residuals, scheme="heun"), inputs, squared),
+            "adjoint": gradient_error(ODEResNet(*model.residuals), inputs, squared),
+            "adjoint heun": gradient_error(ODEResNet(*model.residuals, scheme="heun"), inputs, squared),
             "torchdiffeq": torchdiffeq_error(model, inputs, squared),
         }
         calls = {name: functools.partial(forward_backward, variant, inputs) for name, variant in variants.items()}

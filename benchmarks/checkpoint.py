@@ -35,7 +35,8 @@ from torch import nn
 
 from revlib.checkpoint import CheckpointedSequence, Offloaded, TorchSegmentCheckpointed, TorchSelectiveCheckpointed
 from revlib.measure import compare_times, count_calls, forward_backward, peak_memory, saved_tensor_bytes
-from revlib.reversible import ReversibleBlock, ReversibleSequence, conv_residual
+from revlib.blocks import conv_residual
+from revlib.reversible import ReversibleBlock, ReversibleSequence
 from revlib.runtime import resolve_device
 
 

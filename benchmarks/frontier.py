@@ -15,7 +15,8 @@ import argparse
 
 import torch
 
-from revlib.frontier import FAMILIES, OPTIMIZERS, format_table, frontier
+from revlib.frontier import FAMILIES, format_table, frontier
+from revlib.training import OPTIMIZERS
 
 
 def main() -> None:

@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from revlib.checkpoint import CheckpointedSequence
 from revlib.measure import compare_times, forward_backward, peak_memory, saved_tensor_bytes
 from revlib.reversible import RevNet, ReversibleBlock, ReversibleSequence
 from revlib.runtime import resolve_device
@@ -55,7 +56,12 @@ from revlib.verify import relative_error
 
 PEERS = ("memcnn", "revtorch")  # optional, for comparison only
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
-REVNET_VARIANTS = {"plain": {"reversible": False}, "checkpoint": {"reversible": False, "checkpointed": True}, "reversible": {}}
+# the same RevNet with plain autograd, each block checkpointed, and its reversible stages
+REVNET_VARIANTS = {
+    "plain": {"stage": nn.Sequential},
+    "checkpoint": {"stage": functools.partial(CheckpointedSequence, schedule="every")},
+    "reversible": {},
+}
 
 
 def _peer(name: str) -> tuple[Any, str]:
