@@ -17,7 +17,9 @@ SOURCE = Path(revlib.__file__).resolve().parent
 INFRASTRUCTURE = (
     "runtime", "claims", "data", "training", "measure", "timeline", "analysis", "verify", "plotting", "settings", "_checks",
 )
-CHAPTERS = ("backprop", "residual", "reversible", "adjoint", "linear_backprop", "checkpoint", "momentum", "frontier")  # book order
+CHAPTERS = (
+    "backprop", "residual", "reversible", "adjoint", "reversible_heun", "linear_backprop", "checkpoint", "momentum", "frontier",
+)  # book order
 
 
 def imported_revlib_modules(module: str) -> set[str]:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from revlib._reversible_heun import (
+from revlib.reversible_heun import (
     ReversibleHeunResNet,
     fixed_point_reverse,
     fixed_point_reverse_step,
@@ -71,7 +71,7 @@ def constant_linear_field(count: int, weight: torch.Tensor) -> list[nn.Module]:
 
 def test_forward_is_the_reversible_heun_scheme_on_both_paths() -> None:
     functions = residual_functions(6)
-    model = ReversibleHeunResNet(functions).double()
+    model = ReversibleHeunResNet(*functions).double()
     x = torch.randn(4, 6, dtype=torch.float64)
     h = 1 / 5
     y, z = x, x
@@ -88,7 +88,7 @@ def test_forward_is_the_reversible_heun_scheme_on_both_paths() -> None:
 
 
 def test_gradcheck_on_input_and_parameters() -> None:
-    model = ReversibleHeunResNet(residual_functions(4, width=3)).double()
+    model = ReversibleHeunResNet(*residual_functions(4, width=3)).double()
     x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
     parameters = list(model.parameters())
     # gradcheck perturbs the tensors it is given in place, parameters included, so the model sees the perturbations
@@ -100,14 +100,14 @@ def test_gradcheck_on_input_and_parameters() -> None:
 @pytest.mark.parametrize("depth", [4, 64, 256])
 def test_gradients_equal_plain_autograd_to_float64_rounding(depth: int) -> None:
     """1e-12 relative, for the input and every parameter tensor: an error of 1e-6 in the rebuilt states would fail."""
-    model = ReversibleHeunResNet(residual_functions(depth + 1)).double()
+    model = ReversibleHeunResNet(*residual_functions(depth + 1)).double()
     x = torch.randn(8, 6, dtype=torch.float64)
     saving, plain = memory_saving_and_plain(model, x)
     assert relative_error(saving, plain) < 1e-12
 
 
 def test_gradients_of_both_final_states_from_both_initial_states() -> None:
-    model = ReversibleHeunResNet(residual_functions(17)).double()
+    model = ReversibleHeunResNet(*residual_functions(17)).double()
     y = torch.randn(5, 6, dtype=torch.float64)
     z = torch.randn(5, 6, dtype=torch.float64)
     found = []
@@ -120,7 +120,7 @@ def test_gradients_of_both_final_states_from_both_initial_states() -> None:
 
 
 def test_the_inverse_rebuilds_the_initial_states_at_depth_256() -> None:
-    model = ReversibleHeunResNet(residual_functions(257)).double()
+    model = ReversibleHeunResNet(*residual_functions(257)).double()
     x = torch.randn(16, 6, dtype=torch.float64)
     with torch.no_grad():
         y, z = model.run(x)
@@ -136,7 +136,7 @@ def test_saved_bytes_are_the_two_final_states_at_every_depth() -> None:
     x = torch.randn(32, 6, requires_grad=True)
     saved, plain = [], []
     for depth in (4, 64, 256):
-        model = ReversibleHeunResNet(residual_functions(depth + 1))
+        model = ReversibleHeunResNet(*residual_functions(depth + 1))
         saved.append(saved_tensor_bytes(model, x, exclude=model.parameters()))
         model.memory_saving = False
         plain.append(saved_tensor_bytes(model, x, exclude=model.parameters()))
@@ -184,7 +184,7 @@ def test_live_memory_during_backward_does_not_grow_with_depth() -> None:
     state = x.numel() * x.element_size()
     live: dict[bool, list[int]] = {True: [], False: []}
     for depth in (16, 128):
-        model = ReversibleHeunResNet(tanh_residuals(depth + 1, 8)).double()
+        model = ReversibleHeunResNet(*tanh_residuals(depth + 1, 8)).double()
         for memory_saving in (True, False):
             model.memory_saving = memory_saving
             live[memory_saving].append(live_bytes_during_backward(model, x))
@@ -197,7 +197,7 @@ def test_live_memory_during_backward_does_not_grow_with_depth() -> None:
 
 
 def test_dropout_masks_are_replayed_and_the_callers_random_stream_is_untouched() -> None:
-    model = ReversibleHeunResNet(residual_functions(17, dropout=0.3)).double()
+    model = ReversibleHeunResNet(*residual_functions(17, dropout=0.3)).double()
     x = torch.randn(8, 6, dtype=torch.float64)
     torch.manual_seed(1)
     model.memory_saving = False
@@ -217,14 +217,14 @@ def test_dropout_masks_are_replayed_and_the_callers_random_stream_is_untouched()
 
 def test_random_state_is_kept_once_when_no_function_draws_random_numbers() -> None:
     x = torch.randn(5, 6, requires_grad=True)
-    plain = ReversibleHeunResNet(residual_functions(9))(x).grad_fn.states  # type: ignore[union-attr]
+    plain = ReversibleHeunResNet(*residual_functions(9))(x).grad_fn.states  # type: ignore[union-attr]
     assert len(plain) == 9 and all(state.cpu_rng is plain[0].cpu_rng for state in plain), "one copy serves all"
-    random = ReversibleHeunResNet(residual_functions(9, dropout=0.5))(x).grad_fn.states  # type: ignore[union-attr]
+    random = ReversibleHeunResNet(*residual_functions(9, dropout=0.5))(x).grad_fn.states  # type: ignore[union-attr]
     assert len({id(state.cpu_rng) for state in random}) == 9, "one per function evaluation"
 
 
 def test_dropout_replay_on_every_device(device: torch.device) -> None:
-    model = ReversibleHeunResNet(residual_functions(9, dropout=0.3)).to(device, torch.float64)
+    model = ReversibleHeunResNet(*residual_functions(9, dropout=0.3)).to(device, torch.float64)
     x = torch.randn(8, 6, dtype=torch.float64, device=device)
     found = []
     for memory_saving in (True, False):
@@ -235,8 +235,8 @@ def test_dropout_replay_on_every_device(device: torch.device) -> None:
 
 
 def test_batch_norm_statistics_are_updated_once_per_forward() -> None:
-    model = ReversibleHeunResNet(residual_functions(9, batch_norm=True)).double()
-    twin = ReversibleHeunResNet(residual_functions(9, batch_norm=True), memory_saving=False).double()
+    model = ReversibleHeunResNet(*residual_functions(9, batch_norm=True)).double()
+    twin = ReversibleHeunResNet(*residual_functions(9, batch_norm=True), memory_saving=False).double()
     twin.load_state_dict(model.state_dict())
     x = torch.randn(16, 6, dtype=torch.float64)
     found, expected = gradients(model, x), gradients(twin, x)
@@ -253,7 +253,7 @@ def test_autocast_is_re_entered_in_the_recomputation() -> None:
         function.register_forward_pre_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
     x = torch.randn(8, 6, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = ReversibleHeunResNet(functions)(x)
+        out = ReversibleHeunResNet(*functions)(x)
     out.float().sum().backward()  # outside autocast: the recomputation must re-enter it
     assert len(seen) == 10 and all(seen), "every function evaluated once in forward and once in backward, under autocast"
     assert functions[0][0].weight.grad is not None
@@ -261,7 +261,7 @@ def test_autocast_is_re_entered_in_the_recomputation() -> None:
 
 def test_a_shared_function_accumulates_and_a_frozen_input_still_trains() -> None:
     shared = residual_functions(1)[0]
-    model = ReversibleHeunResNet([shared, *residual_functions(2, seed=1), shared]).double()
+    model = ReversibleHeunResNet(shared, *residual_functions(2, seed=1), shared).double()
     x = torch.randn(4, 6, dtype=torch.float64)
     saving, plain = memory_saving_and_plain(model, x)
     assert relative_error(saving, plain) < 1e-12
@@ -271,7 +271,7 @@ def test_a_shared_function_accumulates_and_a_frozen_input_still_trains() -> None
 
 
 def test_no_grad_runs_plainly_and_double_backward_is_refused() -> None:
-    model = ReversibleHeunResNet(residual_functions(3))
+    model = ReversibleHeunResNet(*residual_functions(3))
     with torch.no_grad():
         assert not model(torch.randn(2, 6)).requires_grad
     x = torch.randn(2, 6, requires_grad=True)
@@ -281,7 +281,7 @@ def test_no_grad_runs_plainly_and_double_backward_is_refused() -> None:
 
 
 def test_parameters_changed_or_replaced_before_backward_are_refused() -> None:
-    model = ReversibleHeunResNet(residual_functions(3))
+    model = ReversibleHeunResNet(*residual_functions(3))
     out = model(torch.randn(2, 6, requires_grad=True)).sum()
     with torch.no_grad():
         model.residuals[0][0].weight.add_(1)
@@ -298,7 +298,7 @@ def test_parameters_changed_or_replaced_before_backward_are_refused() -> None:
 
 @pytest.mark.parametrize("memory_saving", [True, False])
 def test_a_residual_function_that_changes_the_shape_is_named(memory_saving: bool) -> None:
-    model = ReversibleHeunResNet([nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)], memory_saving=memory_saving)
+    model = ReversibleHeunResNet(nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3), memory_saving=memory_saving)
     message = r"residual function 2 must preserve the shape of its input: it maps an input of shape \(2, 6\) to an output of shape \(2, 3\)"
     with pytest.raises(ValueError, match=message):
         model(torch.randn(2, 6, requires_grad=True))
@@ -308,10 +308,12 @@ def test_a_residual_function_that_changes_the_shape_is_named(memory_saving: bool
 
 def test_bad_arguments_get_clear_errors() -> None:
     with pytest.raises(ValueError, match="at least 2, got 1"):
-        ReversibleHeunResNet([nn.Linear(2, 2)])
+        ReversibleHeunResNet(nn.Linear(2, 2))
     with pytest.raises(TypeError, match="residual function 1 must be an nn.Module"):
-        ReversibleHeunResNet([nn.Linear(2, 2), torch.tanh])  # type: ignore[list-item]
-    model = ReversibleHeunResNet([nn.Linear(2, 2), nn.Linear(2, 2)])
+        ReversibleHeunResNet(nn.Linear(2, 2), torch.tanh)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="one by one"):
+        ReversibleHeunResNet([nn.Linear(2, 2), nn.Linear(2, 2)])  # type: ignore[arg-type]
+    model = ReversibleHeunResNet(nn.Linear(2, 2), nn.Linear(2, 2))
     with pytest.raises(ValueError, match="z must have the shape of y"):
         model.run(torch.randn(3, 2), torch.randn(3, 3))
     with pytest.raises(ValueError, match="z must have the shape of y"):
@@ -323,7 +325,7 @@ def test_bad_arguments_get_clear_errors() -> None:
 
 def float32_gradient_errors(residuals: list[nn.Module], x: torch.Tensor) -> tuple[float, float]:
     """Relative errors against float64 plain autograd of the float32 gradients, rebuilt and plain."""
-    model = ReversibleHeunResNet(residuals, memory_saving=False).double()
+    model = ReversibleHeunResNet(*residuals, memory_saving=False).double()
     reference = gradients(model, x.double())
     model.float()
     errors = [relative_error(g, reference) for g in memory_saving_and_plain(model, x.float())]
@@ -352,7 +354,7 @@ def test_a_contracting_field_amplifies_rounding_in_the_reversal() -> None:
     rebuild, rebuilt32, plain32 = {}, {}, {}
     for c in (1, 8, 16):
         residuals = constant_linear_field(65, -c * torch.eye(8))
-        model = ReversibleHeunResNet(residuals).double()
+        model = ReversibleHeunResNet(*residuals).double()
         with torch.no_grad():
             y0, z0 = model.inverse(*model.run(x))
         rebuild[c] = max(relative_error(y0, x), relative_error(z0, x))
@@ -375,7 +377,7 @@ def test_the_forward_pass_is_stable_only_for_oscillating_fields_with_step_at_mos
         largest = max(abs(r) for r in roots)
         assert (largest < 1 + 1e-12) == (w.real == 0), (w, roots)
     h, lam = 1 / 64, -8.0  # the matrix is the scheme's
-    model = ReversibleHeunResNet(constant_linear_field(65, lam * torch.eye(1))).double()
+    model = ReversibleHeunResNet(*constant_linear_field(65, lam * torch.eye(1))).double()
     y, z = model.run(torch.ones(1, 1, dtype=torch.float64))
     matrix = torch.tensor([[1 + h * lam, (h * lam) ** 2 / 2], [2, h * lam - 1]], dtype=torch.float64)
     expected = torch.linalg.matrix_power(matrix, 64) @ torch.ones(2, dtype=torch.float64)

@@ -8,6 +8,7 @@ on first use. One module per idea, in the book's order,
 * :mod:`revlib.residual` — plain and residual networks, gradient flow, lesions, loss landscapes (02);
 * :mod:`revlib.reversible` — reversible blocks and sequences, RevNet, the reversible Transformer (03);
 * :mod:`revlib.adjoint` — ResNets as Neural ODEs and adjoint backprop (04);
+* :mod:`revlib.reversible_heun` — the reversible Heun method: exact gradients in memory flat in depth (04);
 * :mod:`revlib.linear_backprop` — linear backprop and the straight-through estimator (05);
 * :mod:`revlib.checkpoint` — gradient checkpointing, from every block to the optimal schedule (06);
 * :mod:`revlib.momentum` — momentum residual networks (07);
@@ -31,8 +32,8 @@ __version__ = "0.1.0"
 
 _SUBMODULES = (
     "adjoint", "analysis", "backprop", "blocks", "checkpoint", "claims", "data", "frontier", "linear_backprop",
-    "measure", "momentum", "plotting", "residual", "reversible", "runtime", "settings", "timeline", "training",
-    "verify",
+    "measure", "momentum", "plotting", "residual", "reversible", "reversible_heun", "runtime", "settings",
+    "timeline", "training", "verify",
 )
 
 _EXPORTS = {  # name → the module that defines it
@@ -43,6 +44,7 @@ _EXPORTS = {  # name → the module that defines it
     "ResNet": "reversible",
     "ReversibleTransformer": "reversible",
     "ODEResNet": "adjoint",
+    "ReversibleHeunResNet": "reversible_heun",
     "LinearBackprop": "linear_backprop",
     "convert_to_linear_backprop": "linear_backprop",
     "CheckpointedSequence": "checkpoint",
@@ -89,6 +91,7 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # what static tools see; at run time the names are looked up on first use
     from revlib.adjoint import ODEResNet
+    from revlib.reversible_heun import ReversibleHeunResNet
     from revlib.analysis import LineFit, fit_line
     from revlib.backprop import MLP
     from revlib.blocks import ResidualBlock

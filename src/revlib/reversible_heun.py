@@ -1,7 +1,8 @@
 r"""The reversible Heun method: an ODE-ResNet with exact gradients in memory that does not grow with depth.
 
 For the chapter "ResNets as Neural ODEs" (``chapters/04_neural_odes``), beside :mod:`revlib.adjoint`, whose
-``ODEResNet`` is to offer it as ``scheme="reversible_heun"`` and the fixed-point rebuild as an option.
+``ODEResNet`` rebuilds each step approximately: :class:`ReversibleHeunResNet` rebuilds exactly, and
+:func:`fixed_point_reverse_step` rebuilds an Euler or Heun step more accurately than the reversed step.
 
 **The scheme** (Kidger, Foster, Li and Lyons 2021; McCallum and Foster 2024). Two states :math:`(y_n, z_n)`,
 step :math:`h = 1/N`, and :math:`N + 1` residual functions :math:`f_0, \dots, f_N` (function :math:`f_n` is
@@ -78,7 +79,7 @@ reversal — expands the solution's mode by :math:`e^{|\lambda| s}`, amplifying 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -86,6 +87,8 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from revlib._recompute import ForwardState, check_parameters_unchanged, distinct_parameters, vector_jacobian_products
+
+__all__ = ["ReversibleHeunResNet", "fixed_point_reverse", "fixed_point_reverse_step", "heun_fixed_point_reverse_step"]
 
 
 def _residual(f: nn.Module, z: Tensor, index: int) -> Tensor:
@@ -202,7 +205,7 @@ class ReversibleHeunResNet(nn.Module):
         y_{n+1} = y_n + \tfrac h2 \big(f_n(z_n) + f_{n+1}(z_{n+1})\big), \qquad h = 1/N,
 
     from :math:`y_0 = z_0 = x` to the output :math:`y_N`, with :math:`N + 1` residual functions for
-    :math:`N` steps (see :mod:`revlib._reversible_heun` for the reversal and the backward recursion). With
+    :math:`N` steps (see :mod:`revlib.reversible_heun` for the reversal and the backward recursion). With
     gradients enabled and ``memory_saving=True`` the forward pass keeps only :math:`(y_N, z_N)`, and the
     backward pass rebuilds :math:`(y_n, z_n)` step by step through the exact inverse and back-propagates
     through one evaluation of :math:`f_n` at a time: its gradients equal ordinary backprop's through the same
@@ -223,19 +226,20 @@ class ReversibleHeunResNet(nn.Module):
     of ordinary size the rebuilt gradient is as accurate as backprop's.
 
     Args:
-        residuals: the functions :math:`f_0, \dots, f_N`, at least two shape-preserving ``nn.Module`` objects.
+        *residuals: the functions :math:`f_0, \dots, f_N`, at least two shape-preserving ``nn.Module`` objects.
         memory_saving: rebuild the states in the backward pass instead of storing them.
         preserve_rng_state: replay each function's random state in the recomputation (needed for dropout).
 
     Raises:
-        TypeError: a residual function is not an ``nn.Module``.
+        TypeError: a residual function is not an ``nn.Module`` (or a list is passed instead of the functions).
         ValueError: fewer than two residual functions. A residual function that changes the shape of its
             input raises a ``ValueError`` naming its index and both shapes when the network runs.
     """
 
-    def __init__(self, residuals: Sequence[nn.Module], memory_saving: bool = True, *, preserve_rng_state: bool = True) -> None:
+    def __init__(self, *residuals: nn.Module, memory_saving: bool = True, preserve_rng_state: bool = True) -> None:
         super().__init__()
-        residuals = list(residuals)
+        if len(residuals) == 1 and isinstance(residuals[0], (list, tuple)):
+            raise TypeError("pass the residual functions one by one: ReversibleHeunResNet(*functions)")
         if len(residuals) < 2:
             raise ValueError(f"the reversible Heun method needs N + 1 residual functions for N steps: at least 2, got {len(residuals)}")
         for index, f in enumerate(residuals):
