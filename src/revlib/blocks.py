@@ -126,15 +126,20 @@ def pre_activation_residual(
     return nn.Sequential(*normalised_activation(), layer(), *normalised_activation(), layer())
 
 
-def conv_residual(channels: int) -> nn.Sequential:
-    r"""The convolutional residual function: :func:`pre_activation_residual` with BatchNorm, ReLU and 3×3
-    convolutions without bias, preserving ``(B, channels, H, W)``.
+def conv_residual(channels: int, hidden: int | None = None) -> nn.Sequential:
+    r"""The convolutional residual function of pre-activation ResNets (:func:`pre_activation_residual`) with
+    BatchNorm, ReLU and 3×3 convolutions without bias, preserving ``(B, channels, H, W)``: BatchNorm → ReLU →
+    conv to ``hidden`` channels → BatchNorm → ReLU → conv back to ``channels`` (``hidden=None``: ``channels``).
 
     Raises:
-        ValueError: ``channels`` is not a positive integer.
+        ValueError: ``channels`` or ``hidden`` is not a positive integer.
     """
-    positive_integers(channels=channels)
-    return pre_activation_residual(lambda: nn.Conv2d(channels, channels, 3, padding=1, bias=False), norm=lambda: nn.BatchNorm2d(channels))
+    hidden = channels if hidden is None else hidden
+    positive_integers(channels=channels, hidden=hidden)
+    return nn.Sequential(
+        nn.BatchNorm2d(channels), make_activation("relu"), nn.Conv2d(channels, hidden, 3, padding=1, bias=False),
+        nn.BatchNorm2d(hidden), make_activation("relu"), nn.Conv2d(hidden, channels, 3, padding=1, bias=False),
+    )
 
 
 class ResidualBlock(nn.Module):

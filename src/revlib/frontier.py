@@ -1,7 +1,7 @@
 r"""Every way of paying the memory bill, measured on one training step: the memory/compute frontier.
 
 For one family of residual functions :math:`f_n` (``"mlp"``: Linear → tanh → Linear on ``width``
-features; ``"conv"``: the pre-activation convolutions of :func:`revlib.reversible.conv_residual` on
+features; ``"conv"``: the pre-activation convolutions of :func:`revlib.blocks.conv_residual` on
 ``width`` channels of 8×8 images), :func:`frontier` builds one network per method, each a stem, a stack
 of ``depth`` blocks and a linear head, and runs one training step (cross-entropy on the digits, then one
 optimiser step) under each:
@@ -10,13 +10,17 @@ optimiser step) under each:
 * ``checkpoint every``, ``checkpoint sqrt``, ``revolve-s`` — the same blocks in a
   :class:`~revlib.checkpoint.CheckpointedSequence` (two budgets :math:`s`);
 * ``offload`` — the same blocks, saved tensors in host memory (CUDA only);
-* ``reversible`` — additive coupling of two functions on half the width each
-  (:class:`~revlib.reversible.ReversibleSequence`);
+* ``reversible`` — additive coupling of two functions on half the width each, widening to ``width``
+  inside (:class:`~revlib.reversible.ReversibleSequence`), so that a block has the weights and
+  multiply-adds of one residual function (its hidden biases aside);
 * ``momentum`` — :class:`~revlib.momentum.MomentumSequence` over the functions;
-* ``adjoint euler``, ``adjoint heun`` — :class:`~revlib.adjoint.ODEResNet` with the adjoint backward pass.
+* ``adjoint euler``, ``adjoint heun`` — :class:`~revlib.adjoint.ODEResNet` with the adjoint backward pass;
+* ``reversible heun`` — :class:`~revlib.reversible_heun.ReversibleHeunResNet` over the same ``depth``
+  functions (``depth − 1`` steps), exact gradients from the final states.
 
-Each row splits the step's memory into parameters, gradients, optimiser state and the activations saved for
-backward, and gives the measured peak (:func:`revlib.measure.peak_memory`), the median time of the step
+Each row gives the memory of a steady-state step by category, measured by PyTorch's memory profiler
+(:func:`revlib.measure.step_memory`: parameters, gradients, optimiser state, activations, the temporaries
+at the peak, and the peak), the median time of the step
 (methods timed in turns), the relative gradient error against exact backprop through the *same* network,
 and the evaluations of the residual functions per function beyond the forward pass (recomputation).
 
@@ -44,6 +48,7 @@ from revlib.data import load_digits
 from revlib.measure import StepMemory, compare_times, count_calls, step_memory
 from revlib.momentum import MomentumSequence
 from revlib.reversible import ReversibleBlock, ReversibleSequence
+from revlib.reversible_heun import ReversibleHeunResNet
 from revlib.runtime import resolve_device
 from revlib.training import OPTIMIZERS, make_optimizer, training_step
 from revlib.verify import relative_error
@@ -55,8 +60,8 @@ FAMILIES = ("mlp", "conv")
 
 @dataclass(frozen=True)
 class FrontierRow:
-    """One method's training step: its memory bill (:class:`revlib.measure.StepMemory`: exact counts and
-    the measured peak), the median time of the step, the relative gradient error against exact backprop
+    """One method's training step: its memory bill (:class:`revlib.measure.StepMemory`, measured by category on
+    a steady-state step), the median time of the step, the relative gradient error against exact backprop
     through the same network (at the initial weights, before any step) and the evaluations of each residual
     function beyond the forward pass."""
 
@@ -88,15 +93,16 @@ class MethodNetwork:
         return relative_error(_gradients(self.model, inputs, targets), _gradients(self.exact, inputs, targets))
 
 
-def residual_function(family: str, width: int) -> nn.Module:
-    """One shape-preserving residual function of ``family`` on ``width`` features or channels.
+def residual_function(family: str, width: int, hidden: int | None = None) -> nn.Module:
+    """One shape-preserving residual function of ``family`` on ``width`` features or channels, with ``hidden``
+    features or channels between its two layers (``width`` when ``None``).
 
     Raises:
         ValueError: an unknown family or a width that is not a positive integer.
     """
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
-    return mlp_residual(width) if family == "mlp" else conv_residual(width)
+    return mlp_residual(width, hidden) if family == "mlp" else conv_residual(width, hidden)
 
 
 def _classifier(family: str, width: int, stack: nn.Module, inputs: int, classes: int) -> nn.Sequential:
@@ -128,12 +134,19 @@ def methods(family: str, depth: int, width: int, device: torch.device | str | No
         return build
 
     def reversible() -> MethodNetwork:
-        blocks = [ReversibleBlock(residual_function(family, width // 2), residual_function(family, width // 2)) for _ in range(depth)]
+        # F and G on the halves, widening to ``width`` inside: together the weights and multiply-adds of one
+        # residual function on the whole width (the biases of the hidden layer aside)
+        blocks = [ReversibleBlock(residual_function(family, width // 2, width), residual_function(family, width // 2, width))
+                  for _ in range(depth)]
         return MethodNetwork(ReversibleSequence(*blocks), nn.Sequential(*blocks), [f for block in blocks for f in (block.f, block.g)])
 
     def momentum() -> MethodNetwork:
         functions = [residual_function(family, width) for _ in range(depth)]
         return MethodNetwork(MomentumSequence(*functions), MomentumSequence(*functions, memory_saving=False), functions)
+
+    def reversible_heun() -> MethodNetwork:
+        functions = [residual_function(family, width) for _ in range(depth)]  # N + 1 functions: depth − 1 steps
+        return MethodNetwork(ReversibleHeunResNet(*functions), ReversibleHeunResNet(*functions, memory_saving=False), functions)
 
     def adjoint(scheme: str) -> Callable[[], MethodNetwork]:
         def build() -> MethodNetwork:
@@ -152,6 +165,7 @@ def methods(family: str, depth: int, width: int, device: torch.device | str | No
         "momentum": momentum,
         "adjoint euler": adjoint("euler"),
         "adjoint heun": adjoint("heun"),
+        "reversible heun": reversible_heun,
     }
     if device.type == "cuda":
         stacks["offload"] = blocks_in(lambda blocks: Offloaded(*blocks))
@@ -215,18 +229,20 @@ def frontier(family: str = "conv", depth: int = 16, width: int = 32, batch: int 
     for name, network in tqdm(networks.items(), desc="frontier", disable=not progress):
         model = network.model
         calls = count_calls(network.functions, _gradients, model, inputs, targets)
-        memory = step_memory(model, inputs, targets, optimizer)
+        memory = step_memory(model, inputs, targets, optimizer)  # a steady-state step
         rows.append(FrontierRow(name, memory, times[name], errors[name], calls / len(network.functions) - 1))
     return rows
 
 
 def format_table(rows: list[FrontierRow]) -> str:
-    """The rows as a text table: MiB, milliseconds, errors and recomputations per function."""
-    lines = [f"{'method':>16} {'params':>8} {'grads':>8} {'optim':>8} {'activ':>8} {'sum':>8} {'peak':>8} {'ms':>8} "
+    """The rows as a text table: MiB (each category at its most; temporaries at the peak), milliseconds,
+    errors and recomputations per function."""
+    lines = [f"{'method':>16} {'params':>8} {'grads':>8} {'optim':>8} {'activ':>8} {'temps':>8} {'peak':>8} {'ms':>8} "
              f"{'grad err':>9} {'recomp':>7}"]
     for row in rows:
         memory = row.memory
-        mib = [value / 2**20 for value in (memory.parameters, memory.gradients, memory.optimizer_state, memory.activations, memory.parts, memory.peak)]
+        categories = (memory.parameters, memory.gradients, memory.optimizer_state, memory.activations, memory.at_peak["temporaries"], memory.peak)
+        mib = [value / 2**20 for value in categories]
         lines.append(f"{row.method:>16} " + " ".join(f"{value:8.2f}" for value in mib)
                      + f" {row.seconds * 1e3:8.1f} {row.gradient_error:9.1e} {row.recomputations:7.2f}")
     return "\n".join(lines)

@@ -16,8 +16,9 @@ Three instruments, from the most to the least abstract:
 * :func:`time_call` times a call with warm-up, repeats and the median, synchronising the accelerator;
   :func:`compare_times` times several calls in turns.
 
-:func:`step_memory` puts them together for one training step (:func:`revlib.training.training_step`): the
-parameters, gradients, optimiser state and activations it holds, counted, and its peak, measured.
+:func:`step_memory` gives the bill of one training step (:func:`revlib.training.training_step`) by
+category, from PyTorch's memory profiler (:func:`revlib.memory_timeline`): parameters, gradients, optimiser
+state, activations, the batch, and the peak with what each category held at it.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -42,6 +43,7 @@ from torch import Tensor, nn
 
 from revlib._checks import positive_integers
 from revlib.runtime import resolve_device
+from revlib.timeline import MemoryTimeline, memory_timeline
 from revlib.training import make_optimizer, training_step
 
 __all__ = [
@@ -382,31 +384,45 @@ def compare_times(
 
 @dataclass(frozen=True)
 class StepMemory:
-    """The memory bill of one training step (:func:`revlib.training.training_step`), in bytes.
+    """The memory bill of one training step (:func:`revlib.training.training_step`), measured by category.
 
-    ``parameters``, ``gradients``, ``optimizer_state`` (after the step) and ``activations`` (saved for
-    backward by the forward pass and the loss, the batch and targets among them, the parameters not) are
-    exact counts. ``peak`` is measured (:func:`peak_memory` of a first step, whose gradients and fresh
-    optimiser state are allocated inside it): the most the step held beyond what was resident before it,
-    the parameters and the batch.
+    Every figure is read off the step's :class:`~revlib.timeline.MemoryTimeline` (PyTorch's memory profiler,
+    exact to the byte on the CPU). ``parameters``, ``gradients``, ``optimizer_state``, ``activations`` and
+    ``inputs`` are the most bytes each category held at any moment of the step (they peak at different
+    moments); ``peak`` is the most held at once, everything included, and ``at_peak`` what each category held
+    then (``temporaries``: gradients with respect to activations, recomputed activations, workspaces).
+
+    Attributes:
+        parameters: the model's parameters and buffers.
+        gradients: the parameters' ``.grad`` tensors.
+        optimizer_state: the optimiser's state (Adam: two moments per parameter and its step counters).
+        activations: what the forward pass computed and kept, at its most (usually at the end of forward).
+        inputs: the batch and the targets.
+        peak: the most bytes held at once during the step.
+        at_peak: category → bytes at the moment of the peak; they sum to ``peak``.
+        timeline: the whole measurement, to plot (:func:`revlib.plotting.plot_timeline`).
     """
 
     parameters: int
     gradients: int
     optimizer_state: int
     activations: int
+    inputs: int
     peak: int
+    at_peak: Mapping[str, int] = field(repr=False)
+    timeline: MemoryTimeline = field(repr=False, compare=False)
 
     @property
     def parts(self) -> int:
-        """The naive bill, parameters, gradients, optimiser state and saved activations together."""
-        return self.parameters + self.gradients + self.optimizer_state + self.activations
+        """The naive bill: every category at its most, added as if all were held at once."""
+        return self.parameters + self.gradients + self.optimizer_state + self.activations + self.inputs
 
     @property
     def floor(self) -> int:
-        """What the step must hold at once at some moment beyond the parameters: all saved activations at the
-        end of the forward pass, or the gradients and the optimiser state during the update."""
-        return max(self.activations, self.gradients + self.optimizer_state)
+        """What the step must hold at once at some moment: the parameters and the batch, and either all
+        activations (at the end of the forward pass) or the gradients and the optimiser state (during the
+        update). The peak is at least this, and above :attr:`parts` only by temporaries."""
+        return self.parameters + self.inputs + max(self.activations, self.gradients + self.optimizer_state)
 
 
 def _first_step(model: nn.Module, inputs: Tensor, targets: Tensor, optimizer: str) -> None:
@@ -416,29 +432,31 @@ def _first_step(model: nn.Module, inputs: Tensor, targets: Tensor, optimizer: st
     model.zero_grad(set_to_none=True)
 
 
-def step_memory(model: nn.Module, inputs: Tensor, targets: Tensor, optimizer: str = "adam") -> StepMemory:
-    """The memory bill of one training step of ``model`` on a batch, counted and measured.
+def step_memory(model: nn.Module, inputs: Tensor, targets: Tensor, optimizer: str = "adam", *, first_step: bool = False) -> StepMemory:
+    """The memory bill of one training step of ``model`` on a batch, measured by category.
 
-    The model is left as one step of ``optimizer`` left it (its ``.grad`` fields set).
+    By default a steady-state step: an optimiser that persists from step to step (its state already there)
+    and the gradients released at the start of each step, as a training loop's ``zero_grad()`` does. With
+    ``first_step=True`` the step of a fresh optimiser, which allocates its state *after* the activations are
+    freed (Adam's first step), so its peak can be lower than training's. The model is trained by the two steps
+    the measurement runs (a warm-up and the measured one).
 
     Raises:
         ValueError: an unknown optimiser.
     """
     make_optimizer(optimizer, [torch.zeros(1, requires_grad=True)])  # checks the name
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    activations = saved_tensor_bytes(lambda: torch.nn.functional.cross_entropy(model(inputs), targets), exclude=parameters)
-    peak = peak_memory(_first_step, model, inputs, targets, optimizer)
-    step = make_optimizer(optimizer, model.parameters())
-    training_step(model, inputs, targets, step)
-    state = [value for entry in step.state.values() for value in entry.values() if isinstance(value, Tensor) and value.dim() > 0]
+    if first_step:
+        timeline = memory_timeline(_first_step, model, inputs, targets, optimizer)
+    else:
+        timeline = memory_timeline(training_step, model, inputs, targets, make_optimizer(optimizer, model.parameters()))
+    largest = timeline.largest
     return StepMemory(
-        parameters=_bytes(parameters),
-        gradients=_bytes(p.grad for p in parameters if p.grad is not None),
-        optimizer_state=_bytes(state),
-        activations=activations,
-        peak=peak,
+        parameters=largest["parameters"],
+        gradients=largest["gradients"],
+        optimizer_state=largest["optimizer_state"],
+        activations=largest["activations"],
+        inputs=largest["inputs"],
+        peak=timeline.peak,
+        at_peak=timeline.at_peak,
+        timeline=timeline,
     )
-
-
-def _bytes(tensors: Iterable[Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)

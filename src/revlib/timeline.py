@@ -191,7 +191,7 @@ def memory_timeline(
     optimisers. Memory it never touches (another model, a data set) is not. The warm-up pays one-off costs
     and creates the ``.grad`` tensors and the state of a persistent optimiser, so the measured call of a
     training step is a steady-state step; to see a first step, let ``fn`` create its optimiser and release
-    the gradients at its end (as :func:`revlib.frontier.first_training_step` does).
+    the gradients at its end (as :func:`revlib.measure.step_memory` does with ``first_step=True``).
 
     The categories:
 
