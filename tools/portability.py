@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -96,27 +97,26 @@ def _describe_failure(cells: nbformat.NotebookNode, error: Exception) -> str:
 
 
 def report(runs: list[Run]) -> str:
-    """The Markdown report: pass/fail per chapter, variant and seed, then each claim's values and smallest margin.
+    """The Markdown report for the book's appendix: per chapter, how many runs passed (and which failed, why),
+    then each claim's bound, the values seen over all runs and its headroom (:func:`headroom`).
 
-    Margins below 0.1 are set in bold: those claims hold with less than a tenth of their bound to spare.
+    Claims with less than a tenth of their bound to spare are marked "tight".
     """
     chapters = sorted({run.chapter for run in runs})
     variants = [variant for variant in VARIANTS if any(run.variant == variant for run in runs)]
     seeds = sorted({run.seed for run in runs})
-    outcome = {(run.chapter, run.variant, run.seed): run for run in runs}
-    lines = ["| chapter | variant | " + " | ".join(f"seed {seed}" for seed in seeds) + " |", "| --- | --- |" + " --- |" * len(seeds)]
+    lines = [f"{len(runs)} runs: every chapter under the kernel variants {', '.join(variants)} and the seeds "
+             f"{', '.join(map(str, seeds))}.", "",
+             "| chapter | runs passed | typical run (s) |", "| --- | --- | --- |"]
     for chapter in chapters:
-        for variant in variants:
-            marks = []
-            for seed in seeds:
-                run = outcome.get((chapter, variant, seed))
-                marks.append("" if run is None else f"pass ({run.seconds:.0f} s)" if run.passed else "**FAIL**")
-            lines.append(f"| {chapter} | {variant} | " + " | ".join(marks) + " |")
+        mine = [run for run in runs if run.chapter == chapter]
+        passed = sum(run.passed for run in mine)
+        lines.append(f"| {chapter} | {passed} of {len(mine)} | {statistics.median(run.seconds for run in mine):.0f} |")
     failures = [run for run in runs if not run.passed]
     if failures:
         lines += ["", "Failures:", ""]
         lines += [f"- {run.chapter}, {run.variant}, seed {run.seed}: {run.failure}" for run in failures]
-    lines += ["", "| chapter | claim | bounds | values seen | smallest margin |", "| --- | --- | --- | --- | --- |"]
+    lines += ["", "| chapter | claim | bound | values seen | smallest margin |", "| --- | --- | --- | --- | --- |"]
     for chapter in chapters:
         seen: dict[str, list[dict]] = {}
         for run in runs:
@@ -128,10 +128,18 @@ def report(runs: list[Run]) -> str:
             first = entries[0]
             bounds = " and ".join(part for part in (first["above"] is not None and f"> {first['above']:.6g}",
                                                      first["below"] is not None and f"< {first['below']:.6g}") if part)
-            margin = min(entry["margin"] for entry in entries)
-            shown = f"**{margin:.2f}**" if margin < 0.1 else f"{margin:.2f}"
-            lines.append(f"| {chapter} | {statement} | {bounds} | {min(values):.3g} to {max(values):.3g} ({len(values)} run{'s' * (len(values) != 1)}) | {shown} |")
+            margin = headroom(min(entry["margin"] for entry in entries))
+            lines.append(f"| {chapter} | {statement} | {bounds} | {min(values):.3g} to {max(values):.3g} ({len(values)} run{'s' * (len(values) != 1)}) | {margin} |")
     return "\n".join(lines)
+
+
+def headroom(margin: float) -> str:
+    """A claim's smallest margin (distance from its bound relative to the bound) as a reader reads it: a
+    percentage, "over 10x" far from the bound, and "tight" below a tenth."""
+    if margin >= 10:
+        return "over 10x the bound"
+    shown = f"{margin:.0%}" if margin >= 0.01 else f"{margin:.1g}"
+    return f"{shown} (tight)" if margin < 0.1 else shown
 
 
 def load_runs(path: Path | None) -> dict[tuple[str, str, int], Run]:
