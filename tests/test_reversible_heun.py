@@ -9,15 +9,20 @@ import pytest
 import torch
 from torch import nn
 
-from revlib.reversible_heun import (
-    ReversibleHeunResNet,
+from revlib.adjoint import (
+    ODEResNet,
+    _reverse_step,
+    _Stage,
+    adjoint_and_exact_gradients,
     fixed_point_reverse,
     fixed_point_reverse_step,
     heun_fixed_point_reverse_step,
+    smooth_in_depth_,
+    tanh_residuals,
 )
-from revlib.adjoint import _reverse_step, _Stage, tanh_residuals
 from revlib.analysis import fit_line
 from revlib.measure import saved_tensor_bytes
+from revlib.reversible_heun import ReversibleHeunResNet
 from revlib.verify import relative_error
 
 
@@ -474,7 +479,7 @@ def test_fixed_point_arguments_are_checked() -> None:
 
 def test_fixed_point_rebuild_improves_the_euler_adjoint_gradient() -> None:
     """Used as the adjoint's rebuild, each iteration shrinks the gradient error by about a factor hL (a preview of
-    ODEResNet(..., rebuild_iterations=k)): here the rebuilt inputs of every step, compared with the true ones."""
+    ODEResNet(..., rebuild_iterations=k), below): here the rebuilt inputs of every step, compared with the true ones."""
     torch.manual_seed(0)
     residuals = [f.double() for f in tanh_residuals(32, 6)]
     x = torch.randn(8, 6, dtype=torch.float64)
@@ -489,3 +494,29 @@ def test_fixed_point_rebuild_improves_the_euler_adjoint_gradient() -> None:
                 rebuilt = fixed_point_reverse_step(f, rebuilt, 1 / 32, k)
             errors.append(relative_error(rebuilt, x))
     assert errors[0] > 10 * errors[1] > 100 * errors[2], errors
+
+
+@pytest.mark.parametrize("scheme", ["euler", "heun"])
+def test_rebuild_iterations_make_the_adjoint_gradient_more_accurate(scheme: str) -> None:
+    """ODEResNet(..., rebuild_iterations=k): further iterates shrink the adjoint's gradient error (Euler by about
+    hL per iterate; for Heun the second iterate already brings it to 1e-9, where the third no longer helps:
+    measured 1.8e-7, 2.8e-9, 7.7e-9), and k = 1 is the reversed step."""
+    torch.manual_seed(0)
+    residuals = [f.double() for f in tanh_residuals(16, 6)]
+    x = torch.randn(8, 6, dtype=torch.float64)
+
+    def loss(out: torch.Tensor) -> torch.Tensor:
+        return out.pow(2).sum()
+
+    errors = []
+    for k in (1, 2, 3):
+        model = smooth_in_depth_(ODEResNet(*residuals, scheme=scheme, rebuild_iterations=k), generator=torch.Generator().manual_seed(0))
+        adjoint, exact = adjoint_and_exact_gradients(model, x, loss)
+        errors.append(relative_error(adjoint, exact))
+    if scheme == "euler":
+        assert errors[0] > 3 * errors[1] > 9 * errors[2], errors
+    else:
+        assert errors[0] > 10 * max(errors[1:]), errors
+    assert "rebuild_iterations=3" in repr(model)
+    with pytest.raises(ValueError, match="rebuild_iterations must be a positive integer"):
+        ODEResNet(*residuals, rebuild_iterations=0)

@@ -68,7 +68,10 @@ __all__ = [
     "ODEResNet",
     "TorchdiffeqResNet",
     "adjoint_and_exact_gradients",
+    "fixed_point_reverse",
+    "fixed_point_reverse_step",
     "gradient_error",
+    "heun_fixed_point_reverse_step",
     "interpolate_depth",
     "ode_classifier",
     "roughness_in_depth",
@@ -123,25 +126,145 @@ def _step(stage: _Stage, x: Tensor, h: float, scheme: Scheme, states: StepStates
     return x + (h / 2) * (velocity + correction)  # x_{n+1} = x_n + h/2 (f_n(x_n) + g(y_n)), g = f_n or f_{n+1}
 
 
-def _reverse_step(stage: _Stage, x_next: Tensor, h: float, scheme: Scheme, states: StepStates | None = None) -> Tensor:
+def _reverse_step(stage: _Stage, x_next: Tensor, h: float, scheme: Scheme, states: StepStates | None = None, iterations: int = 1) -> Tensor:
     r"""One step backward in depth, approximately :math:`x_n`: the same scheme with step :math:`-h` and the
-    stages exchanged. The corrector's function is evaluated first, at :math:`x_{n+1}` (where the forward
-    pass evaluated it at :math:`y_n`), and the predictor's at the rebuilt :math:`\tilde y`; each replays the
-    random state of *its* stage in the forward pass, so that dropout draws the same masks."""
+    stages exchanged, refined by ``iterations − 1`` fixed-point iterates (:func:`fixed_point_reverse_step`,
+    :func:`heun_fixed_point_reverse_step`). The corrector's function is evaluated first, at :math:`x_{n+1}`
+    (where the forward pass evaluated it at :math:`y_n`), and the predictor's at the rebuilt :math:`\tilde y`;
+    each replays the random state of *its* stage in the forward pass, so that dropout draws the same masks."""
+
+    def f(x: Tensor) -> Tensor:
+        return _evaluate(stage.predictor, x, stage.predictor_index, states[0] if states else None)
+
     if scheme == "euler":
-        return x_next - h * _evaluate(stage.predictor, x_next, stage.predictor_index, states[0] if states else None)
-    correction = _evaluate(stage.corrector, x_next, stage.corrector_index, states[1] if states else None)
-    predictor = x_next - h * correction  # ỹ = x_{n+1} − h g(x_{n+1})
-    velocity = _evaluate(stage.predictor, predictor, stage.predictor_index, states[0] if states else None)
-    return x_next - (h / 2) * (correction + velocity)  # x̃_n = x_{n+1} − h/2 (g(x_{n+1}) + f_n(ỹ))
+        return fixed_point_reverse_step(f, x_next, h, iterations)
+
+    def g(x: Tensor) -> Tensor:
+        return _evaluate(stage.corrector, x, stage.corrector_index, states[1] if states else None)
+
+    return heun_fixed_point_reverse_step(f, g, x_next, h, iterations)
+
+
+def _check_iterations(iterations: int, name: str = "iterations") -> None:
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"{name} must be a positive integer (1 is the plain reversed step), got {iterations!r}")
+
+
+def _check_step(h: float) -> None:
+    if isinstance(h, bool) or not isinstance(h, (int, float)) or not math.isfinite(h) or h <= 0:
+        raise ValueError(f"h must be a positive finite step, got {h!r}")
+
+
+def fixed_point_reverse(increment: Callable[[Tensor], Tensor], x_next: Tensor, iterations: int, *, start: Tensor | None = None) -> Tensor:
+    r"""Iterate :math:`x^{(j+1)} = x_{n+1} - \Delta(x^{(j)})` from :math:`x^{(0)} =` ``start`` (default :math:`x_{n+1}`).
+
+    A one-step scheme :math:`x_{n+1} = x_n + \Delta(x_n)` (Euler: :math:`\Delta = h f_n`; Heun:
+    :math:`\Delta(x) = \tfrac h2 (f(x) + g(x + h f(x)))`) is undone by the fixed point of
+    :math:`x \mapsto x_{n+1} - \Delta(x)`. When :math:`\Delta` is a contraction, Lipschitz with constant
+    :math:`q < 1` (:math:`q = hL` for Euler with :math:`f_n` :math:`L`-Lipschitz), every iteration divides the
+    distance to the true :math:`x_n` by at least :math:`1/q`; with :math:`q \ge 1` the iteration need not
+    converge (for :math:`\Delta(x) = q x` the error is multiplied by :math:`-q` each time).
+
+    ``increment`` is called ``iterations`` times; one that draws random numbers (dropout) must draw the
+    forward pass's at every call (evaluate it inside the step's :meth:`ForwardState.replayed` block each time).
+
+    Args:
+        increment: :math:`\Delta`, the step's increment, tensor to tensor of the same shape.
+        x_next: :math:`x_{n+1}`.
+        iterations: how many times to apply the map, at least 1.
+        start: the first guess :math:`x^{(0)}`.
+
+    Returns:
+        :math:`x^{(\text{iterations})}`, with the grad mode of the caller.
+
+    Raises:
+        ValueError: ``iterations`` is not a positive integer.
+    """
+    _check_iterations(iterations)
+    x = x_next if start is None else start
+    for _ in range(iterations):
+        x = x_next - increment(x)  # x^{(j+1)} = x_{n+1} − Δ(x^{(j)})
+    return x
+
+
+def fixed_point_reverse_step(f: Callable[[Tensor], Tensor], x_next: Tensor, h: float, iterations: int) -> Tensor:
+    r"""Rebuild :math:`x_n` from :math:`x_{n+1} = x_n + h f(x_n)` by ``iterations`` fixed-point iterates.
+
+    .. math::
+
+        x^{(0)} = x_{n+1}, \qquad x^{(j+1)} = x_{n+1} - h\, f(x^{(j)}), \qquad j = 0, \dots, k - 1 .
+
+    The first iterate is the reversed Euler step :math:`x_{n+1} - h f(x_{n+1})` of the approximate adjoint
+    (:class:`revlib.adjoint.ODEResNet`). The error starts at :math:`x^{(0)} - x_n = h f(x_n) = O(h)` and is
+    multiplied by at most :math:`hL` per iterate (:math:`L` the Lipschitz constant of :math:`f`), so :math:`k`
+    iterates have local error :math:`O(h^{k+1})` when :math:`hL < 1`; with :math:`hL \ge 1` they may diverge.
+    Costs :math:`k` evaluations of :math:`f`.
+
+    Args:
+        f: the step's residual function :math:`f_n` (random ones must replay their draws at every call,
+            see :func:`fixed_point_reverse`).
+        x_next: :math:`x_{n+1}`.
+        h: the step, :math:`1/N`.
+        iterations: :math:`k \ge 1`.
+
+    Raises:
+        ValueError: ``iterations`` is not a positive integer or ``h`` not a positive finite number.
+    """
+    _check_step(h)
+    return fixed_point_reverse(lambda x: h * f(x), x_next, iterations)
+
+
+def heun_fixed_point_reverse_step(
+    f: Callable[[Tensor], Tensor], g: Callable[[Tensor], Tensor], x_next: Tensor, h: float, iterations: int
+) -> Tensor:
+    r"""Rebuild :math:`x_n` from the Heun step :math:`x_{n+1} = x_n + \tfrac h2 \big(f(x_n) + g(x_n + h f(x_n))\big)`.
+
+    :math:`g = f` is Heun's step, :math:`g = f_{n+1}` HeunNet's. The first iterate is the reversed step of the
+    approximate adjoint (the scheme with step :math:`-h` and the stages exchanged); each further one iterates
+    the implicit equation,
+
+    .. math::
+
+        x^{(1)} = x_{n+1} - \tfrac h2 \big(g(x_{n+1}) + f(x_{n+1} - h\, g(x_{n+1}))\big), \qquad
+        x^{(j+1)} = x_{n+1} - \tfrac h2 \big(f(x^{(j)}) + g(x^{(j)} + h f(x^{(j)}))\big),
+
+    and gains one order. For :math:`g = f` the first iterate's local error is :math:`O(h^4)`, not
+    :math:`O(h^3)`: Heun's leading error term is odd in :math:`h`, so the forward step's and the reversed
+    step's cancel, and :math:`k` iterates have local error :math:`O(h^{k+3})`. For HeunNet with unrelated
+    :math:`f, g` the first iterate's error is :math:`\tfrac{h^2}{4} (g' - f')(f - g) + O(h^3)`, and :math:`k`
+    iterates give :math:`O(h^{k+1})`. The map is a contraction when
+    :math:`\tfrac h2 (L_f + L_g + h L_f L_g) < 1`; for :math:`f = g = \lambda\,\mathrm{id}` it multiplies the
+    error by :math:`-(h\lambda + (h\lambda)^2/2)`. Costs :math:`2k` evaluations.
+
+    Args:
+        f: the predictor's function :math:`f_n`.
+        g: the corrector's function, :math:`f_n` (Heun) or :math:`f_{n+1}` (HeunNet).
+        x_next: :math:`x_{n+1}`.
+        h: the step, :math:`1/N`.
+        iterations: :math:`k \ge 1`.
+
+    Raises:
+        ValueError: ``iterations`` is not a positive integer or ``h`` not a positive finite number.
+    """
+    _check_step(h)
+    _check_iterations(iterations)
+    slope = g(x_next)
+    first = x_next - (h / 2) * (slope + f(x_next - h * slope))  # the reversed step: Heun at −h, stages exchanged
+
+    def increment(x: Tensor) -> Tensor:
+        slope = f(x)
+        return (h / 2) * (slope + g(x + h * slope))  # Δ(x) = h/2 (f(x) + g(x + h f(x)))
+
+    return first if iterations == 1 else fixed_point_reverse(increment, x_next, iterations - 1, start=first)
 
 
 class _AdjointFunction(torch.autograd.Function):
     """Run the steps keeping only the output; rebuild each step's input backwards and back-propagate through it."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, residuals: Sequence[nn.Module], scheme: Scheme, preserve_rng: bool, *parameters: Tensor) -> Tensor:
-        ctx.residuals, ctx.scheme = residuals, scheme  # modules and a name, not tensors: needed to recompute
+    def forward(ctx: Any, x: Tensor, residuals: Sequence[nn.Module], scheme: Scheme, iterations: int, preserve_rng: bool,
+                *parameters: Tensor) -> Tensor:
+        ctx.residuals, ctx.scheme, ctx.iterations = residuals, scheme, iterations  # not tensors: needed to recompute
         ctx.states = []  # per step, its stages' random, autocast and buffer states: a few KiB, no activations
         stages = _stages(residuals, scheme)
         h = 1.0 / len(stages)
@@ -179,7 +302,7 @@ class _AdjointFunction(torch.autograd.Function):
                 for state in states:
                     restoring.enter_context(state.buffers_restored())
                 with torch.no_grad():  # each stage's own dropout masks and precisions, run at −h
-                    x = _reverse_step(stage, x_next, h, ctx.scheme, states)  # x̃_n from x̃_{n+1}
+                    x = _reverse_step(stage, x_next, h, ctx.scheme, states, ctx.iterations)  # x̃_n from x̃_{n+1}
                 x = x.detach().requires_grad_(True)
                 with torch.enable_grad():
                     recomputed = _step(stage, x, h, ctx.scheme, states)  # the step at x̃_n, with its graph
@@ -192,6 +315,7 @@ class _AdjointFunction(torch.autograd.Function):
             adjoint if ctx.needs_input_grad[0] else None,  # x
             None,  # residuals
             None,  # scheme
+            None,  # iterations
             None,  # preserve_rng
             *(parameter_gradients.get(id(p)) for p in parameters),  # every parameter, in the order given
         )
@@ -240,14 +364,19 @@ class ODEResNet(BlockSequence):
             objects that preserve the shape of their input.
         scheme: ``"euler"``, ``"heun"`` or ``"heunnet"``.
         memory_saving: the adjoint backward pass (``True``) or ordinary backprop (``False``).
+        rebuild_iterations: :math:`k`, the fixed-point iterates that rebuild each step's input in the adjoint
+            backward pass (:func:`fixed_point_reverse_step`): 1 is the reversed step; each further one
+            multiplies the rebuild's error by about :math:`hL` when :math:`hL < 1` (:math:`L` the residual
+            function's Lipschitz constant) and costs one (Euler) or two (Heun) more evaluations per step.
         preserve_rng_state: replay each stage's random state in the adjoint backward pass (needed for
             dropout; one copy of the generator state per stage that draws random numbers, a few KiB).
         device: move the residual functions there; ``None`` leaves them where they are (they exist already).
         dtype: cast their floating-point parameters to it; ``None`` leaves them as they are.
 
     Raises:
-        ValueError: no residual function (fewer than two for HeunNet), or an unknown scheme. A residual
-            function that changes the shape of its input raises a ``ValueError`` naming it when the network runs.
+        ValueError: no residual function (fewer than two for HeunNet), an unknown scheme, or
+            ``rebuild_iterations`` not a positive integer. A residual function that changes the shape of
+            its input raises a ``ValueError`` naming it when the network runs.
         TypeError: a residual function is not an ``nn.Module``.
     """
 
@@ -256,6 +385,7 @@ class ODEResNet(BlockSequence):
         *residuals: nn.Module,
         scheme: Scheme = "euler",
         memory_saving: bool = True,
+        rebuild_iterations: int = 1,
         preserve_rng_state: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -268,6 +398,8 @@ class ODEResNet(BlockSequence):
         _stages(residuals, scheme)  # HeunNet needs two functions at least
         self.scheme = scheme  # checked by __setattr__
         self.memory_saving = memory_saving
+        _check_iterations(rebuild_iterations, "rebuild_iterations")
+        self.rebuild_iterations = rebuild_iterations
         self.preserve_rng_state = preserve_rng_state
         if device is not None or dtype is not None:
             self.to(device=None if device is None else resolve_device(device), dtype=dtype)
@@ -288,7 +420,8 @@ class ODEResNet(BlockSequence):
         super().__setattr__(name, value)
 
     def _like(self, blocks: list[nn.Module]) -> ODEResNet:
-        return ODEResNet(*blocks, scheme=self.scheme, memory_saving=self.memory_saving, preserve_rng_state=self.preserve_rng_state)
+        return ODEResNet(*blocks, scheme=self.scheme, memory_saving=self.memory_saving, rebuild_iterations=self.rebuild_iterations,
+                         preserve_rng_state=self.preserve_rng_state)
 
     def forward(self, x: Tensor) -> Tensor:
         stages = _stages(self.residuals, self.scheme)
@@ -297,18 +430,19 @@ class ODEResNet(BlockSequence):
             for stage in stages:
                 x = _step(stage, x, h, self.scheme)
             return x
-        return _AdjointFunction.apply(x, self.residuals, self.scheme, self.preserve_rng_state, *self.parameters())
+        return _AdjointFunction.apply(x, self.residuals, self.scheme, self.rebuild_iterations, self.preserve_rng_state, *self.parameters())
 
     def inverse(self, y: Tensor) -> Tensor:
         """The approximate input rebuilt from the output, as the adjoint backward pass rebuilds it."""
         stages = _stages(self.residuals, self.scheme)
         h = 1.0 / len(stages)
         for stage in reversed(stages):
-            y = _reverse_step(stage, y, h, self.scheme)
+            y = _reverse_step(stage, y, h, self.scheme, iterations=self.rebuild_iterations)
         return y
 
     def extra_repr(self) -> str:
-        return f"depth={self.depth}, scheme={self.scheme!r}, memory_saving={self.memory_saving}"
+        rebuild = f", rebuild_iterations={self.rebuild_iterations}" if self.rebuild_iterations != 1 else ""
+        return f"depth={self.depth}, scheme={self.scheme!r}, memory_saving={self.memory_saving}{rebuild}"
 
 
 def smooth_in_depth_(model: ODEResNet, *, modes: int = 3, generator: torch.Generator | None = None) -> ODEResNet:

@@ -1,8 +1,8 @@
 r"""The reversible Heun method: an ODE-ResNet with exact gradients in memory that does not grow with depth.
 
 For the chapter "ResNets as Neural ODEs" (``chapters/04_neural_odes``), beside :mod:`revlib.adjoint`, whose
-``ODEResNet`` rebuilds each step approximately: :class:`ReversibleHeunResNet` rebuilds exactly, and
-:func:`fixed_point_reverse_step` rebuilds an Euler or Heun step more accurately than the reversed step.
+``ODEResNet`` rebuilds each step approximately (better with ``rebuild_iterations``):
+:class:`ReversibleHeunResNet` rebuilds exactly.
 
 **The scheme** (Kidger, Foster, Li and Lyons 2021; McCallum and Foster 2024). Two states :math:`(y_n, z_n)`,
 step :math:`h = 1/N`, and :math:`N + 1` residual functions :math:`f_0, \dots, f_N` (function :math:`f_n` is
@@ -69,17 +69,10 @@ networks (:mod:`revlib._recompute`).
 :math:`h\lambda` on the imaginary segment :math:`[-i, i]`; for a contracting field (:math:`\lambda < 0`) the
 parasitic mode grows like :math:`e^{|\lambda| s}` in the forward pass, and the reversal — any exact
 reversal — expands the solution's mode by :math:`e^{|\lambda| s}`, amplifying rounding errors alike.
-
-**The fixed-point rebuild of the approximate adjoint.** :func:`fixed_point_reverse_step` and
-:func:`heun_fixed_point_reverse_step` rebuild one step of the Euler or Heun ODE-ResNet of
-:mod:`revlib.adjoint` more accurately than its reversed step, by iterating the implicit equation that
-:math:`x_n` satisfies (see :func:`fixed_point_reverse`).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -88,7 +81,7 @@ from torch.autograd.function import once_differentiable
 
 from revlib._recompute import ForwardState, check_parameters_unchanged, distinct_parameters, vector_jacobian_products
 
-__all__ = ["ReversibleHeunResNet", "fixed_point_reverse", "fixed_point_reverse_step", "heun_fixed_point_reverse_step"]
+__all__ = ["ReversibleHeunResNet"]
 
 
 def _residual(f: nn.Module, z: Tensor, index: int) -> Tensor:
@@ -301,116 +294,3 @@ class ReversibleHeunResNet(nn.Module):
 
     def extra_repr(self) -> str:
         return f"depth={self.depth}, memory_saving={self.memory_saving}"
-
-
-def _check_iterations(iterations: int) -> None:
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        raise ValueError(f"iterations must be a positive integer (1 is the plain reversed step), got {iterations!r}")
-
-
-def _check_step(h: float) -> None:
-    if isinstance(h, bool) or not isinstance(h, (int, float)) or not math.isfinite(h) or h <= 0:
-        raise ValueError(f"h must be a positive finite step, got {h!r}")
-
-
-def fixed_point_reverse(increment: Callable[[Tensor], Tensor], x_next: Tensor, iterations: int, *, start: Tensor | None = None) -> Tensor:
-    r"""Iterate :math:`x^{(j+1)} = x_{n+1} - \Delta(x^{(j)})` from :math:`x^{(0)} =` ``start`` (default :math:`x_{n+1}`).
-
-    A one-step scheme :math:`x_{n+1} = x_n + \Delta(x_n)` (Euler: :math:`\Delta = h f_n`; Heun:
-    :math:`\Delta(x) = \tfrac h2 (f(x) + g(x + h f(x)))`) is undone by the fixed point of
-    :math:`x \mapsto x_{n+1} - \Delta(x)`. When :math:`\Delta` is a contraction, Lipschitz with constant
-    :math:`q < 1` (:math:`q = hL` for Euler with :math:`f_n` :math:`L`-Lipschitz), every iteration divides the
-    distance to the true :math:`x_n` by at least :math:`1/q`; with :math:`q \ge 1` the iteration need not
-    converge (for :math:`\Delta(x) = q x` the error is multiplied by :math:`-q` each time).
-
-    ``increment`` is called ``iterations`` times; one that draws random numbers (dropout) must draw the
-    forward pass's at every call (evaluate it inside the step's :meth:`ForwardState.replayed` block each time).
-
-    Args:
-        increment: :math:`\Delta`, the step's increment, tensor to tensor of the same shape.
-        x_next: :math:`x_{n+1}`.
-        iterations: how many times to apply the map, at least 1.
-        start: the first guess :math:`x^{(0)}`.
-
-    Returns:
-        :math:`x^{(\text{iterations})}`, with the grad mode of the caller.
-
-    Raises:
-        ValueError: ``iterations`` is not a positive integer.
-    """
-    _check_iterations(iterations)
-    x = x_next if start is None else start
-    for _ in range(iterations):
-        x = x_next - increment(x)  # x^{(j+1)} = x_{n+1} − Δ(x^{(j)})
-    return x
-
-
-def fixed_point_reverse_step(f: Callable[[Tensor], Tensor], x_next: Tensor, h: float, iterations: int) -> Tensor:
-    r"""Rebuild :math:`x_n` from :math:`x_{n+1} = x_n + h f(x_n)` by ``iterations`` fixed-point iterates.
-
-    .. math::
-
-        x^{(0)} = x_{n+1}, \qquad x^{(j+1)} = x_{n+1} - h\, f(x^{(j)}), \qquad j = 0, \dots, k - 1 .
-
-    The first iterate is the reversed Euler step :math:`x_{n+1} - h f(x_{n+1})` of the approximate adjoint
-    (:class:`revlib.adjoint.ODEResNet`). The error starts at :math:`x^{(0)} - x_n = h f(x_n) = O(h)` and is
-    multiplied by at most :math:`hL` per iterate (:math:`L` the Lipschitz constant of :math:`f`), so :math:`k`
-    iterates have local error :math:`O(h^{k+1})` when :math:`hL < 1`; with :math:`hL \ge 1` they may diverge.
-    Costs :math:`k` evaluations of :math:`f`.
-
-    Args:
-        f: the step's residual function :math:`f_n` (random ones must replay their draws at every call,
-            see :func:`fixed_point_reverse`).
-        x_next: :math:`x_{n+1}`.
-        h: the step, :math:`1/N`.
-        iterations: :math:`k \ge 1`.
-
-    Raises:
-        ValueError: ``iterations`` is not a positive integer or ``h`` not a positive finite number.
-    """
-    _check_step(h)
-    return fixed_point_reverse(lambda x: h * f(x), x_next, iterations)
-
-
-def heun_fixed_point_reverse_step(
-    f: Callable[[Tensor], Tensor], g: Callable[[Tensor], Tensor], x_next: Tensor, h: float, iterations: int
-) -> Tensor:
-    r"""Rebuild :math:`x_n` from the Heun step :math:`x_{n+1} = x_n + \tfrac h2 \big(f(x_n) + g(x_n + h f(x_n))\big)`.
-
-    :math:`g = f` is Heun's step, :math:`g = f_{n+1}` HeunNet's. The first iterate is the reversed step of the
-    approximate adjoint (the scheme with step :math:`-h` and the stages exchanged); each further one iterates
-    the implicit equation,
-
-    .. math::
-
-        x^{(1)} = x_{n+1} - \tfrac h2 \big(g(x_{n+1}) + f(x_{n+1} - h\, g(x_{n+1}))\big), \qquad
-        x^{(j+1)} = x_{n+1} - \tfrac h2 \big(f(x^{(j)}) + g(x^{(j)} + h f(x^{(j)}))\big),
-
-    and gains one order. For :math:`g = f` the first iterate's local error is :math:`O(h^4)`, not
-    :math:`O(h^3)`: Heun's leading error term is odd in :math:`h`, so the forward step's and the reversed
-    step's cancel, and :math:`k` iterates have local error :math:`O(h^{k+3})`. For HeunNet with unrelated
-    :math:`f, g` the first iterate's error is :math:`\tfrac{h^2}{4} (g' - f')(f - g) + O(h^3)`, and :math:`k`
-    iterates give :math:`O(h^{k+1})`. The map is a contraction when
-    :math:`\tfrac h2 (L_f + L_g + h L_f L_g) < 1`; for :math:`f = g = \lambda\,\mathrm{id}` it multiplies the
-    error by :math:`-(h\lambda + (h\lambda)^2/2)`. Costs :math:`2k` evaluations.
-
-    Args:
-        f: the predictor's function :math:`f_n`.
-        g: the corrector's function, :math:`f_n` (Heun) or :math:`f_{n+1}` (HeunNet).
-        x_next: :math:`x_{n+1}`.
-        h: the step, :math:`1/N`.
-        iterations: :math:`k \ge 1`.
-
-    Raises:
-        ValueError: ``iterations`` is not a positive integer or ``h`` not a positive finite number.
-    """
-    _check_step(h)
-    _check_iterations(iterations)
-    slope = g(x_next)
-    first = x_next - (h / 2) * (slope + f(x_next - h * slope))  # the reversed step: Heun at −h, stages exchanged
-
-    def increment(x: Tensor) -> Tensor:
-        slope = f(x)
-        return (h / 2) * (slope + g(x + h * slope))  # Δ(x) = h/2 (f(x) + g(x + h f(x)))
-
-    return first if iterations == 1 else fixed_point_reverse(increment, x_next, iterations - 1, start=first)
