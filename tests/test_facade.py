@@ -17,7 +17,7 @@ SOURCE = Path(revlib.__file__).resolve().parent
 INFRASTRUCTURE = (
     "runtime", "claims", "data", "training", "measure", "timeline", "analysis", "verify", "plotting", "settings", "_checks",
 )
-CHAPTERS = ("backprop", "residual", "reversible", "adjoint", "linear_backprop", "checkpoint", "momentum", "frontier")  # book order
+CHAPTERS = ("backprop", "residual", "reversible", "adjoint", "linear_backprop", "checkpoint", "momentum", "frontier", "plan")  # book order
 
 
 def imported_revlib_modules(module: str) -> set[str]:
@@ -87,5 +87,6 @@ def test_chapter_modules_import_only_earlier_ideas_and_nothing_imports_the_capst
     for position, module in enumerate(CHAPTERS):
         later = imported_revlib_modules(module) & set(CHAPTERS[position + 1 :])
         assert not later, f"revlib.{module} imports the later {sorted(later)}"
-    importers = [path.stem for path in SOURCE.glob("*.py") if "frontier" in imported_revlib_modules(path.stem)]
-    assert importers == [], f"the capstone is imported by {importers}"
+    for capstone in ("frontier", "plan"):
+        importers = [path.stem for path in SOURCE.glob("*.py") if capstone in imported_revlib_modules(path.stem)]
+        assert importers == [], f"the capstone {capstone} is imported by {importers}"
