@@ -148,7 +148,7 @@ class CheckpointPlan:
         forward: the forward pass's actions.
         backward: the backward pass's actions.
         predicted_time: for ``"optimal"``, the time the memory model predicts for both passes
-            (:math:`\sum` of the actions' costs, in the units of :class:`BlockCosts`); else ``None``.
+            (:math:`\\sum` of the actions' costs, in the units of :class:`BlockCosts`); else ``None``.
         predicted_peak: for ``"optimal"``, the peak bytes the memory model predicts (at most the budget);
             else ``None``.
     """
