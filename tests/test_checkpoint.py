@@ -229,7 +229,8 @@ def test_no_grad_and_state_dict_as_sequential() -> None:
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    ({"schedule": "optimal"}, ValueError, "schedule must be one of"),
+    ({"schedule": "binomial"}, ValueError, "schedule must be one of"),
+    ({"schedule": "optimal"}, ValueError, "needs costs=BlockCosts"),
     ({"schedule": "revolve"}, ValueError, "needs a budget"),
     ({"schedule": "revolve", "slots": 0}, ValueError, "slots must be a positive integer"),
     ({"schedule": "sqrt", "slots": 3}, ValueError, "leave slots out"),

@@ -18,7 +18,8 @@ INFRASTRUCTURE = (
     "runtime", "claims", "data", "training", "measure", "timeline", "analysis", "verify", "plotting", "settings", "_checks",
 )
 CHAPTERS = (
-    "backprop", "residual", "reversible", "adjoint", "reversible_heun", "linear_backprop", "checkpoint", "momentum", "frontier",
+    "backprop", "residual", "reversible", "adjoint", "reversible_heun", "linear_backprop", "checkpoint", "momentum",
+    "frontier", "planner",
 )  # book order
 
 
@@ -89,5 +90,6 @@ def test_chapter_modules_import_only_earlier_ideas_and_nothing_imports_the_capst
     for position, module in enumerate(CHAPTERS):
         later = imported_revlib_modules(module) & set(CHAPTERS[position + 1 :])
         assert not later, f"revlib.{module} imports the later {sorted(later)}"
-    importers = [path.stem for path in SOURCE.glob("*.py") if "frontier" in imported_revlib_modules(path.stem)]
-    assert importers == [], f"the capstone is imported by {importers}"
+    for capstone in ("frontier", "planner"):
+        importers = [path.stem for path in SOURCE.glob("*.py") if capstone in imported_revlib_modules(path.stem)]
+        assert importers == [], f"the capstone {capstone} is imported by {importers}"

@@ -12,7 +12,8 @@ on first use. One module per idea, in the book's order,
 * :mod:`revlib.linear_backprop` — linear backprop and the straight-through estimator (05);
 * :mod:`revlib.checkpoint` — gradient checkpointing, from every block to the optimal schedule (06);
 * :mod:`revlib.momentum` — momentum residual networks (07);
-* :mod:`revlib.frontier` — every method on one training step (07),
+* :mod:`revlib.frontier` — every method on one training step (07);
+* :mod:`revlib.planner` — fit a chain of blocks into a memory budget at the least predicted time (06–07),
 
 built from :mod:`revlib.blocks` (activations, residual functions, residual blocks) and measured with the
 infrastructure: :mod:`revlib.runtime` (devices, seeds, scale), :mod:`revlib.settings` (each chapter's
@@ -32,8 +33,8 @@ __version__ = "0.1.0"
 
 _SUBMODULES = (
     "adjoint", "analysis", "backprop", "blocks", "checkpoint", "claims", "data", "frontier", "linear_backprop",
-    "measure", "momentum", "plotting", "residual", "reversible", "reversible_heun", "runtime", "settings",
-    "timeline", "training", "verify",
+    "measure", "momentum", "planner", "plotting", "residual", "reversible", "reversible_heun", "runtime",
+    "settings", "timeline", "training", "verify",
 )
 
 _EXPORTS = {  # name → the module that defines it
@@ -49,6 +50,10 @@ _EXPORTS = {  # name → the module that defines it
     "convert_to_linear_backprop": "linear_backprop",
     "CheckpointedSequence": "checkpoint",
     "checkpoint_plan": "checkpoint",
+    "BlockCosts": "checkpoint",
+    "measure_block_costs": "checkpoint",
+    "plan": "planner",
+    "PlanReport": "planner",
     "MomentumSequence": "momentum",
     "MLP": "backprop",
     "ResidualBlock": "blocks",
@@ -95,13 +100,14 @@ if TYPE_CHECKING:  # what static tools see; at run time the names are looked up 
     from revlib.analysis import LineFit, fit_line
     from revlib.backprop import MLP
     from revlib.blocks import ResidualBlock
-    from revlib.checkpoint import CheckpointedSequence, checkpoint_plan
+    from revlib.checkpoint import BlockCosts, CheckpointedSequence, checkpoint_plan, measure_block_costs
     from revlib.claims import claim
     from revlib.data import DataSplits, find_cifar10, load_cifar10, load_digits, make_spirals
     from revlib.linear_backprop import LinearBackprop, convert_to_linear_backprop
     from revlib.measure import (StepMemory, Timing, compare_times, count_calls, forward_backward, peak_memory,
                                 saved_tensor_bytes, step_memory, time_call)
     from revlib.momentum import MomentumSequence
+    from revlib.planner import PlanReport, plan
     from revlib.reversible import ResNet, ReversibleBlock, ReversibleSequence, ReversibleTransformer, RevNet
     from revlib.runtime import book_scale, book_seed, default_device, evaluation_mode, resolve_device, seed_everything
     from revlib.settings import chapter_settings

@@ -389,6 +389,24 @@ def optimal_chain_plan(
     return ChainPlan(forward, backward, simulated.time, simulated.peak_bytes, float(budget), float(unit))
 
 
+def least_peak_bytes(
+    forward_time: Sequence[float],
+    backward_time: Sequence[float],
+    input_bytes: Sequence[float],
+    activation_bytes: Sequence[float],
+    *,
+    allow_record: bool = True,
+) -> float:
+    """The least budget :func:`optimal_chain_plan` accepts: the least peak of any plan of the recurrence's
+    family, in bytes, exactly (the recurrence with the peak as its objective, :math:`O(N^3)`).
+
+    Raises:
+        ValueError: bad sizes or times, as :func:`optimal_chain_plan` says.
+    """
+    chain = _validated_chain(forward_time, backward_time, input_bytes, activation_bytes)
+    return _least_peak(chain, allow_record)[0]
+
+
 def _time_table(chain: _Chain, a: list[int], g: list[int], memory: int, allow_record: bool) -> tuple[np.ndarray, np.ndarray]:
     """C(s, t, m) for 0 ≤ s < t ≤ N + 1 and m = 0 … memory units, and the choice that reaches it
     (_RECORD, or the split j); sizes in units. Segments by increasing length: both sides of a split and

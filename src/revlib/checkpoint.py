@@ -14,7 +14,10 @@ schedules differ in how many advances they add and how many inputs they hold:
   segment at a time and keeps its inputs while it reverses it: about :math:`2\sqrt N` stored inputs and
   :math:`N - k` advances (Chen et al. 2016);
 * ``"revolve"`` keeps at most ``slots`` inputs at any time (the input :math:`x_0` among them) and makes the
-  fewest advances any schedule can with that budget (Griewank 1992; Griewank and Walther 2000).
+  fewest advances any schedule can with that budget (Griewank 1992; Griewank and Walther 2000);
+* ``"optimal"`` is the fastest plan within a budget in *bytes* for blocks of unequal costs and sizes
+  (:class:`BlockCosts`, measured by :func:`measure_block_costs`): the dynamic programme of Beaumont et al.
+  (2019) in ``revlib._rotor``, which may also *record* a block (keep its graph instead of running it again).
 
 **The optimum.** Let :math:`t(l, s)` be the fewest forward steps that reverse :math:`l` steps with
 :math:`s` checkpoints in Griewank's setting (the first sweep included, the state it ends on in hand). With
@@ -41,7 +44,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal
@@ -51,11 +54,14 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 import torch.utils.checkpoint
 
+from revlib._rotor import least_peak_bytes, optimal_chain_plan
 from revlib._checks import positive_integers
+from revlib.measure import time_call
 from revlib._recompute import ForwardState, Stash, accumulate, check_parameters_unchanged, distinct_parameters, needs_graph, run_checked, vector_jacobian_products
 
 __all__ = [
     "SCHEDULES",
+    "BlockCosts",
     "CheckpointPlan",
     "CheckpointedSequence",
     "Offloaded",
@@ -64,11 +70,12 @@ __all__ = [
     "check_plan",
     "checkpoint_plan",
     "griewank_steps",
+    "measure_block_costs",
     "optimal_recomputations",
 ]
 
-ScheduleName = Literal["every", "sqrt", "revolve"]
-SCHEDULES = ("every", "sqrt", "revolve")
+ScheduleName = Literal["every", "sqrt", "revolve", "optimal"]
+SCHEDULES = ("every", "sqrt", "revolve", "optimal")
 
 
 def _beta(s: int, r: int) -> int:
@@ -140,12 +147,18 @@ class CheckpointPlan:
         schedule: its name.
         forward: the forward pass's actions.
         backward: the backward pass's actions.
+        predicted_time: for ``"optimal"``, the time the memory model predicts for both passes
+            (:math:`\\sum` of the actions' costs, in the units of :class:`BlockCosts`); else ``None``.
+        predicted_peak: for ``"optimal"``, the peak bytes the memory model predicts (at most the budget);
+            else ``None``.
     """
 
     steps: int
     schedule: str
     forward: tuple[Action, ...]
     backward: tuple[Action, ...]
+    predicted_time: float | None = None
+    predicted_peak: float | None = None
 
     @property
     def forward_checkpoints(self) -> tuple[int, ...]:
@@ -191,14 +204,195 @@ def _forward_keeping(steps: int, checkpoints: Iterable[int]) -> tuple[Action, ..
     return tuple(action for i in range(steps) for action in ((("store", i),) if i in kept else ()) + (("advance", i),))
 
 
-def checkpoint_plan(steps: int, schedule: ScheduleName = "revolve", slots: int | None = None) -> CheckpointPlan:
-    """The plan of a schedule for ``steps`` blocks (``slots`` stored inputs at most, for ``"revolve"``).
+@dataclass(frozen=True)
+class BlockCosts:
+    r"""What each block of a chain :math:`x_{i+1} = F_i(x_i)` costs: the data of the ``"optimal"`` schedule.
+
+    Times are in any one unit (seconds when measured); sizes in bytes. :func:`measure_block_costs` measures
+    them; they can also be written by hand (e.g. counted FLOPs and shapes).
+
+    Attributes:
+        forward_time: :math:`f_i`, block :math:`i`'s forward pass without a graph, :math:`N` entries.
+        backward_time: :math:`b_i`, the backward pass through block :math:`i`'s recorded graph (the
+            vector-Jacobian product alone), :math:`N` entries.
+        input_bytes: :math:`a_i`, the bytes of :math:`x_i`, :math:`N + 1` entries (the last: the output
+            :math:`x_N`).
+        activation_bytes: :math:`g_i`, the bytes block :math:`i`'s recorded graph holds besides its input
+            :math:`x_i`, its output :math:`x_{i+1}` and its parameters, :math:`N` entries.
+
+    Raises:
+        ValueError: lengths that disagree, or a time or size that is negative or not finite.
+    """
+
+    forward_time: tuple[float, ...]
+    backward_time: tuple[float, ...]
+    input_bytes: tuple[float, ...]
+    activation_bytes: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        for name in ("forward_time", "backward_time", "input_bytes", "activation_bytes"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))  # lists accepted, kept hashable
+        least_peak_bytes(self.forward_time, self.backward_time, self.input_bytes, self.activation_bytes)  # validates
+
+    @property
+    def steps(self) -> int:
+        """The number of blocks :math:`N`."""
+        return len(self.forward_time)
+
+    @property
+    def least_budget(self) -> float:
+        """The least budget any ``"optimal"`` plan fits in (the least peak of the memory model)."""
+        return least_peak_bytes(self.forward_time, self.backward_time, self.input_bytes, self.activation_bytes)
+
+
+def measure_block_costs(blocks: Sequence[nn.Module], example_input: Tensor, *, repeats: int = 5, warmup: int = 1) -> BlockCosts:
+    r"""Measure the :class:`BlockCosts` of a chain on an example input: each block is run on its own input
+    :math:`x_i` (the chain run once on ``example_input``).
+
+    * :math:`f_i`: the median time of ``block(x_i)`` without a graph (:func:`revlib.measure.time_call`);
+    * :math:`b_i`: the median time of the block run with its graph and back-propagated (to its input when it
+      is floating point, and to its parameters), less that of the run with its graph alone (at least 0);
+    * :math:`a_i`: the bytes of the storage :math:`x_i` lives in;
+    * :math:`g_i`: the bytes of the distinct storages autograd saves for block :math:`i`'s backward pass
+      (seen through ``torch.autograd.graph.saved_tensors_hooks``, as
+      :func:`revlib.measure.saved_tensor_bytes` counts them) other than its input's, its output's, its
+      parameters' and its buffers'.
+
+    The caller's random stream and the blocks' buffers (BatchNorm's statistics) are left as they were.
+
+    Args:
+        blocks: the chain's blocks, in order.
+        example_input: a batch :math:`x_0` of the size the chain will train on.
+        repeats: timed runs per measurement (the median is kept).
+        warmup: untimed runs before them.
+
+    Returns:
+        The :class:`BlockCosts`, times in seconds.
+
+    Raises:
+        TypeError: ``blocks`` holds something other than ``nn.Module`` objects, or ``example_input`` is not
+            a tensor.
+        ValueError: ``blocks`` is empty, ``repeats`` is not positive or ``warmup`` negative.
+    """
+    blocks = list(blocks)
+    if not blocks:
+        raise ValueError("blocks must hold at least one nn.Module, got none")
+    for index, block in enumerate(blocks):
+        if not isinstance(block, nn.Module):
+            raise TypeError(f"blocks[{index}] must be an nn.Module, got {type(block).__name__}")
+    if not isinstance(example_input, Tensor):
+        raise TypeError(f"example_input must be a tensor, got {type(example_input).__name__}")
+    positive_integers(repeats=repeats)
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be a non-negative integer, got {warmup!r}")
+    timed = functools.partial(time_call, warmup=warmup, repeats=repeats, device=example_input.device)
+    forward_time, backward_time, activation_bytes = [], [], []
+    with _measuring(blocks, example_input.device):
+        inputs = [example_input.detach()]
+        with torch.no_grad():
+            for block in blocks:
+                inputs.append(block(inputs[-1]))
+        for block, x in zip(blocks, inputs):
+            point = x.detach().requires_grad_(x.is_floating_point() or x.is_complex())
+            wrt = [point] * point.requires_grad + [p for p in block.parameters() if p.requires_grad]
+
+            def recorded(block: nn.Module = block, point: Tensor = point) -> Tensor:
+                with torch.enable_grad():
+                    return block(point)
+
+            def turned(block: nn.Module = block, point: Tensor = point, wrt: list[Tensor] = wrt) -> None:
+                output = recorded(block, point)
+                if output.requires_grad and wrt:  # δ_i = F_i'(x_i)ᵀ δ_{i+1}, and the parameters' gradients
+                    torch.autograd.grad(output, wrt, torch.ones_like(output), allow_unused=True)
+
+            with torch.no_grad():
+                forward_time.append(timed(block, x).median)
+            backward_time.append(max(timed(turned).median - timed(recorded).median, 0.0))
+            activation_bytes.append(_graph_bytes(block, point))
+        input_bytes = [x.untyped_storage().nbytes() for x in inputs]
+    return BlockCosts(tuple(forward_time), tuple(backward_time), tuple(input_bytes), tuple(activation_bytes))
+
+
+def _storage_key(tensor: Tensor) -> tuple[str, int]:
+    return str(tensor.device), tensor.untyped_storage().data_ptr()
+
+
+def _graph_bytes(block: nn.Module, point: Tensor) -> int:
+    """:math:`g_i`: bytes of the storages ``block``'s graph saves at ``point``, besides its input, output,
+    parameters and buffers (each storage once, at its full size)."""
+    sizes: dict[tuple[str, int], int] = {}
+
+    def pack(tensor: Tensor) -> Tensor:
+        sizes[_storage_key(tensor)] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = block(point)
+    own = {_storage_key(t) for t in (point, output, *block.parameters(), *block.buffers())}
+    return sum(size for key, size in sizes.items() if key not in own)
+
+
+class _measuring:  # noqa: N801 (a context manager used like a function)
+    """Leave the caller's random stream and the blocks' buffers (BatchNorm's statistics) as they were."""
+
+    def __init__(self, blocks: Sequence[nn.Module], device: torch.device) -> None:
+        self.buffers = list({id(b): b for block in blocks for b in block.buffers()}.values())
+        self.devices = [device] if device.type != "cpu" else []
+        self.fork = torch.random.fork_rng(devices=self.devices, device_type=device.type if self.devices else "cuda")
+
+    def __enter__(self) -> None:
+        self.saved = [buffer.clone() for buffer in self.buffers]
+        self.fork.__enter__()
+
+    def __exit__(self, *error: Any) -> None:
+        self.fork.__exit__(*error)
+        with torch.no_grad():
+            for buffer, value in zip(self.buffers, self.saved):
+                buffer.copy_(value)
+
+
+def checkpoint_plan(
+    steps: int,
+    schedule: ScheduleName = "revolve",
+    slots: int | None = None,
+    *,
+    costs: BlockCosts | None = None,
+    budget: float | None = None,
+) -> CheckpointPlan:
+    r"""The plan of a schedule for ``steps`` blocks: ``slots`` stored inputs at most for ``"revolve"``;
+    for ``"optimal"``, the fastest plan for the blocks' ``costs`` within ``budget`` bytes.
 
     Every plan releases each kept input once the backward pass has turned the last block that needs it.
 
+    **The budget of** ``"optimal"`` bounds the memory model's :math:`M` (``revlib._rotor``): the block inputs
+    :math:`x_i` kept or current, every recorded graph (:math:`g_i` with its input and output), the one
+    output gradient :math:`\delta_L` alive, and what an action creates while it runs (an advance its output
+    :math:`a_{i+1}`; a turn :math:`\delta_i`, and without a recorded graph the graph and output as well):
+
+    .. math:: \max_{	ext{moments}} \Big(\sum_{i \in K \cup R \cup (R+1) \cup \{c\}} a_i + \sum_{i \in R} g_i
+        + a_L + 	ext{the action's new tensors}\Big) \le B .
+
+    It counts the input :math:`x_0` while it is needed, and not the parameters' gradients, nor the
+    temporaries inside a block (a block's intermediate results while it runs, the gradients of its internal
+    activations during its turn): :func:`revlib.plan` adds those for a budget of everything a step adds.
+
+    Args:
+        steps: the number of blocks :math:`N`.
+        schedule: ``"every"``, ``"sqrt"``, ``"revolve"`` or ``"optimal"``.
+        slots: for ``"revolve"``, the most block inputs kept at once.
+        costs: for ``"optimal"``, the :class:`BlockCosts` of the ``steps`` blocks.
+        budget: for ``"optimal"``, :math:`B` in bytes (see above).
+
+    Returns:
+        The :class:`CheckpointPlan`, checked by :func:`check_plan`; for ``"optimal"`` with the model's
+        ``predicted_time`` and ``predicted_peak``.
+
     Raises:
+        TypeError: ``costs`` is not a :class:`BlockCosts`.
         ValueError: an unknown schedule, ``steps`` not positive, ``slots`` missing or not positive for
-            ``"revolve"``, or given for another schedule.
+            ``"revolve"``, ``costs`` or ``budget`` missing for ``"optimal"``, costs for another number of
+            blocks, a budget below the least any plan needs (the message gives it), or an argument given to a
+            schedule that does not use it.
     """
     positive_integers(steps=steps)
     if schedule not in SCHEDULES:
@@ -209,7 +403,26 @@ def checkpoint_plan(steps: int, schedule: ScheduleName = "revolve", slots: int |
         positive_integers(slots=slots)
     elif slots is not None:
         raise ValueError(f"slots is the budget of schedule='revolve'; schedule={schedule!r} sets its own, so leave slots out")
+    if schedule == "optimal":
+        if costs is None or budget is None:
+            raise ValueError("schedule='optimal' needs costs=BlockCosts(...) (see measure_block_costs) and budget=<bytes>")
+        if not isinstance(costs, BlockCosts):
+            raise TypeError(f"costs must be a BlockCosts, got {type(costs).__name__}")
+        if costs.steps != steps:
+            raise ValueError(f"costs describe {costs.steps} blocks, but the plan is for steps={steps}")
+        return _optimal_plan(costs, budget)
+    if costs is not None or budget is not None:
+        raise ValueError(f"costs and budget are for schedule='optimal', not schedule={schedule!r}")
     return _plan(steps, schedule, slots)
+
+
+@lru_cache(maxsize=256)
+def _optimal_plan(costs: BlockCosts, budget: float) -> CheckpointPlan:
+    """:func:`revlib._rotor.optimal_chain_plan`'s actions as a :class:`CheckpointPlan` (the same action names)."""
+    chain = optimal_chain_plan(costs.forward_time, costs.backward_time, costs.input_bytes, costs.activation_bytes, budget)
+    plan = CheckpointPlan(costs.steps, "optimal", chain.forward, chain.backward, chain.time, chain.peak_bytes)
+    check_plan(plan)
+    return plan
 
 
 @lru_cache(maxsize=256)
@@ -465,17 +678,25 @@ class CheckpointedSequence(nn.Sequential):
     Tensors that a block captures by closure rather than holds as a parameter or buffer receive no gradient.
     A double backward raises an error.
 
+    With ``schedule="optimal"`` the plan is the fastest one for the blocks' :class:`BlockCosts` within
+    ``budget`` bytes (:func:`checkpoint_plan` states what the budget counts); it may record blocks (keep
+    their graphs from the forward pass) as well as store their inputs. The costs describe the blocks given
+    here: a sequence whose number of blocks changes needs new costs (its plan raises until it has them).
+
     Args:
         *blocks: the blocks, ``nn.Module`` objects.
-        schedule: ``"every"``, ``"sqrt"`` or ``"revolve"``.
+        schedule: ``"every"``, ``"sqrt"``, ``"revolve"`` or ``"optimal"``.
         slots: for ``"revolve"``, the most block inputs kept at once (at least 1; the input among them).
+        costs: for ``"optimal"``, the blocks' :class:`BlockCosts` (e.g. from :func:`measure_block_costs`).
+        budget: for ``"optimal"``, the bytes the plan may hold (the memory model's, see :func:`checkpoint_plan`).
         memory_saving: recompute in the backward pass (the default); ``False`` runs the blocks with
             ordinary autograd, as ``nn.Sequential`` does.
         preserve_rng_state: replay each block's random state in the recomputation (needed for dropout).
 
     Raises:
-        TypeError: a block is not an ``nn.Module``.
-        ValueError: an unknown schedule, or a missing or bad ``slots``.
+        TypeError: a block is not an ``nn.Module``, or ``costs`` not a :class:`BlockCosts`.
+        ValueError: an unknown schedule, a missing or bad ``slots``, or for ``"optimal"`` missing costs or
+            budget, costs for another number of blocks, or a budget no plan fits (the message gives the least).
     """
 
     def __init__(
@@ -483,16 +704,20 @@ class CheckpointedSequence(nn.Sequential):
         *blocks: nn.Module,
         schedule: ScheduleName = "every",
         slots: int | None = None,
+        costs: BlockCosts | None = None,
+        budget: float | None = None,
         memory_saving: bool = True,
         preserve_rng_state: bool = True,
     ) -> None:
         for index, block in enumerate(blocks):
             if not isinstance(block, nn.Module):
                 raise TypeError(f"block {index} must be an nn.Module, got {type(block).__name__}")
-        checkpoint_plan(max(len(blocks), 1), schedule, slots)  # checks the schedule and its budget now
+        checkpoint_plan(max(len(blocks), 1), schedule, slots, costs=costs, budget=budget)  # checks the schedule and its budget now
         super().__init__(*blocks)
         self.schedule = schedule
         self.slots = slots
+        self.costs = costs
+        self.budget = budget
         self.memory_saving = memory_saving
         self.preserve_rng_state = preserve_rng_state
 
@@ -501,9 +726,13 @@ class CheckpointedSequence(nn.Sequential):
         """The schedule's plan for the blocks the sequence holds now."""
         if not len(self):
             raise ValueError("an empty CheckpointedSequence has no plan")
-        return checkpoint_plan(len(self), self.schedule, self.slots)
+        return checkpoint_plan(len(self), self.schedule, self.slots, costs=self.costs, budget=self.budget)
 
     def _like(self, blocks: Iterable[nn.Module]) -> CheckpointedSequence:
+        blocks = list(blocks)
+        if self.schedule == "optimal":  # the costs are the original blocks': a new chain runs as "every" would not keep the budget
+            raise ValueError("a CheckpointedSequence with schedule='optimal' cannot be sliced, added or repeated: its costs "
+                             "describe its own blocks; build a new one with the new blocks' BlockCosts")
         return CheckpointedSequence(*blocks, schedule=self.schedule, slots=self.slots, memory_saving=self.memory_saving,
                                     preserve_rng_state=self.preserve_rng_state)
 
@@ -531,6 +760,7 @@ class CheckpointedSequence(nn.Sequential):
 
     def extra_repr(self) -> str:
         slots = f", slots={self.slots}" if self.slots is not None else ""
+        slots += f", budget={self.budget!r}" if self.budget is not None else ""
         return f"schedule={self.schedule!r}{slots}" + ("" if self.memory_saving else ", memory_saving=False")
 
 

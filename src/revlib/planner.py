@@ -1,0 +1,329 @@
+r"""Fit a chain of blocks into a memory budget at the least predicted time: :func:`plan`.
+
+A practitioner has a chain :math:`x_{i+1} = F_i(x_i)`, a batch and a number of bytes. :func:`plan` measures
+what each block costs (:func:`revlib.checkpoint.measure_block_costs`, and what the code really holds while
+a block runs: PyTorch's memory profiler on the CPU, the allocator's statistics on CUDA) and returns a module
+over the same blocks that trains within the budget:
+
+* plain backprop (an ``nn.Sequential``) when its measured step fits;
+* otherwise the fastest plan of the unequal-block dynamic programme (``schedule="optimal"`` of
+  :class:`~revlib.checkpoint.CheckpointedSequence`), which stores some block inputs, records some blocks'
+  graphs and runs the others again in the backward pass.
+
+**What the budget counts.** :math:`B` bounds what one forward and backward pass adds to what was allocated
+before it (the model and the input :math:`x_0`), parameter gradients included, as the profiler counts it.
+The dynamic programme's memory model (``revlib._rotor``) counts block inputs, recorded graphs and the one
+output gradient alive, :math:`M`; what it leaves out is added as a reserve:
+
+.. math:: B_{\text{chain}} = B + a_0 - P - W, \qquad
+    W = \max_i \max\big(w^{\text{advance}}_i,\ w^{\text{record}}_i,\ w^{\text{turn}}_i\big),
+
+where :math:`a_0` is given back because :math:`x_0` was allocated before the step (the model counts it
+while it is needed), :math:`P` is the bytes of every parameter's gradient (held from its block's turn to the
+end of the step), and :math:`w_i` are block :math:`i`'s measured temporaries beyond the model: what its
+forward pass without a graph holds beyond its output, what its recording holds beyond its graph and output,
+and what its backward pass holds beyond :math:`\delta_i` and its parameters' gradients. The bound is safe
+when one block runs at a time (the plan's actions do); the module is then measured once, and where the
+measurement exceeds :math:`B` after all (e.g. the random states the recomputation keeps, a few KiB), the
+chain budget is lowered by the excess and the plan made again.
+
+**Not done yet.** Blocks that are :class:`~revlib.reversible.ReversibleBlock` couplings are planned like any
+other block (stored, recorded or recomputed); running maximal runs of consecutive reversible blocks as a
+:class:`~revlib.reversible.ReversibleSequence` (nearly no activation memory for about one extra forward
+pass) is a further choice the planner does not make yet.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.profiler import record_function
+from torch.profiler import ProfilerActivity, profile
+
+from revlib._checks import positive_integers
+from revlib.checkpoint import BlockCosts, CheckpointedSequence, CheckpointPlan, _measuring, checkpoint_plan, measure_block_costs
+from revlib.timeline import _chatter_dropped
+
+__all__ = ["PlanReport", "plan"]
+
+_MARK = "revlib.plan segment"  # the profiler label that separates two measured segments
+_ATTEMPTS = 4  # plans made at most: each measured overshoot lowers the chain budget once
+
+
+@dataclass(frozen=True)
+class PlanReport:
+    """What :func:`plan` chose, what it predicts and what it measured; ``str()`` gives a table.
+
+    Attributes:
+        strategy: ``"store everything"`` (plain backprop) or ``"optimal checkpointing"``.
+        budget: the budget given, in bytes.
+        least_budget: the least budget any plan fits in (predicted), in bytes.
+        predicted_peak: the most the step adds, predicted (bytes): measured for plain backprop; for
+            checkpointing the plan's :math:`M` less :math:`a_0` plus the reserve :math:`P + W`.
+        measured_peak: the most the returned module's step added when measured once, in bytes.
+        predicted_time: the step's predicted time in seconds (:math:`\\sum` of the plan's actions' costs).
+        backprop_peak: plain backprop's step, measured, in bytes.
+        backprop_time: plain backprop's step, predicted: :math:`\\sum_i f_i + b_i` seconds.
+        kept: per block, what the forward pass keeps for the backward pass: ``"graph"`` (recorded),
+            ``"input"`` (its input stored) or ``"-"`` (nothing: rebuilt when needed).
+        runs: per block, how many times one step evaluates it (2 for a block stored as an input and turned
+            once; 1 for a recorded block).
+        costs: the measured :class:`~revlib.checkpoint.BlockCosts` (the activation bytes the larger of the
+            saved-tensor count and the profiler's).
+        reserve: :math:`P + W - a_0`, the bytes added to the model's peak.
+        plan: the :class:`~revlib.checkpoint.CheckpointPlan` when checkpointing, else ``None``.
+    """
+
+    strategy: str
+    budget: int
+    least_budget: int
+    predicted_peak: int
+    measured_peak: int
+    predicted_time: float
+    backprop_peak: int
+    backprop_time: float
+    kept: tuple[str, ...]
+    runs: tuple[int, ...]
+    costs: BlockCosts
+    reserve: int
+    plan: CheckpointPlan | None
+
+    def __str__(self) -> str:
+        c = self.costs
+        lines = [
+            f"{self.strategy} within {_size(self.budget)} (least feasible {_size(self.least_budget)})",
+            f"{'block':>5}  {'input':>10}  {'graph':>10}  {'forward':>10}  {'backward':>10}  {'kept':>5}  {'runs':>4}",
+        ]
+        for i in range(c.steps):
+            lines.append(
+                f"{i:>5}  {_size(c.input_bytes[i]):>10}  {_size(c.activation_bytes[i]):>10}  {c.forward_time[i] * 1e3:>8.3f}ms"
+                f"  {c.backward_time[i] * 1e3:>8.3f}ms  {self.kept[i]:>5}  {self.runs[i]:>4}"
+            )
+        lines += [
+            f"peak:  predicted {_size(self.predicted_peak)}, measured {_size(self.measured_peak)}; "
+            f"plain backprop {_size(self.backprop_peak)} ({self.measured_peak / self.backprop_peak:.2f}x)",
+            f"time:  predicted {self.predicted_time * 1e3:.3f} ms; plain backprop {self.backprop_time * 1e3:.3f} ms "
+            f"({self.predicted_time / self.backprop_time:.2f}x)",
+        ]
+        return "\n".join(lines)
+
+
+def _size(value: float) -> str:
+    return f"{value / 2**20:.2f} MiB" if value >= 2**20 else f"{value / 2**10:.1f} KiB"
+
+
+def plan(blocks: Iterable[nn.Module], example: Tensor, *, budget: int, repeats: int = 5) -> nn.Module:
+    r"""A module over ``blocks`` that trains within ``budget`` bytes at the least predicted time.
+
+    Plain backprop when its measured step fits in the budget; otherwise the fastest plan of the unequal-block
+    dynamic programme within :math:`B_{\text{chain}} = B + a_0 - P - W` (module documentation):
+
+    .. math:: \min_{\text{plans}} \sum_{\text{actions}} \text{cost} \quad\text{subject to}\quad
+        \max_{\text{moments}} M + P + W - a_0 \le B .
+
+    The module holds the same block objects (the same parameters, nothing copied); its gradients equal plain
+    backprop's. Measuring runs every block a few times: the caller's random stream and the blocks' buffers
+    (BatchNorm's statistics) are left as they were, and no ``.grad`` is touched.
+
+    Args:
+        blocks: the chain's blocks, ``nn.Module`` objects in order (an ``nn.Sequential`` works).
+        example: a batch :math:`x_0` of the size the module will train on, on the blocks' device; it
+            requires grad if the input's gradient will be wanted.
+        budget: :math:`B`, the most bytes one forward and backward pass (``module(x).sum().backward()`` or
+            any loss) may add to what is allocated before it, the parameters' gradients included.
+        repeats: timed runs per block measurement.
+
+    Returns:
+        An ``nn.Sequential`` (everything stored) or a :class:`~revlib.checkpoint.CheckpointedSequence`
+        (``schedule="optimal"``), with a :class:`PlanReport` as its ``report`` attribute.
+
+    Raises:
+        TypeError: ``blocks`` is not an iterable of ``nn.Module`` objects, ``example`` is not a tensor, or
+            ``budget`` is not a number.
+        ValueError: ``blocks`` is empty, ``budget`` is not positive and finite, ``repeats`` is not positive,
+            or no plan fits in the budget (the message gives the least budget that does).
+    """
+    blocks = _checked_blocks(blocks)
+    if not isinstance(example, Tensor):
+        raise TypeError(f"example must be a tensor (a batch x_0), got {type(example).__name__}")
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise TypeError(f"budget must be a number of bytes, got {type(budget).__name__}")
+    if not math.isfinite(budget) or budget <= 0:
+        raise ValueError(f"budget must be a positive, finite number of bytes, got {budget!r}")
+    positive_integers(repeats=repeats)
+    x = example.detach().requires_grad_(example.requires_grad)
+    costs = measure_block_costs(blocks, x, repeats=repeats)
+    temporaries, held_graphs = _block_temporaries(blocks, x)
+    costs = BlockCosts(costs.forward_time, costs.backward_time, costs.input_bytes,
+                       tuple(max(g, held) for g, held in zip(costs.activation_bytes, held_graphs)))
+    gradients = sum(p.numel() * p.element_size() for p in {id(p): p for block in blocks for p in block.parameters()}.values() if p.requires_grad)
+    reserve = gradients + max(temporaries) - costs.input_bytes[0]
+    plain = nn.Sequential(*blocks)
+    backprop_peak = _step_peak(plain, x)
+    backprop_time = sum(costs.forward_time) + sum(costs.backward_time)
+    least = int(math.ceil(min(costs.least_budget + reserve, backprop_peak)))
+    common = dict(budget=int(budget), backprop_peak=backprop_peak, backprop_time=backprop_time, costs=costs)
+    if backprop_peak <= budget:
+        plain.report = PlanReport(  # type: ignore[assignment]
+            strategy="store everything", least_budget=least, predicted_peak=backprop_peak, measured_peak=backprop_peak,
+            predicted_time=backprop_time, kept=("graph",) * costs.steps, runs=(1,) * costs.steps, reserve=0, plan=None,
+            **common,  # type: ignore[arg-type]
+        )
+        return plain
+    chain_budget = budget - reserve
+    for _ in range(_ATTEMPTS):
+        if chain_budget < costs.least_budget:
+            break
+        schedule = checkpoint_plan(costs.steps, "optimal", costs=costs, budget=chain_budget)
+        module = CheckpointedSequence(*blocks, schedule="optimal", costs=costs, budget=chain_budget)
+        measured = _step_peak(module, x)
+        if measured <= budget:
+            module.report = PlanReport(  # type: ignore[assignment]
+                strategy="optimal checkpointing", least_budget=least, predicted_peak=int(schedule.predicted_peak + reserve),  # type: ignore[operator]
+                measured_peak=measured, predicted_time=float(schedule.predicted_time), kept=_kept(schedule),  # type: ignore[arg-type]
+                runs=_runs(schedule), reserve=int(reserve), plan=schedule, **common,  # type: ignore[arg-type]
+            )
+            return module
+        excess = measured - budget  # what the reserve missed: lower the chain's budget by it, plan again
+        reserve, least = reserve + excess, least + excess
+        chain_budget -= excess
+    raise ValueError(
+        f"no plan fits in budget={budget!r} bytes: the least feasible budget is {least} bytes (the dynamic "
+        f"programme's least peak {_size(costs.least_budget)} plus the reserve for parameter gradients and "
+        f"temporaries {_size(reserve)}; plain backprop needs {backprop_peak} bytes)"
+    )
+
+
+def _checked_blocks(blocks: Iterable[nn.Module]) -> list[nn.Module]:
+    if isinstance(blocks, nn.Module) and not isinstance(blocks, nn.Sequential):
+        raise TypeError(f"blocks must be an iterable of nn.Module blocks (a list or an nn.Sequential), got a single {type(blocks).__name__}")
+    try:
+        found = list(blocks)
+    except TypeError:
+        raise TypeError(f"blocks must be an iterable of nn.Module blocks, got {type(blocks).__name__}") from None
+    if not found:
+        raise ValueError("blocks must hold at least one nn.Module, got none")
+    for index, block in enumerate(found):
+        if not isinstance(block, nn.Module):
+            raise TypeError(f"blocks[{index}] must be an nn.Module, got {type(block).__name__}")
+    return found
+
+
+def _kept(schedule: CheckpointPlan) -> tuple[str, ...]:
+    kept = ["-"] * schedule.steps
+    for action, index in schedule.forward:
+        if action == "record":
+            kept[index] = "graph"
+        elif action == "store":
+            kept[index] = "input"
+    return tuple(kept)
+
+
+def _runs(schedule: CheckpointPlan) -> tuple[int, ...]:
+    runs = [0] * schedule.steps
+    recorded: set[int] = set()
+    for action, index in (*schedule.forward, *schedule.backward):
+        if action in ("advance", "record"):
+            runs[index] += 1
+            recorded |= {index} if action == "record" else set()
+        elif action == "turn":
+            runs[index] += index not in recorded  # a turn without a recorded graph runs the block again
+            recorded.discard(index)
+    return tuple(runs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Measuring what the code holds: segments of a computation, each its peak and its end above its start
+
+
+def _segments(steps: list[Callable[[], None]], device: torch.device) -> list[tuple[int, int]]:
+    """Run ``steps`` twice (the first a warm-up) and return, for each step of the second run, the most bytes
+    allocated during it and the bytes allocated at its end, both above those at its start."""
+    for step in steps:
+        step()
+    if device.type == "cuda":
+        found = []
+        for step in steps:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+            step()
+            torch.cuda.synchronize(device)
+            found.append((torch.cuda.max_memory_allocated(device) - before, torch.cuda.memory_allocated(device) - before))
+        return found
+    with _chatter_dropped(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiled:
+        for step in steps:
+            with record_function(_MARK):
+                pass
+            step()
+    events = sorted(profiled.profiler.kineto_results.events(), key=lambda event: event.start_ns())  # type: ignore[union-attr]
+    found, total, start, peak = [], 0, None, 0
+    for event in events:
+        if event.name() == _MARK:
+            if start is not None:
+                found.append((peak - start, total - start))
+            start = peak = total
+        elif event.name() == "[memory]":
+            total += event.nbytes()
+            peak = max(peak, total)
+    found.append((peak - start, total - start))  # type: ignore[operator]
+    return found
+
+
+def _block_temporaries(blocks: list[nn.Module], x: Tensor) -> tuple[list[int], list[int]]:
+    """Per block, what it holds beyond the memory model while it runs (the largest of its three actions'
+    excess: advance, record, turn), and what its recorded graph holds besides its output, as measured."""
+    temporaries, graphs = [], []
+    with _measuring(blocks, x.device):
+        with torch.no_grad():
+            inputs = [x.detach()]
+            for block in blocks:
+                inputs.append(block(inputs[-1]))
+        for block, block_input, block_output in zip(blocks, inputs, inputs[1:]):
+            point = block_input.detach().requires_grad_(block_input.is_floating_point() or block_input.is_complex())
+            parameters = [p for p in block.parameters() if p.requires_grad]
+            wrt = [point] * point.requires_grad + parameters
+            state: dict[str, Any] = {}
+
+            def advance(block: nn.Module = block, point: Tensor = point) -> None:
+                with torch.no_grad():
+                    state["output"] = block(point)
+
+            def record(block: nn.Module = block, point: Tensor = point) -> None:
+                state.clear()
+                with torch.enable_grad():
+                    state["output"] = block(point)
+                state["upstream"] = torch.ones_like(state["output"])  # δ_{i+1}
+
+            def turn(wrt: list[Tensor] = wrt) -> None:
+                if state["output"].requires_grad and wrt:
+                    state["found"] = torch.autograd.grad(state["output"], wrt, state["upstream"], allow_unused=True)
+                state.clear()
+
+            (advanced, _), (recorded, held), (turned, _) = _segments([advance, record, turn], x.device)
+            output_bytes = block_output.untyped_storage().nbytes()
+            graph = held - 2 * output_bytes  # the recording ends holding its graph, its output and δ_{i+1}
+            made = point.untyped_storage().nbytes() * point.requires_grad + sum(p.numel() * p.element_size() for p in parameters)
+            temporaries.append(max(advanced - output_bytes, recorded - held, turned - made, 0))
+            graphs.append(max(graph, 0))
+    return temporaries, graphs
+
+
+def _step_peak(module: nn.Module, x: Tensor) -> int:
+    """The most one step of ``module`` adds (its forward pass, the loss ``.sum()``, the backward pass to the
+    parameters and to ``x`` when it requires grad), measured; ``.grad`` is not touched."""
+    wanted = [p for p in module.parameters() if p.requires_grad] + [x] * x.requires_grad
+
+    def step() -> None:
+        loss = module(x).sum()  # the output is not held beyond the loss, as in training
+        if loss.requires_grad and wanted:
+            torch.autograd.grad(loss, wanted, allow_unused=True)
+
+    with _measuring(list(module), x.device):
+        ((peak, _),) = _segments([step], x.device)
+    return peak

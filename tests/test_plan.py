@@ -1,0 +1,108 @@
+"""Tests of revlib.plan (revlib.planner): a chain fitted into a memory budget, its gradients, its measured peak, its errors."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import revlib
+from allocations import added_peak
+from revlib.checkpoint import CheckpointedSequence
+from revlib.planner import PlanReport, plan
+from revlib.verify import relative_error
+
+
+def chain(widths: list[int]) -> list[nn.Module]:
+    torch.manual_seed(0)
+    return [nn.Sequential(nn.Linear(a, b), nn.Tanh()) for a, b in zip(widths, widths[1:])]
+
+
+EQUAL = [64] * 17
+UNEQUAL = [32] + [128] * 4 + [64] * 4 + [32] * 4 + [16] * 4  # a narrow stem, then stages whose activations halve
+BATCH = 512
+
+
+def step_with_gradients(module: nn.Module, x: torch.Tensor):
+    parameters = list(module.parameters())
+    return lambda: torch.autograd.grad(module(x).sum(), parameters)  # the parameters' gradients made in the step
+
+
+@pytest.mark.parametrize("widths", [EQUAL, UNEQUAL], ids=["equal", "unequal"])
+def test_measured_peak_is_within_three_budgets(widths: list[int]) -> None:
+    blocks = chain(widths)
+    x = torch.randn(BATCH, widths[0])
+    plain = added_peak(step_with_gradients(nn.Sequential(*blocks), x))
+    least = plan(blocks, x, budget=10 * plain, repeats=1).report.least_budget  # type: ignore[union-attr]
+    assert least < plain
+    strategies = []
+    for budget in (int(least + 0.1 * (plain - least)), int(least + 0.6 * (plain - least)), int(1.3 * plain)):
+        module = plan(blocks, x, budget=budget, repeats=1)
+        report = module.report  # type: ignore[union-attr]
+        assert list(module) == blocks and report.measured_peak <= budget
+        measured = added_peak(step_with_gradients(module, x))
+        assert measured <= budget, (measured, budget, str(report))
+        strategies.append(report.strategy)
+    assert strategies[0] == "optimal checkpointing" and strategies[-1] == "store everything"
+
+
+@pytest.mark.parametrize("widths", [EQUAL, UNEQUAL], ids=["equal", "unequal"])
+def test_gradients_equal_plain_backprop(widths: list[int]) -> None:
+    blocks = [block.double() for block in chain(widths)]
+    x = torch.randn(BATCH, widths[0], dtype=torch.float64, requires_grad=True)
+    plain = nn.Sequential(*blocks)
+    least = plan(blocks, x, budget=10**9, repeats=1).report.least_budget  # type: ignore[union-attr]
+    module = plan(blocks, x, budget=least, repeats=1)
+    assert isinstance(module, CheckpointedSequence) and all(a is b for a, b in zip(module.parameters(), plain.parameters()))
+
+    def gradients(model: nn.Module) -> list[torch.Tensor]:
+        return list(torch.autograd.grad(model(x).pow(2).sum(), [x, *model.parameters()]))
+
+    assert relative_error(gradients(module), gradients(plain)) < 1e-13
+
+
+def test_no_plan_fits_names_the_budget_and_the_least() -> None:
+    blocks = chain(EQUAL)
+    x = torch.randn(BATCH, EQUAL[0])
+    with pytest.raises(ValueError, match=r"no plan fits in budget=1000 bytes: the least feasible budget is \d+ bytes") as error:
+        plan(blocks, x, budget=1000, repeats=1)
+    least = int(re.search(r"least feasible budget is (\d+)", str(error.value)).group(1))  # type: ignore[union-attr]
+    assert plan(blocks, x, budget=least, repeats=1).report.measured_peak <= least  # type: ignore[union-attr]
+
+
+def test_the_report_is_a_table() -> None:
+    blocks = chain(UNEQUAL)
+    x = torch.randn(BATCH, UNEQUAL[0])
+    least = plan(blocks, x, budget=10**9, repeats=1).report.least_budget  # type: ignore[union-attr]
+    report = plan(blocks, x, budget=least, repeats=1).report  # type: ignore[union-attr]
+    assert isinstance(report, PlanReport) and report.plan is not None
+    text = str(report)
+    assert text.startswith("optimal checkpointing within") and "plain backprop" in text
+    assert len(text.splitlines()) == 2 + len(blocks) + 2
+    assert report.predicted_time >= report.backprop_time and report.measured_peak < report.backprop_peak
+    assert sum(report.runs) == report.plan.evaluations
+
+
+def test_revlib_plan_is_callable_from_the_facade() -> None:
+    blocks = chain([8, 8])
+    module = revlib.plan(blocks, torch.randn(4, 8), budget=10**7, repeats=1)
+    assert isinstance(module, nn.Sequential) and module.report.strategy == "store everything"  # type: ignore[union-attr]
+    assert revlib.PlanReport is PlanReport
+
+
+@pytest.mark.parametrize("arguments, error, match", [
+    (dict(blocks=nn.Linear(2, 2)), TypeError, "blocks must be an iterable of nn.Module blocks"),
+    (dict(blocks=[nn.Linear(2, 2), "relu"]), TypeError, r"blocks\[1\] must be an nn.Module, got str"),
+    (dict(blocks=[]), ValueError, "blocks must hold at least one"),
+    (dict(example=[1.0, 2.0]), TypeError, "example must be a tensor"),
+    (dict(budget="1 MiB"), TypeError, "budget must be a number of bytes, got str"),
+    (dict(budget=0), ValueError, "budget must be a positive, finite number of bytes, got 0"),
+    (dict(budget=float("inf")), ValueError, "budget must be a positive, finite"),
+    (dict(repeats=0), ValueError, "repeats"),
+])
+def test_bad_arguments_name_the_argument(arguments: dict, error: type, match: str) -> None:
+    given = dict(blocks=[nn.Linear(2, 2)], example=torch.ones(3, 2), budget=10**6, repeats=1) | arguments
+    with pytest.raises(error, match=match):
+        plan(given.pop("blocks"), given.pop("example"), **given)
