@@ -14,9 +14,12 @@ and every block can be undone, whatever :math:`f_n` is, by
 
 Unlike additive coupling (:mod:`revlib.reversible`) nothing is split in halves: :math:`f_n` is any
 shape-preserving residual function, as in an ordinary ResNet, which is the case :math:`\gamma = 0` (and the
-one that cannot be inverted). The inverse divides by :math:`\gamma`, so a rounding error in :math:`v` is
-multiplied by up to :math:`1/\gamma` per block: the reconstruction is exact to rounding for :math:`\gamma`
-near 1 and degrades as :math:`\gamma` gets small.
+one that cannot be inverted). The inverse divides by :math:`\gamma`: one inverse step's Jacobian with respect to
+:math:`(x_{n+1}, v_{n+1})` has determinant :math:`\gamma^{-d}` whatever :math:`f_n` is, but how much it
+stretches a rounding error also depends on :math:`f_n`'s Jacobian (more where :math:`f_n` expands, less where
+it contracts), so :math:`\gamma^{-N}` over :math:`N` blocks is an estimate, not a bound. The reconstruction
+is exact to rounding for :math:`\gamma` near 1 and degrades as :math:`\gamma` gets small; as
+:math:`\gamma \to 1` the blocks' contributions shrink by :math:`1 - \gamma` (a different model).
 
 **Backward pass without stored activations.** :class:`MomentumSequence` keeps only :math:`(x_N, v_N)`.
 Going back through block :math:`n` with the gradients :math:`\bar x_{n+1}, \bar v_{n+1}` of the loss, it
