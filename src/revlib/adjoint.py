@@ -166,7 +166,7 @@ def fixed_point_reverse(increment: Callable[[Tensor], Tensor], x_next: Tensor, i
     converge (for :math:`\Delta(x) = q x` the error is multiplied by :math:`-q` each time).
 
     ``increment`` is called ``iterations`` times; one that draws random numbers (dropout) must draw the
-    forward pass's at every call (evaluate it inside the step's :meth:`ForwardState.replayed` block each time).
+    forward pass's at every call (evaluate it inside the step's ``ForwardState.replayed`` block each time).
 
     Args:
         increment: :math:`\Delta`, the step's increment, tensor to tensor of the same shape.

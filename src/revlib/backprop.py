@@ -91,7 +91,7 @@ class Gradients:
 class MLP:
     r"""A multilayer perceptron whose backward pass is written by hand from the chapter's equations.
 
-    A teaching object, not an ``nn.Module``: its weights are plain tensors (:attr:`weights`, :attr:`biases`,
+    A teaching object, not an ``nn.Module``: its weights are plain tensors (``weights``, ``biases``,
     :meth:`tensors`), :meth:`forward` returns the outputs *and* the cache of layer inputs, and
     :meth:`backward` turns that cache and :math:`\partial L/\partial o` into the gradients. :meth:`to_module`
     gives the same network as an ``nn.Sequential`` for autograd to check it against.

@@ -374,7 +374,7 @@ def checkpoint_plan(
 
     It counts the input :math:`x_0` while it is needed, and not the parameters' gradients, nor the
     temporaries inside a block (a block's intermediate results while it runs, the gradients of its internal
-    activations during its turn): :func:`revlib.plan` adds those for a budget of everything a step adds.
+    activations during its turn): :func:`revlib.planner.plan` adds those for a budget of everything a step adds.
 
     Args:
         steps: the number of blocks :math:`N`.

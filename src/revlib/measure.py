@@ -17,7 +17,7 @@ Three instruments, from the most to the least abstract:
   :func:`compare_times` times several calls in turns.
 
 :func:`step_memory` gives the bill of one training step (:func:`revlib.training.training_step`) by
-category, from PyTorch's memory profiler (:func:`revlib.memory_timeline`): parameters, gradients, optimiser
+category, from PyTorch's memory profiler (:func:`revlib.timeline.memory_timeline`): parameters, gradients, optimiser
 state, activations, the batch, and the peak with what each category held at it.
 """
 
@@ -414,12 +414,12 @@ class StepMemory:
 
     @property
     def parts(self) -> int:
-        """The naive bill: every category at its most, added as if all were held at once."""
+        """The naive bill, every category at its most, added as if all were held at once."""
         return self.parameters + self.gradients + self.optimizer_state + self.activations + self.inputs
 
     @property
     def floor(self) -> int:
-        """What the step must hold at once at some moment: the parameters and the batch, and either all
+        """What the step must hold at once at some moment, the parameters and the batch, and either all
         activations (at the end of the forward pass) or the gradients and the optimiser state (during the
         update). The peak is at least this, and above :attr:`parts` only by temporaries."""
         return self.parameters + self.inputs + max(self.activations, self.gradients + self.optimizer_state)

@@ -240,7 +240,7 @@ def plot_timeline(timeline: MemoryTimeline, *, ax: plt.Axes | None = None, title
         timeline: the measured call.
         ax: the axes to draw on (a new figure when ``None``).
         title: the title (by default the peak and what the call adds to the memory live at its start).
-        unit: the unit of the memory axis, one of :data:`MEMORY_UNITS`.
+        unit: the unit of the memory axis, one of ``MEMORY_UNITS``.
 
     Raises:
         ValueError: an unknown unit.

@@ -80,7 +80,7 @@ class DeepNetwork(nn.Module):
 
     @property
     def blocks(self) -> list[nn.Module]:
-        """The blocks as modules, in order: :class:`~revlib.blocks.ResidualBlock` around each function, or
+        """The blocks as modules, in order; a :class:`~revlib.blocks.ResidualBlock` around each function, or
         the functions themselves for a plain network (to run them elsewhere, e.g. in a
         :class:`~revlib.checkpoint.CheckpointedSequence`)."""
         return list(self._blocks)

@@ -61,7 +61,7 @@ every step needs one evaluation of :math:`f_n` with its graph, at the rebuilt :m
 vector-Jacobian product: the backward pass costs one extra evaluation per layer, like a reversible
 (RevNet) block, and its gradient is ordinary backprop's through the same computation, up to rounding.
 Random, autocast and BatchNorm state are replayed through the mechanism shared with the other recomputing
-networks (:mod:`revlib._recompute`).
+networks (``revlib._recompute``).
 
 **Stability.** For :math:`f(x) = \lambda x` one step multiplies :math:`(y, z)` by a matrix with eigenvalues
 :math:`\rho = h\lambda \pm \sqrt{1 + (h\lambda)^2}` and determinant :math:`-1`: the solution's root

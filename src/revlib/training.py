@@ -227,7 +227,7 @@ def make_optimizer(name: str, parameters: Iterable[Tensor], learning_rate: float
     (two moments per parameter and a step count per parameter).
 
     Raises:
-        ValueError: an unknown name (the message lists :data:`OPTIMIZERS`).
+        ValueError: an unknown name (the message lists ``OPTIMIZERS``).
     """
     if name == "sgd":
         return torch.optim.SGD(parameters, lr=learning_rate)
