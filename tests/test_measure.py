@@ -2,7 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from revlib.measure import Timing, count_calls, forward_backward, peak_memory, saved_tensor_bytes, time_call
+from revlib.measure import (SavedTensors, Timing, count_calls, forward_backward, peak_memory, saved_tensor_bytes,
+                           time_call)
 
 FLOAT32 = 4
 
@@ -184,3 +185,36 @@ def test_count_calls_removes_its_hooks_when_the_call_fails() -> None:
     with pytest.raises(RuntimeError):
         count_calls([layer], layer, torch.randn(2, 4))
     assert not layer._forward_hooks
+
+
+def test_saved_tensors_names_what_autograd_keeps_for_a_tanh_layer_and_cross_entropy() -> None:
+    # z = x W1ᵀ, h = tanh(z), o = h W2ᵀ, cross-entropy: the first product saves x (for W1's gradient), tanh
+    # saves its output h, the second product saves h and W2, the loss its log-probabilities, the targets
+    # and a one-number normaliser; z and o are not saved
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 8, dtype=torch.float64), torch.randint(0, 3, (16,))
+    w1 = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    w2 = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    with SavedTensors() as saved:
+        z = x @ w1.T
+        h = torch.tanh(z)
+        o = h @ w2.T
+        loss = nn.functional.cross_entropy(o, y)
+    found = saved.by_name({"x": x, "z": z, "h": h, "o": o, "y": y, "W1": w1, "W2": w2})
+    assert found["x"] == x.nbytes and found["h"] == h.nbytes and found["W2"] == w2.nbytes and found["y"] == y.nbytes
+    assert found["z"] == 0 and found["o"] == 0 and found["W1"] == 0
+    assert found["other"] == o.nbytes + 8  # the log-probabilities, one per logit, and the normaliser
+    assert saved.total == sum(found.values()) == saved_tensor_bytes(
+        lambda: nn.functional.cross_entropy(torch.tanh(x @ w1.T) @ w2.T, y))
+    loss.backward()  # the recorder returns the saved tensors unchanged
+    assert w1.grad is not None and w2.grad is not None
+
+
+def test_saved_tensors_counts_a_shared_storage_once_and_honours_exclude() -> None:
+    w = torch.randn(4, 4, requires_grad=True)
+    x = torch.randn(2, 4)
+    with SavedTensors(exclude=[w]) as saved:
+        (x @ w).sum()
+    assert saved.by_name({"x": x, "x again": x[0], "w": w}) == {"x": x.nbytes, "x again": 0, "w": 0, "other": 0}
+    with pytest.raises(ValueError, match='"other"'):
+        saved.by_name({"other": x})

@@ -55,6 +55,18 @@ def test_draw_graph_draws_every_node_and_edge() -> None:
         plotting.draw_graph({"x": (0, 0)}, [("x", "y")])
 
 
+def test_draw_graph_marks_the_stored_values_with_their_notes() -> None:
+    positions = {"x": (0, 0), "*": (1, 0), "z": (2, 0)}
+    figure = plotting.draw_graph(positions, [("x", "*"), ("*", "z")], operators=["*"], stored={"x": "4 KiB"})
+    texts = {text.get_text(): text for text in figure.axes[0].texts if not isinstance(text, Annotation)}
+    assert "4 KiB" in texts  # the note under the stored box
+    assert texts["x"].get_bbox_patch().get_facecolor() != texts["z"].get_bbox_patch().get_facecolor()
+    with pytest.raises(ValueError, match="operators hold no values"):
+        plotting.draw_graph(positions, [("x", "*")], operators=["*"], stored={"*": ""})
+    with pytest.raises(ValueError, match="without a position"):
+        plotting.draw_graph(positions, [("x", "*")], stored={"w": ""})
+
+
 @pytest.mark.parametrize(("schedule", "slots"), [("every", None), ("sqrt", None), ("revolve", 3)])
 def test_plot_schedule_draws_every_evaluation_and_every_kept_input(schedule: str, slots: int | None) -> None:
     from revlib.checkpoint import checkpoint_plan

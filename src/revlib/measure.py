@@ -8,7 +8,8 @@ Three instruments, from the most to the least abstract:
   tensor saved twice costs nothing extra, and neither does a view of a storage already counted, but a view
   is charged for the whole storage it looks into (save a slice of a large batch and the whole batch is
   counted: ``.clone()`` the slice). It does not see tensors a custom function keeps as plain attributes of
-  ``ctx``. It is exact and identical on every machine.
+  ``ctx``. It is exact and identical on every machine. :class:`SavedTensors` records the same inside a
+  ``with`` block and says which of the tensors you name were saved.
 * :func:`peak_memory` measures the real extra memory of a step (e.g. forward + backward). On CUDA it
   reads the caching allocator's peak statistics. On the CPU it runs the step in a fresh Python process and
   reads the peak resident set size of that process (Linux's ``VmHWM``, reset just before the step; where
@@ -47,6 +48,7 @@ from revlib.timeline import MemoryTimeline, memory_timeline
 from revlib.training import make_optimizer, training_step
 
 __all__ = [
+    "SavedTensors",
     "StepMemory",
     "Timing",
     "compare_times",
@@ -64,6 +66,62 @@ BYTES_PER_KIB = 1024  # /proc/self/status reports kibibytes
 def _storage_key(tensor: Tensor) -> tuple[str, int]:
     """Identify the memory a tensor lives in, so that views and repeats are counted once."""
     return str(tensor.device), tensor.untyped_storage().data_ptr()
+
+
+class SavedTensors:
+    """What autograd saves for the backward pass inside a ``with`` block, storage by storage.
+
+    ``with SavedTensors() as saved: loss = model(x).sum()`` records every tensor handed to autograd for
+    backward while the block runs (through ``torch.autograd.graph.saved_tensors_hooks``), each underlying
+    storage once at its full size, as :func:`saved_tensor_bytes` counts them. :meth:`by_name` then says which
+    of the tensors you hold were saved: the picture of a computational graph with its stored values.
+
+    Args:
+        exclude: tensors whose storages are not recorded (e.g. ``model.parameters()``).
+    """
+
+    def __init__(self, exclude: Iterable[Tensor] = ()) -> None:
+        self.excluded = {_storage_key(tensor) for tensor in exclude}
+        self.sizes: dict[tuple[str, int], int] = {}  # storage key -> bytes
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
+
+    def _pack(self, tensor: Tensor) -> Tensor:
+        key = _storage_key(tensor)
+        if key not in self.excluded:
+            self.sizes[key] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    def __enter__(self) -> SavedTensors:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exception: Any) -> None:
+        self._hooks.__exit__(*exception)
+
+    @property
+    def total(self) -> int:
+        """Bytes of all the storages recorded."""
+        return sum(self.sizes.values())
+
+    def by_name(self, named: Mapping[str, Tensor]) -> dict[str, int]:
+        """Bytes saved per named tensor (0 for one autograd did not save), and ``"other"``: the saved storages
+        that none of the ``named`` tensors lives in (intermediate results the caller holds no name for).
+
+        A name whose tensor shares its storage with an earlier name is charged 0 (each storage once).
+
+        Raises:
+            ValueError: a name is ``"other"``.
+        """
+        if "other" in named:
+            raise ValueError('"other" is the name of the unnamed rest; give the tensor another name')
+        bytes_by_name: dict[str, int] = {}
+        claimed: set[tuple[str, int]] = set()
+        for name, tensor in named.items():
+            key = _storage_key(tensor)
+            bytes_by_name[name] = self.sizes.get(key, 0) if key not in claimed else 0
+            claimed.add(key)
+        bytes_by_name["other"] = sum(size for key, size in self.sizes.items() if key not in claimed)
+        return bytes_by_name
 
 
 def saved_tensor_bytes(fn: Callable[..., Any], *args: Any, exclude: Iterable[Tensor] = (), **kwargs: Any) -> int:
@@ -85,18 +143,9 @@ def saved_tensor_bytes(fn: Callable[..., Any], *args: Any, exclude: Iterable[Ten
     Returns:
         The number of bytes.
     """
-    excluded = {_storage_key(tensor) for tensor in exclude}
-    sizes: dict[tuple[str, int], int] = {}
-
-    def pack(tensor: Tensor) -> Tensor:
-        key = _storage_key(tensor)
-        if key not in excluded:
-            sizes[key] = tensor.untyped_storage().nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with SavedTensors(exclude) as saved:
         fn(*args, **kwargs)
-    return sum(sizes.values())
+    return saved.total
 
 
 def forward_backward(model: nn.Module, inputs: Tensor) -> None:

@@ -148,6 +148,7 @@ def draw_graph(
     *,
     operators: Sequence[str] = (),
     labels: Mapping[str, str] | None = None,
+    stored: Mapping[str, str] | None = None,
     title: str | None = None,
 ) -> Figure:
     """Draw a computational graph: variables as boxes, operators as circles, data flow as arrows.
@@ -157,12 +158,19 @@ def draw_graph(
         edges: ``(source, target)`` pairs, both keys of ``positions``.
         operators: the nodes drawn as operators (circles); all others are variables (boxes).
         labels: text shown for a node (matplotlib mathtext allowed); defaults to the node's key.
+        stored: the variables whose values the backward pass keeps (e.g. found by
+            :class:`revlib.measure.SavedTensors`), each with a note written under its box (its size);
+            drawn filled in orange with a thick border, the others white.
         title: an optional title.
 
     Raises:
-        ValueError: an edge or operator names a node without a position.
+        ValueError: an edge, operator or stored node names a node without a position, or an operator is
+            marked as stored.
     """
-    unknown = {name for edge in edges for name in edge} | set(operators)
+    stored = dict(stored or {})
+    if set(stored) & set(operators):
+        raise ValueError(f"operators hold no values to store: {sorted(set(stored) & set(operators))}")
+    unknown = {name for edge in edges for name in edge} | set(operators) | set(stored)
     unknown -= set(positions)
     if unknown:
         raise ValueError(f"nodes without a position: {sorted(unknown)}")
@@ -176,11 +184,18 @@ def draw_graph(
             arrowprops={"arrowstyle": "-|>", "color": "0.35", "shrinkA": 16, "shrinkB": 16, "lw": 1.3},
         )
     for name, (x, y) in positions.items():
-        is_operator = name in operators
-        box = {"boxstyle": "circle,pad=0.3" if is_operator else "round,pad=0.4",
-               "facecolor": "white" if is_operator else "#DCEBF7", "edgecolor": PALETTE[1] if is_operator else PALETTE[0]}
+        if name in operators:
+            box = {"boxstyle": "circle,pad=0.3", "facecolor": "white", "edgecolor": PALETTE[1]}
+        elif name in stored:
+            box = {"boxstyle": "round,pad=0.4", "facecolor": "#FBE3C4", "edgecolor": PALETTE[4], "linewidth": 2.5}
+        elif stored:
+            box = {"boxstyle": "round,pad=0.4", "facecolor": "white", "edgecolor": PALETTE[0]}
+        else:
+            box = {"boxstyle": "round,pad=0.4", "facecolor": "#DCEBF7", "edgecolor": PALETTE[0]}
         axis.text(x, y, labels.get(name, name), ha="center", va="center", fontsize=12, bbox=box)
-    axis.set(xlim=(min(xs) - 0.7, max(xs) + 0.7), ylim=(min(ys) - 0.7, max(ys) + 0.7), title=title or "")
+        if stored.get(name):
+            axis.text(x, y - 0.42, stored[name], ha="center", va="top", fontsize=9, color="0.25")
+    axis.set(xlim=(min(xs) - 0.7, max(xs) + 0.7), ylim=(min(ys) - (1.0 if stored else 0.7), max(ys) + 0.7), title=title or "")
     axis.set_aspect("equal")
     axis.axis("off")
     return figure
