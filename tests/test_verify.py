@@ -54,3 +54,27 @@ def test_finite_differences_put_the_entry_back_when_the_function_raises() -> Non
     with pytest.raises(RuntimeError, match="fails"):
         finite_difference_gradient(failing, tensor)
     assert torch.equal(tensor, torch.tensor([1.0, 2.0], dtype=torch.float64))
+
+
+def test_central_difference_errors_fall_as_the_step_squared_then_rise_with_rounding() -> None:
+    from revlib.verify import central_difference_errors
+
+    theta = torch.linspace(-1, 1, 7, dtype=torch.float64)
+    # f = sum(θ³ + θ): the central difference's error is exactly ε² Σ v³ (no higher terms), so slope 2
+    epsilons = [1e-1, 1e-2, 1e-3, 1e-13]
+    errors = central_difference_errors(lambda: (theta**3 + theta).sum(), [theta], [3 * theta**2 + 1], epsilons)
+    assert 99 < errors[0] / errors[1] < 101 and 99 < errors[1] / errors[2] < 101
+    assert errors[3] > 1e-6
+    assert torch.equal(theta, torch.linspace(-1, 1, 7, dtype=torch.float64))  # put back
+
+
+def test_central_difference_errors_refuse_bad_steps_and_mismatched_gradients() -> None:
+    from revlib.verify import central_difference_errors
+
+    theta = torch.zeros(3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="epsilons must be positive"):
+        central_difference_errors(lambda: theta.sum(), [theta], [torch.ones(3)], [0.0])
+    with pytest.raises(ValueError, match="same shape"):
+        central_difference_errors(lambda: theta.sum(), [theta], [torch.ones(2)], [1e-3])
+    with pytest.raises(ValueError, match="directions"):
+        central_difference_errors(lambda: theta.sum(), [theta], [torch.ones(3)], [1e-3], directions=0)

@@ -2,6 +2,8 @@
 
 * :func:`relative_error` — how far computed tensors are from reference ones, relative to the reference;
 * :func:`finite_difference_gradient` — a gradient by central differences, to check backprop against;
+* :func:`central_difference_errors` — how the error of a central difference depends on its step
+  (truncation against rounding);
 * :func:`flat_gradient` — a network's parameter gradient as one vector, to compare two ways of computing it.
 
 They were first written for the chapters on backpropagation and Neural ODEs, and are still importable from
@@ -15,7 +17,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["cosine_similarity", "finite_difference_gradient", "flat_gradient", "relative_error"]
+__all__ = ["central_difference_errors", "cosine_similarity", "finite_difference_gradient", "flat_gradient", "relative_error"]
 
 _TINY = 1e-30  # keeps the relative error finite when the reference is zero
 
@@ -95,6 +97,73 @@ def finite_difference_gradient(function: Callable[[], Tensor], tensor: Tensor, e
                 flat[index] = original
             flat_gradient[index] = (above - below) / (2 * epsilon)
     return gradient
+
+
+def central_difference_errors(
+    function: Callable[[], Tensor],
+    tensors: Sequence[Tensor],
+    gradients: Sequence[Tensor],
+    epsilons: Sequence[float],
+    *,
+    directions: int = 4,
+    seed: int = 0,
+) -> list[float]:
+    r"""The relative error of a central difference along random directions, for each step :math:`\varepsilon`.
+
+    For a direction :math:`v` (standard normal entries, one per entry of ``tensors``) the central difference
+    estimates the directional derivative :math:`\langle \nabla f, v\rangle` (from ``gradients``):
+
+    .. math::
+        e(\varepsilon) = \frac{\left|\tfrac{f(\theta + \varepsilon v) - f(\theta - \varepsilon v)}{2\varepsilon}
+        - \langle \nabla f, v\rangle\right|}{|\langle \nabla f, v\rangle|} .
+
+    Taylor's theorem gives the *truncation* error :math:`\tfrac{\varepsilon^2}{6} D^3 f(\theta)[v, v, v]`,
+    slope 2 in log-log axes; evaluating :math:`f` in floating point adds a *rounding* error of about
+    :math:`u\,|f| / \varepsilon` (:math:`u` the unit roundoff), slope :math:`-1`. The sum is a V whose
+    bottom lies near :math:`\varepsilon \approx (3u|f| / |D^3 f[v, v, v]|)^{1/3}`.
+
+    Args:
+        function: evaluates :math:`f` from the current values of ``tensors`` (which are perturbed in place
+            and restored, also when it raises).
+        tensors: the point :math:`\theta`.
+        gradients: :math:`\nabla f(\theta)`, one tensor per entry of ``tensors``, e.g. from backprop.
+        epsilons: the steps.
+        directions: how many random directions; the median error over them is returned.
+        seed: seeds the directions.
+
+    Returns:
+        The median relative error for each step, in the order of ``epsilons``.
+
+    Raises:
+        ValueError: a step is not positive, ``directions`` is not positive, or ``gradients`` does not
+            match ``tensors``.
+    """
+    if any(epsilon <= 0 for epsilon in epsilons):
+        raise ValueError(f"epsilons must be positive, got {list(epsilons)}")
+    if directions < 1:
+        raise ValueError(f"directions must be a positive number, got {directions}")
+    if len(gradients) != len(tensors) or any(g.shape != t.shape for g, t in zip(gradients, tensors)):
+        raise ValueError("gradients must hold one tensor of the same shape for each of the tensors")
+    generator = torch.Generator().manual_seed(seed)
+    samples = [[torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device) for t in tensors] for _ in range(directions)]
+    originals = [t.detach().clone() for t in tensors]
+
+    def at(epsilon: float, direction: list[Tensor]) -> float:
+        with torch.no_grad():
+            for tensor, original, step in zip(tensors, originals, direction):
+                tensor.copy_(original + epsilon * step)
+        return function().item()
+
+    errors: list[list[float]] = []
+    try:
+        for direction in samples:
+            exact = sum((g * v).sum() for g, v in zip(gradients, direction)).item()
+            errors.append([abs((at(e, direction) - at(-e, direction)) / (2 * e) - exact) / max(abs(exact), _TINY) for e in epsilons])
+    finally:  # the point is put back even when the function raises
+        with torch.no_grad():
+            for tensor, original in zip(tensors, originals):
+                tensor.copy_(original)
+    return [float(torch.tensor(column).median()) for column in zip(*errors)]
 
 
 def flat_gradient(network: nn.Module, inputs: Tensor, loss_fn: Callable[[Tensor], Tensor], parameters: Sequence[Tensor]) -> Tensor:
