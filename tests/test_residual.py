@@ -12,13 +12,16 @@ from revlib.residual import (
     DeepNetwork,
     conv_network,
     deletion_accuracies,
+    effective_rank,
     filter_normalized_direction,
     gradient_flow,
+    jacobian_ranks,
     largest_deletion_share,
     largest_dip,
     lesion_accuracies,
     loss_surface,
     mlp_network,
+    representation_ranks,
 )
 
 
@@ -243,3 +246,75 @@ def test_largest_dip_rejects_what_is_not_a_slice_of_losses():
         largest_dip(torch.tensor([1.0, 0.0, 1.0]))
     with pytest.raises(ValueError, match="positive, finite"):
         largest_dip(torch.tensor([1.0, 0.5, float("inf")]))
+
+
+def test_largest_dip_with_a_ceiling_measures_only_the_basin():
+    line = torch.tensor([9.0, 2.0, 8.0, 1.0, 0.1, 0.5, 2.0, 1.0, 3.0])  # falls from 8 to 2 in the left tail
+    assert largest_dip(line) == pytest.approx(math.log(8.0 / 2.0))
+    assert largest_dip(line, ceiling=2.5) == pytest.approx(math.log(2.0)), "the basin's own ridge still counts"
+    assert largest_dip(line, ceiling=1.5) == 0.0, "below 1.5 the slice is a bowl"
+    assert largest_dip(line, ceiling=100.0) == largest_dip(line), "a ceiling above every loss changes nothing"
+    with pytest.raises(ValueError, match="ceiling"):
+        largest_dip(line, ceiling=0.05)
+
+
+def test_effective_rank_counts_equal_directions_and_ignores_scale():
+    assert effective_rank(torch.eye(5)) == pytest.approx(5.0)
+    assert effective_rank(1e-6 * torch.eye(5)) == pytest.approx(5.0), "scale-free"
+    assert effective_rank(torch.diag(torch.tensor([1.0, 1.0, 0.0, 0.0]))) == pytest.approx(2.0)
+    assert effective_rank(torch.ones(4, 3)) == pytest.approx(1.0), "rank one"
+    spread = effective_rank(torch.diag(torch.tensor([1.0, 0.1, 0.01])))
+    assert 1.0 < spread < 2.0, "unequal singular values count for less than one direction each"
+    for bad in (torch.ones(3), torch.zeros(3, 3), torch.empty(0, 3), torch.tensor([[1.0, float("nan")]])):
+        with pytest.raises(ValueError):
+            effective_rank(bad)
+
+
+def test_representation_ranks_measure_every_block_input_and_the_head_input():
+    torch.manual_seed(0)
+    model = mlp_network(**MLP, residual=True)
+    inputs = torch.randn(64, 10)
+    ranks = representation_ranks(model, inputs)
+    assert len(ranks) == MLP["depth"] + 1
+    with torch.no_grad():
+        x = model.stem(inputs)
+    assert ranks[0] == pytest.approx(effective_rank(x - x.mean(dim=0)))
+    with torch.no_grad():
+        for f in model.functions:
+            x = x + f(x)
+    assert ranks[-1] == pytest.approx(effective_rank(x - x.mean(dim=0)))
+    with pytest.raises(TypeError):
+        representation_ranks(torch.nn.Linear(10, 3), inputs)
+    with pytest.raises(ValueError, match="two inputs"):
+        representation_ranks(model, inputs[:1])
+
+
+def test_jacobian_ranks_match_the_product_of_the_block_jacobians():
+    torch.manual_seed(0)
+    model = mlp_network(in_features=4, width=6, depth=3, classes=2, residual=True, activation="tanh",
+                        dtype=torch.float64)
+    x = torch.randn(2, 4, dtype=torch.float64)
+    start = model.stem(x[:1]).detach()[0]
+    product = torch.eye(6, dtype=torch.float64)
+    point = start
+    for f in model.functions:
+        block = torch.autograd.functional.jacobian(lambda v, f=f: v + f(v[None])[0], point)
+        product = block @ product
+        point = (point + f(point[None])[0]).detach()
+    ranks = jacobian_ranks(model, x)
+    assert len(ranks) == 2 and ranks[0] == pytest.approx(effective_rank(product))
+    with pytest.raises(ValueError, match="at least one"):
+        jacobian_ranks(model, x[:0])
+
+
+def test_jacobian_rank_collapses_with_depth_in_plain_nets_and_not_in_residual_ones():
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(1))
+    ranks = {}
+    for residual in (False, True):
+        for depth in (1, 12):
+            torch.manual_seed(0)
+            model = mlp_network(in_features=16, width=32, depth=depth, classes=3, residual=residual,
+                                activation="tanh")
+            ranks[residual, depth] = sum(jacobian_ranks(model, x)) / len(x)
+    assert ranks[False, 12] < 0.5 * ranks[False, 1], "a deep plain net's Jacobian degenerates"
+    assert ranks[True, 12] > 0.7 * ranks[True, 1], "the identity path keeps it full"

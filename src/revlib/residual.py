@@ -20,7 +20,9 @@ and the identity in every factor keeps the product from vanishing when the Jacob
 This module builds plain and residual networks that differ *only* in the skip connection (so they have
 identical parameters), can bypass chosen blocks at test time (the lesion study of Veit et al. 2016), and
 measures what the chapter plots: the gradient reaching each block, and slices of the loss surface along
-filter-normalised random directions (Li et al. 2018) with how far each falls again after rising.
+filter-normalised random directions (Li et al. 2018) with how far each falls again after rising, and the
+effective rank of the representations block by block (the degeneracy that Orhan and Pitkow 2018 show skip
+connections remove).
 """
 
 from __future__ import annotations
@@ -42,13 +44,16 @@ __all__ = [
     "GradientFlow",
     "conv_network",
     "deletion_accuracies",
+    "effective_rank",
     "filter_normalized_direction",
     "gradient_flow",
+    "jacobian_ranks",
     "largest_deletion_share",
     "largest_dip",
     "lesion_accuracies",
     "loss_surface",
     "mlp_network",
+    "representation_ranks",
 ]
 
 LossFunction = Callable[[Tensor, Tensor], Tensor]
@@ -414,7 +419,7 @@ def loss_surface(
     return torch.tensor(losses, dtype=torch.float64).reshape([len(c) for c in coordinates])
 
 
-def largest_dip(line: Tensor) -> float:
+def largest_dip(line: Tensor, *, ceiling: float | None = None) -> float:
     r"""How far a 1-D loss slice falls again after rising, walking outward from its lowest point.
 
     From the slice's minimum the loss of a bowl only rises, on both sides. The dip is the largest fall of
@@ -429,14 +434,132 @@ def largest_dip(line: Tensor) -> float:
     and falls back to :math:`l` before it rises again. Measured on the log-loss, a dip is a relative fall
     (0.1: about 10 %) whatever the scale of the loss, so a deep valley and a shallow one compare fairly.
 
+    With a ``ceiling`` the walk on each side stops before the first loss above it: the dip then measures
+    the roughness of the *basin* around the minimum (e.g. where the loss is below chance level,
+    :math:`\ln C` for :math:`C` classes) and ignores what happens far out in the tails.
+
+    Args:
+        line: the losses along the slice.
+        ceiling: stop walking outward at the first loss above this (``None``: walk to the ends).
+
     Raises:
-        ValueError: ``line`` is not 1-D with at least three positive, finite losses.
+        ValueError: ``line`` is not 1-D with at least three positive, finite losses, or ``ceiling`` is
+            not above the slice's lowest loss.
     """
     if line.dim() != 1 or len(line) < 3:
         raise ValueError(f"line must be a 1-D slice of at least 3 losses, got shape {tuple(line.shape)}")
     if not (torch.isfinite(line).all() and (line > 0).all()):
         raise ValueError("line must hold positive, finite losses (a cross-entropy is positive; an overflow is not a loss)")
     lowest = int(line.argmin())
+    if ceiling is not None and not ceiling > line[lowest].item():
+        raise ValueError(f"ceiling must lie above the slice's lowest loss {line[lowest].item():.4g}, got {ceiling}")
     log_loss = line.double().log()
-    dips = [(side.cummax(0).values - side).max() for side in (log_loss[lowest:], log_loss[: lowest + 1].flip(0))]
+    dips = []
+    for side in (log_loss[lowest:], log_loss[: lowest + 1].flip(0)):
+        if ceiling is not None:
+            above = (side > torch.tensor(ceiling, dtype=torch.float64).log()).nonzero()
+            side = side[: int(above[0])] if len(above) else side
+        dips.append((side.cummax(0).values - side).max())
     return max(dips).item()
+
+
+def effective_rank(matrix: Tensor) -> float:
+    r"""The effective rank of a matrix (Roy and Vetterli 2007): the exponential of the entropy of its
+    normalised singular values.
+
+    With singular values :math:`s_1 \ge \dots \ge s_r` and :math:`p_i = s_i / \sum_j s_j`,
+
+    .. math:: \operatorname{erank}(A) = \exp\Big(-\sum_i p_i \log p_i\Big),
+
+    which is :math:`k` for a matrix with :math:`k` equal non-zero singular values and falls towards 1 as
+    one direction dominates. Computed in float64.
+
+    Raises:
+        ValueError: ``matrix`` is not 2-D, is empty, or is zero or not finite.
+    """
+    if matrix.dim() != 2 or matrix.numel() == 0:
+        raise ValueError(f"matrix must be a non-empty 2-D tensor, got shape {tuple(matrix.shape)}")
+    if not torch.isfinite(matrix).all():
+        raise ValueError("matrix must be finite to have an effective rank")
+    singular = torch.linalg.svdvals(matrix.detach().double())
+    if singular.sum() <= 0:
+        raise ValueError("matrix must be finite and non-zero to have an effective rank")
+    p = singular / singular.sum()
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def representation_ranks(model: DeepNetwork, inputs: Tensor) -> list[float]:
+    r"""The effective rank of the centred representation entering each block and the head.
+
+    Runs ``inputs`` through the model without gradients (in its current mode) and records
+    :math:`x_0, \dots, x_L`, the inputs of the :math:`L` blocks and of the head. Each is flattened to a
+    matrix with one row per example, centred over the examples (so a common offset does not count as a
+    direction), and measured with :func:`effective_rank`. In a network whose units respond alike the
+    representation collapses towards low rank (Orhan and Pitkow 2018).
+
+    Returns:
+        :math:`L + 1` effective ranks, from :math:`x_0` (the stem's output) to :math:`x_L`.
+
+    Raises:
+        TypeError: ``model`` is not a :class:`DeepNetwork`.
+        ValueError: fewer than two inputs.
+    """
+    if not isinstance(model, DeepNetwork):
+        raise TypeError(f"model must be a DeepNetwork (from mlp_network or conv_network), got {type(model).__name__}")
+    if len(inputs) < 2:
+        raise ValueError(f"give at least two inputs to centre the representations, got {len(inputs)}")
+    captured: list[Tensor] = []
+    modules = [*model.functions, model.head]
+    handles = [m.register_forward_pre_hook(lambda _, args: captured.append(args[0].detach())) for m in modules]
+    try:
+        with torch.no_grad():
+            model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    ranks = []
+    for x in captured:
+        flat = x.flatten(1)
+        ranks.append(effective_rank(flat - flat.mean(dim=0)))
+    return ranks
+
+
+def jacobian_ranks(model: DeepNetwork, inputs: Tensor) -> list[float]:
+    r"""The effective rank of the blocks' input–output Jacobian at each of ``inputs``.
+
+    For every example the stem's output :math:`x_0` is computed and the Jacobian of the map through all
+    blocks, :math:`\partial x_L / \partial x_0` (a product of the blocks' Jacobians
+    :math:`J_{L-1}\cdots J_0`, or of :math:`(I + J_k)` with shortcuts), is measured with
+    :func:`effective_rank`. The effective rank ignores the Jacobian's size: a product of random
+    matrices whose singular values spread apart collapses towards rank 1 even when it is rescaled, the
+    degeneracy that Orhan and Pitkow (2018) find in deep plain networks and not in residual ones. The model
+    runs in eval mode (BatchNorm with its running statistics) on one example at a time; its mode is
+    restored afterwards.
+
+    Returns:
+        One effective rank per example, in the order of ``inputs``.
+
+    Raises:
+        TypeError: ``model`` is not a :class:`DeepNetwork`.
+        ValueError: ``inputs`` is empty.
+    """
+    if not isinstance(model, DeepNetwork):
+        raise TypeError(f"model must be a DeepNetwork (from mlp_network or conv_network), got {type(model).__name__}")
+    if len(inputs) == 0:
+        raise ValueError("give at least one input")
+
+    def through_blocks(x: Tensor) -> Tensor:
+        x = x[None]
+        for f in model.functions:
+            x = x + f(x) if model.residual else f(x)
+        return x[0]
+
+    ranks = []
+    with evaluation_mode(model):
+        with torch.no_grad():
+            starts = model.stem(inputs)
+        for start in starts:
+            jacobian = torch.func.jacrev(through_blocks)(start)
+            ranks.append(effective_rank(jacobian.reshape(start.numel(), start.numel())))
+    return ranks
