@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 from revlib.backprop import MLP
-from revlib.linear_backprop import LinearBackprop, SignSTE, convert_to_linear_backprop, linear_backprop_cosines, sign_ste
+from revlib.data import DataSplits
+from revlib.linear_backprop import (
+    LinearBackprop,
+    SignSTE,
+    convert_to_linear_backprop,
+    linear_backprop_cosines,
+    sign_ste,
+    train_full_batch,
+)
+from revlib.verify import cosine_similarity
 
 ACTIVATIONS = [nn.ReLU(), nn.Sigmoid(), nn.Tanh(), nn.GELU(), nn.LeakyReLU(0.1), torch.tanh, torch.sigmoid]
 
@@ -190,3 +201,101 @@ def test_linear_backprop_cosines_per_layer() -> None:
     for example in range(8):  # Exercise 2: one example, the layer below the output: never negative
         one = MLP([6, 16, 3], "tanh", seed=example, dtype=torch.float64)
         assert linear_backprop_cosines(one, x[example : example + 1], y[example : example + 1])[0] >= 0
+
+
+def _five_points(dtype=torch.float64):
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(5, 4, generator=generator, dtype=dtype), torch.rand(5, 1, generator=generator, dtype=dtype)
+
+
+@pytest.mark.parametrize("linear", [False, True])
+def test_train_full_batch_equals_one_network_at_a_time_with_train_sgd(linear: bool) -> None:
+    """K networks trained side by side follow exactly the steps MLP.train_sgd takes for each one alone."""
+    x, y = _five_points()
+    data = DataSplits("five", x, y, x, y, classes=1)
+    together = [MLP([4, 8, 8, 1], "sigmoid", seed=k, dtype=torch.float64) for k in range(3)]
+    alone = [MLP([4, 8, 8, 1], "sigmoid", linear_backprop=linear, seed=k, dtype=torch.float64) for k in range(3)]
+    run = train_full_batch(together, x, y, 20, update="linear" if linear else "backprop", learning_rate=0.3)
+    assert run.loss.shape == (21, 3) and run.descent.shape == (20, 3) and run.scale.shape == (20, 3, 3)
+    for network, reference in zip(together, alone):
+        history = reference.train_sgd(data, 20, learning_rate=0.3, batch_size=5, loss="squared", progress=False)
+        for a, b in zip(network.tensors(), reference.tensors()):
+            torch.testing.assert_close(a, b)
+        k = together.index(network)
+        torch.testing.assert_close(run.loss[:20, k], torch.tensor(history.train_loss, dtype=torch.float64))
+    if not linear:
+        torch.testing.assert_close(run.descent, torch.ones(20, 3, dtype=torch.float64), msg="the gradient descends")
+
+
+def test_rescaled_update_is_the_gradient_with_linear_backprops_layer_lengths() -> None:
+    x, y = _five_points()
+    network = MLP([4, 8, 8, 1], "sigmoid", seed=1, dtype=torch.float64)
+    before = [tensor.clone() for tensor in network.tensors()]
+    _, exact = copy_with_rule(network, False).gradients(x, y, "squared")
+    _, linear = copy_with_rule(network, True).gradients(x, y, "squared")
+    run = train_full_batch([network], x, y, 1, update="rescaled", learning_rate=0.1)
+    for layer in range(network.depth):
+        pair = [exact.weights[layer], exact.biases[layer]]
+        length = torch.cat([linear.weights[layer].flatten(), linear.biases[layer]]).norm()
+        ratio = length / torch.cat([t.flatten() for t in pair]).norm()
+        assert run.scale[0, 0, layer].item() == pytest.approx(ratio.item())
+        torch.testing.assert_close(network.weights[layer], before[2 * layer] - 0.1 * ratio * exact.weights[layer])
+    assert run.scale[0, 0, -1].item() == pytest.approx(1.0), "the output layer's update is the same under both rules"
+    assert all(run.scale[0, 0, layer] > 4 for layer in range(network.depth - 1)), "σ' ≤ 1/4: linear steps are longer"
+    assert 0 < run.descent[0, 0].item() < 1, "positive per-layer factors keep a descent direction, turned"
+
+
+def test_train_full_batch_with_adam_and_the_whole_update_cosine() -> None:
+    x, y = _five_points()
+    networks = [MLP([4, 8, 8, 1], "sigmoid", seed=k, dtype=torch.float64) for k in range(2)]
+    run = train_full_batch(networks, x, y, 300, update="backprop", learning_rate=1e-2, optimizer="adam")
+    assert (run.loss[-1] < 0.1 * run.loss[0]).all(), "Adam fits the points"
+    linear = [MLP([4, 8, 8, 1], "sigmoid", seed=k, dtype=torch.float64) for k in range(2)]
+    first = train_full_batch(linear, x, y, 1, update="linear", learning_rate=0.1)
+    fresh = MLP([4, 8, 8, 1], "sigmoid", seed=0, dtype=torch.float64)
+    _, exact = copy_with_rule(fresh, False).gradients(x, y, "squared")
+    _, approximate = copy_with_rule(fresh, True).gradients(x, y, "squared")
+    whole = cosine_similarity(torch.cat([t.flatten() for t in approximate.tensors()]),
+                              torch.cat([t.flatten() for t in exact.tensors()]))
+    assert first.descent[0, 0].item() == pytest.approx(whole)
+
+
+def test_train_full_batch_fits_exactly_without_nans_and_restores_threads() -> None:
+    x, y = _five_points()
+    network = MLP([4, 1], "sigmoid", seed=0, dtype=torch.float64)  # one linear layer: least squares, loss → 0
+    threads = torch.get_num_threads()
+    run = train_full_batch([network], torch.zeros(5, 4, dtype=torch.float64), torch.zeros(5, 1, dtype=torch.float64),
+                           3, update="rescaled", learning_rate=0.1)
+    assert torch.get_num_threads() == threads
+    assert run.loss.max().item() == 0 and run.descent.isnan().all() and (run.scale == 1).all()
+
+
+def test_train_full_batch_rejects_bad_input() -> None:
+    x, y = _five_points()
+    network = MLP([4, 8, 1], "sigmoid", dtype=torch.float64)
+    with pytest.raises(ValueError, match="at least one"):
+        train_full_batch([], x, y, 1, update="linear", learning_rate=0.1)
+    with pytest.raises(TypeError, match="MLP"):
+        train_full_batch([nn.Linear(4, 1)], x, y, 1, update="linear", learning_rate=0.1)  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="same sizes"):
+        train_full_batch([network, MLP([4, 9, 1], "sigmoid")], x, y, 1, update="linear", learning_rate=0.1)
+    with pytest.raises(ValueError, match="weight decay"):
+        train_full_batch([MLP([4, 8, 1], weight_decay=0.1)], x, y, 1, update="linear", learning_rate=0.1)
+    with pytest.raises(ValueError, match="update"):
+        train_full_batch([network], x, y, 1, update="sideways", learning_rate=0.1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="optimizer"):
+        train_full_batch([network], x, y, 1, update="linear", learning_rate=0.1, optimizer="sgd")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="steps"):
+        train_full_batch([network], x, y, 0, update="linear", learning_rate=0.1)
+    with pytest.raises(ValueError, match="learning_rate"):
+        train_full_batch([network], x, y, 1, update="linear", learning_rate=0.0)
+    with pytest.raises(ValueError, match="targets"):
+        train_full_batch([network], x, y[:, 0], 1, update="linear", learning_rate=0.1)
+    with pytest.raises(ValueError, match="inputs"):
+        train_full_batch([network], x[:, :3], y, 1, update="linear", learning_rate=0.1)
+
+
+def copy_with_rule(network: MLP, linear: bool) -> MLP:
+    view = copy.copy(network)
+    view.linear_backprop = linear
+    return view

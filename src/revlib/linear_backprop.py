@@ -27,8 +27,9 @@ the two rules' weight gradients layer by layer on the hand-written MLP of :mod:`
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -39,12 +40,15 @@ from revlib.verify import cosine_similarity
 
 __all__ = [
     "ELEMENTWISE_ACTIVATIONS",
+    "FullBatchRun",
     "LinearBackprop",
     "SignSTE",
+    "UpdateRule",
     "binary_network",
     "convert_to_linear_backprop",
     "linear_backprop_cosines",
     "sign_ste",
+    "train_full_batch",
 ]
 
 ELEMENTWISE_ACTIVATIONS: tuple[type[nn.Module], ...] = (
@@ -252,3 +256,188 @@ def linear_backprop_cosines(network: MLP, inputs: Tensor, targets: Tensor, loss:
         view.linear_backprop = linear
         by_rule[linear] = view.backward(cache, output_gradient).weights
     return [cosine_similarity(approximate, exact) for approximate, exact in zip(by_rule[True], by_rule[False])]
+
+
+UpdateRule = Literal["backprop", "linear", "rescaled"]
+"""What :func:`train_full_batch` steps along: the gradient, linear backprop's update, or the gradient with
+each layer rescaled to the length of linear backprop's update."""
+
+
+@dataclass
+class FullBatchRun:
+    r"""The record of :func:`train_full_batch` for :math:`K` networks trained side by side.
+
+    Attributes:
+        loss: ``(steps + 1, K)``, the squared loss :math:`L` of every network before each step and after the last.
+        descent: ``(steps, K)``, the cosine between each step's update direction :math:`u` (before the
+            optimizer's rescaling) and the true gradient :math:`g` over all parameters at once,
+            :math:`\langle u, g\rangle / (\lVert u\rVert \lVert g\rVert)`; positive means the update descends for
+            small enough steps.
+        scale: ``(steps, K, L)``, per layer :math:`\lVert \tilde G_l\rVert / \lVert G_l\rVert`, the length of linear
+            backprop's update of layer :math:`l` (weights and bias together) over the gradient's.
+    """
+
+    loss: Tensor
+    descent: Tensor
+    scale: Tensor
+
+
+def _stacked_backward(
+    weights: list[Tensor], cache: list[Tensor], delta: Tensor, derivative: Callable[[Tensor], Tensor] | None
+) -> list[Tensor]:
+    """Weight and bias gradients ``[W_1, b_1, ...]`` of K stacked networks, (K, ...) each; no σ' when derivative is None."""
+    gradients: list[Tensor] = [torch.empty(0)] * (2 * len(weights))
+    for layer in reversed(range(len(weights))):
+        gradients[2 * layer] = delta.transpose(1, 2) @ cache[layer]  # δ_lᵀ h_{l-1}, (K, n_l, n_{l-1})
+        gradients[2 * layer + 1] = delta.sum(dim=1)  # 1ᵀ δ_l, (K, n_l)
+        if layer > 0:
+            delta = delta @ weights[layer]  # δ_l W_l, (K, B, n_{l-1})
+            if derivative is not None:
+                delta = delta * derivative(cache[layer])  # ⊙ σ'(z_{l-1})
+    return gradients
+
+
+def train_full_batch(
+    networks: Sequence[MLP],
+    inputs: Tensor,
+    targets: Tensor,
+    steps: int,
+    *,
+    update: UpdateRule,
+    learning_rate: float,
+    optimizer: Literal["gd", "adam"] = "gd",
+) -> FullBatchRun:
+    r"""Train :math:`K` hand-written MLPs of one shape side by side, full batch, on the squared loss
+    :math:`L = \tfrac{1}{2B}\sum_b \lVert o_b - y_b\rVert^2`, and write the trained weights back into them.
+
+    Every step computes both the true gradient :math:`G_l = \partial L/\partial W_l` (and of :math:`b_l`) and linear
+    backprop's update :math:`\tilde G_l` (the recursion without :math:`\sigma'`), then steps along
+
+    * ``update="backprop"``: :math:`G_l`;
+    * ``update="linear"``: :math:`\tilde G_l`;
+    * ``update="rescaled"``: :math:`(\lVert \tilde G_l\rVert / \lVert G_l\rVert)\, G_l`, the gradient's direction
+      in every layer with linear backprop's length in that layer (norms over :math:`W_l` and :math:`b_l`
+      together). It separates the two things dropping :math:`\sigma'` changes: the direction, and the
+      per-layer step size (with sigmoid units :math:`\sigma' \le 1/4`, so linear backprop's lower layers
+      take larger steps).
+
+    ``optimizer="gd"`` takes :math:`\theta \leftarrow \theta - \eta\,u`; ``"adam"`` hands :math:`u` to
+    ``torch.optim.Adam`` (its defaults, learning rate :math:`\eta`), one independent optimizer state per
+    network. The networks' own ``linear_backprop`` flags are ignored: ``update`` decides.
+
+    Args:
+        networks: MLPs with equal ``sizes``, activation, device and dtype, and no weight decay.
+        inputs: ``(B, n_0)``.
+        targets: ``(B, n_L)``.
+        steps: the number of steps, at least 1.
+        update: ``"backprop"``, ``"linear"`` or ``"rescaled"``.
+        learning_rate: :math:`\eta > 0`.
+        optimizer: ``"gd"`` or ``"adam"``.
+
+    Returns:
+        The losses, descent cosines and per-layer length ratios along training (:class:`FullBatchRun`).
+
+    Raises:
+        ValueError: no networks, networks of different shapes or with weight decay, bad shapes, a bad
+            ``update``, ``optimizer``, ``steps`` or ``learning_rate``.
+        TypeError: an element of ``networks`` is not an :class:`~revlib.backprop.MLP`.
+    """
+    if len(networks) == 0:
+        raise ValueError("networks must hold at least one MLP")
+    if not all(isinstance(network, MLP) for network in networks):
+        raise TypeError("networks must be revlib.backprop.MLP objects")
+    first = networks[0]
+    if any(n.sizes != first.sizes or n.activation is not first.activation for n in networks):
+        raise ValueError("all networks must have the same sizes and activation")
+    if any(n.weight_decay != 0 for n in networks):
+        raise ValueError("train_full_batch has no weight decay: build the networks with weight_decay=0")
+    if update not in ("backprop", "linear", "rescaled"):
+        raise ValueError(f"update must be 'backprop', 'linear' or 'rescaled', got {update!r}")
+    if optimizer not in ("gd", "adam"):
+        raise ValueError(f"optimizer must be 'gd' or 'adam', got {optimizer!r}")
+    if int(steps) != steps or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps}")
+    if not learning_rate > 0:
+        raise ValueError(f"learning_rate must be positive, got {learning_rate}")
+    first._check_inputs(inputs)
+    if targets.shape != (inputs.shape[0], first.sizes[-1]):
+        raise ValueError(f"targets must have shape ({inputs.shape[0]}, {first.sizes[-1]}), got {tuple(targets.shape)}")
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tensors of a few hundred numbers: threads only add synchronisation
+    try:
+        return _train_full_batch(networks, inputs, targets, int(steps), update, learning_rate, optimizer)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_full_batch(
+    networks: Sequence[MLP], inputs: Tensor, targets: Tensor, steps: int, update: UpdateRule, learning_rate: float,
+    optimizer: str,
+) -> FullBatchRun:
+    first = networks[0]
+    depth, batch = first.depth, inputs.shape[0]
+    parameters = [torch.stack([n.tensors()[i] for n in networks]) for i in range(2 * depth)]  # (K, ...) each
+    adam = torch.optim.Adam(parameters, lr=learning_rate) if optimizer == "adam" else None
+    losses, descents, scales = [], [], []
+    x = inputs.to(parameters[0].dtype).expand(len(networks), *inputs.shape)  # (K, B, n_0)
+    y = targets.to(parameters[0].dtype)
+    for step in range(steps + 1):
+        cache, h = [], x
+        for layer in range(depth):
+            cache.append(h)  # h_{l-1}
+            z = h @ parameters[2 * layer].transpose(1, 2) + parameters[2 * layer + 1].unsqueeze(1)
+            h = z if layer == depth - 1 else first.activation.forward(z)
+        residual = h - y  # (K, B, n_L)
+        losses.append(0.5 * residual.pow(2).sum(dim=(1, 2)) / batch)
+        if step == steps:
+            break
+        delta = residual / batch  # δ_L = ∂L/∂o
+        exact = _stacked_backward(parameters[0::2], cache, delta, first.activation.derivative_from_output)
+        linear = _stacked_backward(parameters[0::2], cache, delta, None)
+        scale = torch.stack([_ratio(_pair_norm(linear, layer), _pair_norm(exact, layer)) for layer in range(depth)], dim=1)
+        if update == "backprop":
+            direction = exact
+        elif update == "linear":
+            direction = linear
+        else:  # the gradient, each layer (weights and bias) stretched by linear backprop's length ratio
+            direction = [g * _broadcast(scale[:, i // 2], g) for i, g in enumerate(exact)]
+        descents.append(_cosine_per_network(direction, exact))
+        scales.append(scale)
+        with torch.no_grad():
+            if adam is None:
+                for parameter, u in zip(parameters, direction):
+                    parameter.sub_(learning_rate * u)
+            else:
+                for parameter, u in zip(parameters, direction):
+                    parameter.grad = u
+                adam.step()
+    with torch.no_grad():
+        for k, network in enumerate(networks):
+            for tensor, stacked in zip(network.tensors(), parameters):
+                tensor.copy_(stacked[k])
+    return FullBatchRun(torch.stack(losses), torch.stack(descents), torch.stack(scales))
+
+
+def _pair_norm(gradients: list[Tensor], layer: int) -> Tensor:
+    """‖(∂/∂W_l, ∂/∂b_l)‖ per network, (K,)."""
+    weight, bias = gradients[2 * layer], gradients[2 * layer + 1]
+    return (weight.pow(2).sum(dim=(1, 2)) + bias.pow(2).sum(dim=1)).sqrt()
+
+
+def _ratio(numerator: Tensor, denominator: Tensor) -> Tensor:
+    """numerator / denominator, and 1 where both vanish (a network that fits its data exactly takes no step)."""
+    return torch.where(denominator > 0, numerator / denominator.clamp_min(torch.finfo(denominator.dtype).tiny), 1.0)
+
+
+def _broadcast(per_network: Tensor, like: Tensor) -> Tensor:
+    return per_network.reshape(-1, *[1] * (like.dim() - 1))
+
+
+def _cosine_per_network(a: list[Tensor], b: list[Tensor]) -> Tensor:
+    """cos∠(a, b) over all parameters of each network, (K,)."""
+    inner = sum((u * v).flatten(1).sum(dim=1) for u, v in zip(a, b))
+    norm_a = sum(u.pow(2).flatten(1).sum(dim=1) for u in a).sqrt()
+    norm_b = sum(v.pow(2).flatten(1).sum(dim=1) for v in b).sqrt()
+    norms = norm_a * norm_b
+    return torch.where(norms > 0, inner / norms.clamp_min(torch.finfo(norms.dtype).tiny), float("nan"))
