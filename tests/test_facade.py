@@ -19,7 +19,7 @@ INFRASTRUCTURE = (
 )
 CHAPTERS = (
     "backprop", "residual", "reversible", "adjoint", "reversible_heun", "linear_backprop", "checkpoint", "momentum",
-    "frontier", "planner",
+    "pytorch_tools", "frontier", "planner",
 )  # book order
 
 

@@ -33,7 +33,7 @@ __version__ = "0.1.0"
 
 _SUBMODULES = (
     "adjoint", "analysis", "backprop", "blocks", "checkpoint", "claims", "data", "frontier", "linear_backprop",
-    "measure", "momentum", "planner", "plotting", "residual", "reversible", "reversible_heun", "runtime",
+    "measure", "momentum", "planner", "plotting", "pytorch_tools", "residual", "reversible", "reversible_heun", "runtime",
     "settings", "timeline", "training", "verify",
 )
 

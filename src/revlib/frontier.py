@@ -18,6 +18,18 @@ optimiser step) under each:
 * ``reversible heun`` — :class:`~revlib.reversible_heun.ReversibleHeunResNet` over the same ``depth``
   functions (``depth − 1`` steps), exact gradients from the final states.
 
+With ``pytorch=True``, PyTorch's own tools (:mod:`revlib.pytorch_tools`) on the same residual blocks:
+
+* ``torch every`` — ``torch.utils.checkpoint.checkpoint`` around every block;
+* ``torch sequential`` — ``checkpoint_sequential`` with as many segments as the ``sqrt`` schedule has
+  (:math:`\lceil\sqrt N\,\rceil`), its last segment not checkpointed, as PyTorch runs it;
+* ``SAC matmuls``, ``SAC matmul+norm`` — selective activation checkpointing of every block, keeping the
+  convolutions' (matrix products') outputs, and the normalisations' too;
+* ``compile b`` for each ``b`` in ``budgets`` — the plain classifier under ``torch.compile`` with the
+  partitioner's activation memory budget ``b`` (:class:`~revlib.pytorch_tools.BudgetCompiled`);
+* ``bf16 autocast`` — the plain classifier under bfloat16 autocast;
+* ``micro-batch 4`` — the plain classifier, the batch in four parts with the gradients accumulated.
+
 Each row gives the memory of a steady-state step by category, measured by PyTorch's memory profiler
 (:func:`revlib.measure.step_memory`: parameters, gradients, optimiser state, activations, the temporaries
 at the peak, and the peak), the median time of the step
@@ -32,7 +44,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -45,15 +57,16 @@ from revlib.adjoint import ODEResNet
 from revlib.blocks import ResidualBlock, conv_residual, mlp_residual
 from revlib.checkpoint import CheckpointedSequence, Offloaded
 from revlib.data import load_digits
-from revlib.measure import StepMemory, compare_times, count_calls, step_memory
+from revlib.measure import StepMemory, compare_times, step_memory
 from revlib.momentum import MomentumSequence
+from revlib.pytorch_tools import Autocast, BudgetCompiled, SelectiveCheckpointed, TorchCheckpointed
 from revlib.reversible import ReversibleBlock, ReversibleSequence
 from revlib.reversible_heun import ReversibleHeunResNet
 from revlib.runtime import resolve_device
 from revlib.training import OPTIMIZERS, make_optimizer, training_step
 from revlib.verify import relative_error
 
-__all__ = ["FAMILIES", "FrontierRow", "MethodNetwork", "format_table", "frontier", "methods", "residual_function"]
+__all__ = ["FAMILIES", "FrontierRow", "MethodNetwork", "format_ratios", "format_table", "frontier", "methods", "residual_function"]
 
 FAMILIES = ("mlp", "conv")
 
@@ -80,17 +93,21 @@ class MethodNetwork:
         model: stem → the method's stack → head.
         exact: the same modules (shared, so the same weights) differentiated by ordinary backprop: the
             reference of the gradient error.
-        functions: the residual functions, whose evaluations count the recomputation.
+        functions: the residual functions, whose evaluations count the recomputation (empty where a
+            compiled graph runs them, out of reach of module hooks).
+        micro_batches: the parts of the batch whose gradients a training step accumulates (1: the whole).
     """
 
     model: nn.Module
     exact: nn.Module
     functions: list[nn.Module]
+    micro_batches: int = 1
 
     def gradient_error(self, inputs: Tensor, targets: Tensor) -> float:
         r"""The relative error :math:`\lVert g - g^\star \rVert / \lVert g^\star \rVert` of the method's parameter
-        gradient :math:`g` of the cross-entropy against :attr:`exact`'s :math:`g^\star`, at the current weights."""
-        return relative_error(_gradients(self.model, inputs, targets), _gradients(self.exact, inputs, targets))
+        gradient :math:`g` of the cross-entropy (accumulated over :attr:`micro_batches` parts) against
+        :attr:`exact`'s :math:`g^\star` on the whole batch, at the current weights."""
+        return relative_error(_gradients(self.model, inputs, targets, self.micro_batches), _gradients(self.exact, inputs, targets))
 
 
 def residual_function(family: str, width: int, hidden: int | None = None) -> nn.Module:
@@ -113,13 +130,21 @@ def _classifier(family: str, width: int, stack: nn.Module, inputs: int, classes:
 
 
 def methods(family: str, depth: int, width: int, device: torch.device | str | None = None, *, inputs: int | None = None,
-            classes: int = 10) -> dict[str, Callable[[], MethodNetwork]]:
+            classes: int = 10, pytorch: bool = False, budgets: Sequence[float] = ()) -> dict[str, Callable[[], MethodNetwork]]:
     """The methods, by name, each a builder of its :class:`MethodNetwork` (initialised from the current seed).
 
     The classifiers take ``inputs`` features (``"mlp"``; 64 by default, the flat digits) or image channels
     (``"conv"``; 1 by default) and give ``classes`` scores. ``offload`` is among them only on CUDA.
-    ``device=None`` means :func:`revlib.runtime.default_device`.
+    ``device=None`` means :func:`revlib.runtime.default_device`. ``pytorch=True`` adds PyTorch's tools
+    (the module's docstring lists them), ``budgets`` the compiled classifiers, one per activation memory
+    budget in [0, 1].
+
+    Raises:
+        ValueError: a budget outside [0, 1].
     """
+    for budget in budgets:
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget <= 1:
+            raise ValueError(f"every budget must be a number in [0, 1], got {budget!r}")
     inputs = (64 if family == "mlp" else 1) if inputs is None else inputs
     device = resolve_device(device)
 
@@ -155,12 +180,12 @@ def methods(family: str, depth: int, width: int, device: torch.device | str | No
                                  ODEResNet(*functions, scheme=scheme, memory_saving=False), functions)  # type: ignore[arg-type]
         return build
 
-    budgets = sorted({2, max(2, math.ceil(math.log2(depth)))})
+    slots = sorted({2, max(2, math.ceil(math.log2(depth)))})
     stacks: dict[str, Callable[[], MethodNetwork]] = {
         "backprop": blocks_in(lambda blocks: nn.Sequential(*blocks)),
         "checkpoint every": blocks_in(lambda blocks: CheckpointedSequence(*blocks, schedule="every")),
         "checkpoint sqrt": blocks_in(lambda blocks: CheckpointedSequence(*blocks, schedule="sqrt")),
-        **{f"revolve-{s}": blocks_in(lambda blocks, s=s: CheckpointedSequence(*blocks, schedule="revolve", slots=s)) for s in budgets},
+        **{f"revolve-{s}": blocks_in(lambda blocks, s=s: CheckpointedSequence(*blocks, schedule="revolve", slots=s)) for s in slots},
         "reversible": reversible,
         "momentum": momentum,
         "adjoint euler": adjoint("euler"),
@@ -169,6 +194,12 @@ def methods(family: str, depth: int, width: int, device: torch.device | str | No
     }
     if device.type == "cuda":
         stacks["offload"] = blocks_in(lambda blocks: Offloaded(*blocks))
+    if pytorch:
+        segments = math.ceil(depth / math.ceil(depth / math.ceil(math.sqrt(depth))))  # the sqrt schedule's
+        stacks["torch every"] = blocks_in(lambda blocks: TorchCheckpointed(*blocks))
+        stacks["torch sequential"] = blocks_in(lambda blocks: TorchCheckpointed(*blocks, segments=segments))
+        stacks["SAC matmuls"] = blocks_in(lambda blocks: SelectiveCheckpointed(*blocks, policy="matmuls"))
+        stacks["SAC matmul+norm"] = blocks_in(lambda blocks: SelectiveCheckpointed(*blocks, policy="matmuls and norms"))
 
     def classified(build: Callable[[], MethodNetwork]) -> Callable[[], MethodNetwork]:
         def build_classifier() -> MethodNetwork:
@@ -178,17 +209,50 @@ def methods(family: str, depth: int, width: int, device: torch.device | str | No
             return MethodNetwork(model, exact, network.functions)
         return build_classifier
 
-    return {name: classified(build) for name, build in stacks.items()}
+    def whole(wrap: Callable[[nn.Module], nn.Module], micro_batches: int = 1, counted: bool = True) -> Callable[[], MethodNetwork]:
+        def build_wrapped() -> MethodNetwork:  # the plain classifier, wrapped whole
+            network = classified(stacks["backprop"])()
+            return MethodNetwork(wrap(network.exact), network.exact, network.functions if counted else [], micro_batches)
+        return build_wrapped
+
+    built = {name: classified(build) for name, build in stacks.items()}
+    if pytorch:
+        built["bf16 autocast"] = whole(Autocast)
+        built["micro-batch 4"] = whole(lambda model: model, micro_batches=4)
+    for budget in budgets:
+        built[f"compile {budget:g}"] = whole(lambda model, budget=budget: BudgetCompiled(model, budget), counted=False)
+    return built
 
 
-def _gradients(model: nn.Module, inputs: Tensor, targets: Tensor) -> list[Tensor]:
+def _evaluations(modules: list[nn.Module], fn: Callable[..., object], *args: object) -> int:
+    """Evaluations of ``modules`` begun during ``fn(*args)``, counted by forward pre-hooks: PyTorch's
+    checkpoint stops a recomputation once it has rebuilt the last tensor the backward pass needs, before the
+    module's forward returns, so hooks on its end would miss it."""
+    calls = 0
+
+    def count(*_: object) -> None:
+        nonlocal calls
+        calls += 1
+
+    hooks = [module.register_forward_pre_hook(count) for module in modules]
+    try:
+        fn(*args)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return calls
+
+
+def _gradients(model: nn.Module, inputs: Tensor, targets: Tensor, micro_batches: int = 1) -> list[Tensor]:
     model.zero_grad()
-    F.cross_entropy(model(inputs), targets).backward()
+    for part, labels in zip(inputs.tensor_split(micro_batches), targets.tensor_split(micro_batches)):
+        (F.cross_entropy(model(part), labels) * (len(part) / len(inputs))).backward()
     return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
 
 
 def frontier(family: str = "conv", depth: int = 16, width: int = 32, batch: int = 64, *, optimizer: str = "adam",
-             device: torch.device | str | None = None, repeats: int = 3, seed: int = 0, progress: bool = True) -> list[FrontierRow]:
+             device: torch.device | str | None = None, repeats: int = 3, seed: int = 0, progress: bool = True,
+             pytorch: bool = False, budgets: Sequence[float] = ()) -> list[FrontierRow]:
     """One training step of every method on ``batch`` digits; a :class:`FrontierRow` per method.
 
     The gradient error is measured first, at the weights every method starts from; the timing and the
@@ -205,9 +269,13 @@ def frontier(family: str = "conv", depth: int = 16, width: int = 32, batch: int 
         repeats: rounds of the timing (methods timed in turns).
         seed: initialises every method's network alike.
         progress: show a progress bar over the methods.
+        pytorch: add PyTorch's tools on the same blocks (:func:`methods`).
+        budgets: activation memory budgets of ``torch.compile``'s partitioner, one compiled row each (its
+            recomputation is not counted: ``nan``).
 
     Raises:
-        ValueError: an unknown family or optimiser, a size that is not positive, or an odd width.
+        ValueError: an unknown family or optimiser, a size that is not positive, an odd width, or a budget
+            outside [0, 1].
     """
     positive_integers(depth=depth, width=width, batch=batch, repeats=repeats)
     if width % 2:
@@ -218,19 +286,22 @@ def frontier(family: str = "conv", depth: int = 16, width: int = 32, batch: int 
     inputs, targets = digits.x_train[:batch].clone(), digits.y_train[:batch].clone()
     networks = {}
     with torch.random.fork_rng(devices=[]):  # the networks are built on the CPU; the caller's stream is left alone
-        for name, build in methods(family, depth, width, device).items():
+        for name, build in methods(family, depth, width, device, pytorch=pytorch, budgets=budgets).items():
             torch.default_generator.manual_seed(seed)
             networks[name] = build()
     errors = {name: network.gradient_error(inputs, targets) for name, network in networks.items()}  # before the timed steps train them
-    steps = {name: functools.partial(training_step, network.model, inputs, targets, make_optimizer(optimizer, network.model.parameters()))
-             for name, network in networks.items()}
+    steps = {name: functools.partial(training_step, network.model, inputs, targets, make_optimizer(optimizer, network.model.parameters()),
+                                     micro_batches=network.micro_batches) for name, network in networks.items()}
     times = {name: timing.median for name, timing in compare_times(steps, repeats=repeats, device=device).items()}
     rows = []
     for name, network in tqdm(networks.items(), desc="frontier", disable=not progress):
         model = network.model
-        calls = count_calls(network.functions, _gradients, model, inputs, targets)
-        memory = step_memory(model, inputs, targets, optimizer)  # a steady-state step
-        rows.append(FrontierRow(name, memory, times[name], errors[name], calls / len(network.functions) - 1))
+        recomputations = math.nan  # a compiled graph's evaluations are out of the hooks' reach
+        if network.functions:
+            calls = _evaluations(network.functions, _gradients, model, inputs, targets, network.micro_batches)
+            recomputations = calls / (len(network.functions) * network.micro_batches) - 1
+        memory = step_memory(model, inputs, targets, optimizer, micro_batches=network.micro_batches)  # a steady-state step
+        rows.append(FrontierRow(name, memory, times[name], errors[name], recomputations))
     return rows
 
 
@@ -245,4 +316,22 @@ def format_table(rows: list[FrontierRow]) -> str:
         mib = [value / 2**20 for value in categories]
         lines.append(f"{row.method:>16} " + " ".join(f"{value:8.2f}" for value in mib)
                      + f" {row.seconds * 1e3:8.1f} {row.gradient_error:9.1e} {row.recomputations:7.2f}")
+    return "\n".join(lines)
+
+
+def format_ratios(rows: list[FrontierRow], reference: str = "backprop") -> str:
+    """The rows as ratios to the ``reference`` row of the same run: peak and time (each method's over the
+    reference's), with the gradient error and the recomputations per function.
+
+    Raises:
+        ValueError: no row named ``reference``.
+    """
+    found = {row.method: row for row in rows}
+    if reference not in found:
+        raise ValueError(f"reference must name one of the rows {sorted(found)}, got {reference!r}")
+    base = found[reference]
+    lines = [f"{'method':>16} {'peak MiB':>9} {'peak ×':>7} {'time ×':>7} {'grad err':>9} {'recomp':>7}"]
+    for row in rows:
+        lines.append(f"{row.method:>16} {row.memory.peak / 2**20:9.2f} {row.memory.peak / base.memory.peak:7.2f} "
+                     f"{row.seconds / base.seconds:7.2f} {row.gradient_error:9.1e} {row.recomputations:7.2f}")
     return "\n".join(lines)

@@ -481,14 +481,16 @@ def _first_step(model: nn.Module, inputs: Tensor, targets: Tensor, optimizer: st
     model.zero_grad(set_to_none=True)
 
 
-def step_memory(model: nn.Module, inputs: Tensor, targets: Tensor, optimizer: str = "adam", *, first_step: bool = False) -> StepMemory:
+def step_memory(model: nn.Module, inputs: Tensor, targets: Tensor, optimizer: str = "adam", *, first_step: bool = False,
+                micro_batches: int = 1) -> StepMemory:
     """The memory bill of one training step of ``model`` on a batch, measured by category.
 
     By default a steady-state step: an optimiser that persists from step to step (its state already there)
     and the gradients released at the start of each step, as a training loop's ``zero_grad()`` does. With
     ``first_step=True`` the step of a fresh optimiser, which allocates its state *after* the activations are
     freed (Adam's first step), so its peak can be lower than training's. The model is trained by the two steps
-    the measurement runs (a warm-up and the measured one).
+    the measurement runs (a warm-up and the measured one). ``micro_batches > 1``: a steady-state step that
+    accumulates the gradients of that many parts of the batch (:func:`revlib.training.training_step`).
 
     Raises:
         ValueError: an unknown optimiser.
@@ -497,7 +499,8 @@ def step_memory(model: nn.Module, inputs: Tensor, targets: Tensor, optimizer: st
     if first_step:
         timeline = memory_timeline(_first_step, model, inputs, targets, optimizer)
     else:
-        timeline = memory_timeline(training_step, model, inputs, targets, make_optimizer(optimizer, model.parameters()))
+        timeline = memory_timeline(training_step, model, inputs, targets, make_optimizer(optimizer, model.parameters()),
+                                   micro_batches=micro_batches)
     largest = timeline.largest
     return StepMemory(
         parameters=largest["parameters"],

@@ -238,12 +238,27 @@ def make_optimizer(name: str, parameters: Iterable[Tensor], learning_rate: float
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
 
 
-def training_step(model: nn.Module, inputs: Tensor, targets: Tensor, optimizer: torch.optim.Optimizer) -> None:
-    """One step of training: ``zero_grad``, cross-entropy of ``model(inputs)``, backward, ``optimizer.step()``.
+def training_step(model: nn.Module, inputs: Tensor, targets: Tensor, optimizer: torch.optim.Optimizer, *,
+                  micro_batches: int = 1) -> None:
+    r"""One step of training: ``zero_grad``, cross-entropy of ``model(inputs)``, backward, ``optimizer.step()``.
 
     The gradients are released first (``set_to_none``), as a training loop's ``zero_grad()`` does, so a
-    step allocates its gradients anew while its activations are freed.
+    step allocates its gradients anew while its activations are freed. With ``micro_batches`` :math:`k > 1`
+    the batch is split into :math:`k` parts :math:`B_j` (``tensor_split``), each run forward and backward
+    on its own with its loss weighted by :math:`|B_j|/|B|`, the gradients accumulating:
+    :math:`\sum_j \frac{|B_j|}{|B|} \nabla L_{B_j} = \nabla L_B` for a mean loss of per-example terms, so
+    the step is the full batch's — unless the model couples the examples (BatchNorm normalises each part
+    by its own statistics). Only one part's activations are alive at a time (chapter 07).
+
+    Raises:
+        ValueError: ``micro_batches`` not between 1 and the batch size.
     """
+    if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or not 1 <= micro_batches <= len(inputs):
+        raise ValueError(f"micro_batches must be an integer from 1 to the batch size {len(inputs)}, got {micro_batches!r}")
     optimizer.zero_grad(set_to_none=True)
-    F.cross_entropy(model(inputs), targets).backward()
+    if micro_batches == 1:
+        F.cross_entropy(model(inputs), targets).backward()
+    else:
+        for part, labels in zip(inputs.tensor_split(micro_batches), targets.tensor_split(micro_batches)):
+            (F.cross_entropy(model(part), labels) * (len(part) / len(inputs))).backward()
     optimizer.step()
