@@ -120,7 +120,7 @@ class ResidualSettings:
     lesion_learning_rate: float = 3e-3
     lesion_trials: int = 20
     batch_norm_channels: int = 16
-    batch_norm_depths: tuple[int, ...] = (3, 16)
+    batch_norm_depths: tuple[int, ...] = (3, 8, 16)
     batch_norm_epochs: int = 20
     batch_norm_learning_rate: float = 0.05
     landscape_directions: int = 8
