@@ -11,6 +11,7 @@ from torch import nn
 from revlib.backprop import MLP
 from revlib.data import DataSplits
 from revlib.linear_backprop import (
+    FullBatchRun,
     LinearBackprop,
     SignSTE,
     convert_to_linear_backprop,
@@ -258,6 +259,7 @@ def test_train_full_batch_with_adam_and_the_whole_update_cosine() -> None:
     whole = cosine_similarity(torch.cat([t.flatten() for t in approximate.tensors()]),
                               torch.cat([t.flatten() for t in exact.tensors()]))
     assert first.descent[0, 0].item() == pytest.approx(whole)
+    assert first.layer_cosine[0, 0].tolist() == pytest.approx(linear_backprop_cosines(fresh, x, y, "squared"))
 
 
 def test_train_full_batch_fits_exactly_without_nans_and_restores_threads() -> None:
@@ -299,3 +301,11 @@ def copy_with_rule(network: MLP, linear: bool) -> MLP:
     view = copy.copy(network)
     view.linear_backprop = linear
     return view
+
+
+def test_steps_to_fit() -> None:
+    loss = torch.tensor([[1.0, 1.0, 0.0], [0.5, 1.0, 0.0], [0.01, 1.0, 0.0]])
+    run = FullBatchRun(loss, torch.zeros(2, 3), torch.zeros(2, 3, 1), torch.ones(2, 3, 1))
+    assert run.steps_to_fit(0.1).tolist() == [2, float("inf"), 0]
+    with pytest.raises(ValueError, match="threshold"):
+        run.steps_to_fit(0.0)

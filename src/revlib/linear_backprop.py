@@ -273,13 +273,30 @@ class FullBatchRun:
             optimizer's rescaling) and the true gradient :math:`g` over all parameters at once,
             :math:`\langle u, g\rangle / (\lVert u\rVert \lVert g\rVert)`; positive means the update descends for
             small enough steps.
+        layer_cosine: ``(steps, K, L)``, per layer the cosine between linear backprop's weight update
+            :math:`\tilde G_l` and the gradient :math:`G_l` (what :func:`linear_backprop_cosines` computes), at the
+            weights before each step, whichever ``update`` trains.
         scale: ``(steps, K, L)``, per layer :math:`\lVert \tilde G_l\rVert / \lVert G_l\rVert`, the length of linear
             backprop's update of layer :math:`l` (weights and bias together) over the gradient's.
     """
 
     loss: Tensor
     descent: Tensor
+    layer_cosine: Tensor
     scale: Tensor
+
+    def steps_to_fit(self, threshold: float) -> Tensor:
+        """``(K,)``, for every network the first step count after which its loss is below ``threshold``
+        (0: already at the start), ``inf`` where it never gets there.
+
+        Raises:
+            ValueError: ``threshold`` is not positive.
+        """
+        if not threshold > 0:
+            raise ValueError(f"threshold must be positive, got {threshold}")
+        below = self.loss < threshold
+        first = below.int().argmax(dim=0).double()
+        return torch.where(below.any(dim=0), first, torch.inf)
 
 
 def _stacked_backward(
@@ -379,7 +396,7 @@ def _train_full_batch(
     depth, batch = first.depth, inputs.shape[0]
     parameters = [torch.stack([n.tensors()[i] for n in networks]) for i in range(2 * depth)]  # (K, ...) each
     adam = torch.optim.Adam(parameters, lr=learning_rate) if optimizer == "adam" else None
-    losses, descents, scales = [], [], []
+    losses, descents, layer_cosines, scales = [], [], [], []
     x = inputs.to(parameters[0].dtype).expand(len(networks), *inputs.shape)  # (K, B, n_0)
     y = targets.to(parameters[0].dtype)
     for step in range(steps + 1):
@@ -403,6 +420,7 @@ def _train_full_batch(
         else:  # the gradient, each layer (weights and bias) stretched by linear backprop's length ratio
             direction = [g * _broadcast(scale[:, i // 2], g) for i, g in enumerate(exact)]
         descents.append(_cosine_per_network(direction, exact))
+        layer_cosines.append(torch.stack([_cosine_per_network([a], [b]) for a, b in zip(linear[0::2], exact[0::2])], dim=1))
         scales.append(scale)
         with torch.no_grad():
             if adam is None:
@@ -416,7 +434,7 @@ def _train_full_batch(
         for k, network in enumerate(networks):
             for tensor, stacked in zip(network.tensors(), parameters):
                 tensor.copy_(stacked[k])
-    return FullBatchRun(torch.stack(losses), torch.stack(descents), torch.stack(scales))
+    return FullBatchRun(torch.stack(losses), torch.stack(descents), torch.stack(layer_cosines), torch.stack(scales))
 
 
 def _pair_norm(gradients: list[Tensor], layer: int) -> Tensor:
