@@ -1,12 +1,22 @@
-"""The memory/compute frontier at two depths: every method of the book on one training step.
+"""The memory/compute frontier: every method of the book and PyTorch's own tools on one training step.
 
-Run: ``python benchmarks/frontier.py [--device cuda] [--family conv] [--depths 16 64] [--width 32] [--batch 128]``
+Run: ``python benchmarks/frontier.py [--device cuda] [--family conv] [--depths 16 64] [--width 32] [--batch 128]
+[--budgets 1 0.5 0] [--revlib-only]``
 
-For each depth it prints :func:`revlib.frontier.frontier`'s table: MiB of parameters, gradients, optimiser
-state (Adam) and saved activations, their sum, the measured peak of the step (CUDA allocator, or the peak
-resident memory of a fresh process on the CPU), the median milliseconds per step (methods timed in turns),
-the relative gradient error against exact backprop through the same network, and the extra evaluations of
-each residual function per step.
+For each depth it prints :func:`revlib.frontier.frontier`'s table — MiB of parameters, gradients, optimiser
+state (Adam) and activations, each at its largest during a steady-state step, the temporaries held at the
+peak and the peak (PyTorch's memory profiler), the median milliseconds per step (methods timed in turns),
+the relative gradient error against exact backprop through the same network (at the initial weights), and
+the extra evaluations of each residual function per step — then the frontier table: each method's peak and
+time as ratios to plain backprop's in the same run.
+
+PyTorch's tools are configured as revlib's methods are, on the same blocks (``revlib.pytorch_tools``):
+``torch.utils.checkpoint`` around every block (revlib's ``checkpoint every``); ``checkpoint_sequential``
+with the ⌈√N⌉ segments of revlib's ``checkpoint sqrt`` (it keeps its last segment whole and recomputes a
+segment at once, as PyTorch ships it); selective activation checkpointing of every block with two
+policies; ``torch.compile`` (backend ``aot_eager_decomp_partition``, no C++ compiler needed) at each
+activation memory budget of ``--budgets``; bfloat16 autocast; and the batch in four micro-batches with
+the gradients accumulated. On CUDA, ``offload`` is ``torch.autograd.graph.save_on_cpu``.
 """
 
 from __future__ import annotations
@@ -15,7 +25,7 @@ import argparse
 
 import torch
 
-from revlib.frontier import FAMILIES, format_table, frontier
+from revlib.frontier import FAMILIES, format_ratios, format_table, frontier
 from revlib.training import OPTIMIZERS
 
 
@@ -28,13 +38,19 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--budgets", type=float, nargs="*", default=[1.0, 0.5, 0.0],
+                        help="torch.compile activation memory budgets, one row each (none: no compiled rows)")
+    parser.add_argument("--revlib-only", action="store_true", help="leave PyTorch's tools out")
     options = parser.parse_args()
     for depth in options.depths:
         rows = frontier(options.family, depth, options.width, options.batch, optimizer=options.optimizer, device=options.device,
-                        repeats=options.repeats)
+                        repeats=options.repeats, pytorch=not options.revlib_only,
+                        budgets=() if options.revlib_only else options.budgets)
         print(f"\n{options.family}, {depth} blocks, width {options.width}, batch {options.batch}, {options.optimizer}, "
               f"{torch.get_num_threads()} threads; MiB unless stated")
         print(format_table(rows))
+        print("\nthe frontier: peak and time as ratios to backprop's in this run")
+        print(format_ratios(rows))
 
 
 if __name__ == "__main__":

@@ -93,6 +93,16 @@ def test_selective_policy_names() -> None:
     assert selective_policy("matmuls")(None, torch.ops.aten.relu.default).name == "PREFER_RECOMPUTE"
 
 
+@pytest.mark.parametrize("budget", [1.0, 0.5, 0.0])
+def test_compiled_conv_blocks_give_backprops_gradient_in_float64(budget: float) -> None:
+    """BatchNorm and convolutions as the frontier's conv family has them: the partitioned graphs compute
+    plain backprop's gradient, so a float32 difference is rounding."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*blocks("conv", depth=3, width=4))
+    x = inputs_for("conv")
+    assert relative_error(gradients(BudgetCompiled(model, budget), x), gradients(model, x)) < 1e-12
+
+
 @pytest.mark.parametrize("budget", [1.0, 0.0])
 def test_compiled_model_gives_backprops_gradient_and_saves_less_under_a_small_budget(budget: float) -> None:
     torch.manual_seed(0)
@@ -136,13 +146,13 @@ def test_replayed_gradient_error_separates_replayed_from_redrawn_masks() -> None
     assert torch.equal(torch.rand(2), expected), "the caller's random stream is left alone"
 
 
-def test_dropout_survives_a_partial_budget_but_not_budget_zero() -> None:
+def test_dropout_survives_budget_one_but_not_budget_zero() -> None:
     """At budget 0 the partitioner recomputes the dropout in the backward graph from a fresh draw (no RNG
-    replay on the CPU): its gradient is not the derivative of the function the forward pass computed."""
+    replay on the CPU): its gradient is not the derivative of the function the forward pass computed. (At
+    intermediate budgets it depends on the graph: chapter 07's network redraws at 0.5 too.)"""
     model = dropout_network()
     x = torch.randn(16, 8, dtype=torch.float64)
     assert replayed_gradient_error(BudgetCompiled(model, 1.0), x) < 1e-7
-    assert replayed_gradient_error(BudgetCompiled(model, 0.5), x) < 1e-7
     assert replayed_gradient_error(BudgetCompiled(model, 0.0), x) > 0.1
 
 

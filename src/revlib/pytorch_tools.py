@@ -161,8 +161,10 @@ class BudgetCompiled(nn.Module):
     saves some intermediate values, the backward graph recomputes the others from them. With budget
     :math:`b = 1` it saves what minimises recomputation; with :math:`b < 1` it chooses, among the
     recomputable values, the set to save whose bytes are at most :math:`b` times the :math:`b = 1` plan's
-    (at the least estimated recomputation, a knapsack); :math:`b = 0` recomputes all it may. Random
-    operations are never recomputed. The budget governs what is *saved*; the peak also depends on when the
+    (at the least estimated recomputation, a knapsack); :math:`b = 0` recomputes all it may. Below
+    :math:`b = 1` it may recompute random operations, and on the CPU the recomputation draws new random
+    numbers: dropout then gets new masks in the backward graph (:func:`replayed_gradient_error` detects it;
+    chapter 07 measures it). The budget governs what is *saved*; the peak also depends on when the
     backward graph recomputes, which it does in one graph rather than block by block.
 
     ``backend`` is a registered ``torch.compile`` backend that uses AOTAutograd's partitioner:
