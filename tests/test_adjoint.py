@@ -326,3 +326,52 @@ def test_torchdiffeq_continuous_adjoint_pairs_each_reverse_step_with_its_own_lay
         adjoint = adjoint + found[0]
     for got, want in zip(continuous, expected, strict=True):
         torch.testing.assert_close(got, want)
+
+
+class CountingResidual(nn.Module):
+    """A residual function that counts its evaluations and the vector-Jacobian products taken with respect to
+    its input (a hook on every input that needs a gradient while a graph is built)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.evaluations = 0
+        self.input_products = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.evaluations += 1
+        if torch.is_grad_enabled() and x.requires_grad:
+            x.register_hook(self._count_product)
+        return self.inner(x)
+
+    def _count_product(self, gradient: torch.Tensor) -> None:
+        self.input_products += 1
+
+
+def counted_step(scheme: str, iterations: int, memory_saving: bool, input_wants_gradient: bool, depth: int = 5) -> tuple[list[int], list[int]]:
+    """Each residual function's evaluations and input products in one forward+backward step."""
+    functions = depth + 1 if scheme == "heunnet" else depth
+    residuals = [CountingResidual(f) for f in mlp_residuals(functions)]
+    model = ODEResNet(*residuals, scheme=scheme, memory_saving=memory_saving, rebuild_iterations=iterations).double()  # type: ignore[arg-type]
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=input_wants_gradient)
+    model(x).pow(2).sum().backward()
+    return [f.evaluations for f in residuals], [f.input_products for f in residuals]
+
+
+@pytest.mark.parametrize(("scheme", "iterations", "per_step"), [
+    ("euler", 1, 3), ("euler", 2, 4), ("euler", 3, 5), ("heun", 1, 6), ("heun", 2, 8), ("heunnet", 1, 6), ("heunnet", 2, 8),
+])
+def test_adjoint_evaluates_each_step_as_often_as_its_operation_count_says(scheme: str, iterations: int, per_step: int) -> None:
+    """Per step with s stages (1 Euler, 2 Heun/HeunNet) and k rebuild iterates: s in forward, s·k to rebuild, s
+    recomputed with the graph — s(2 + k) evaluations against backprop's s, and as many vector-Jacobian
+    products as backprop (one per stage; none with respect to the network's input when it wants no gradient)."""
+    stages = 1 if scheme == "euler" else 2
+    assert per_step == stages * (2 + iterations)
+    for input_wants_gradient in (False, True):
+        evaluations, products = counted_step(scheme, iterations, True, input_wants_gradient)
+        plain_evaluations, plain_products = counted_step(scheme, iterations, False, input_wants_gradient)
+        assert sum(evaluations) == 5 * per_step and sum(plain_evaluations) == 5 * stages
+        if scheme != "heunnet":  # every function runs every stage of its own step
+            assert evaluations == [per_step] * 5 and plain_evaluations == [stages] * 5
+        assert products == plain_products, "the adjoint takes backprop's products, no more"
+        assert sum(products) == 5 * stages - (0 if input_wants_gradient else 1)

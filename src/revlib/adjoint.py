@@ -57,7 +57,17 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from revlib._checks import positive_integers
-from revlib._recompute import BlockSequence, ForwardState, accumulate, check_parameters_unchanged, distinct_parameters, needs_graph, run_checked, vector_jacobian_products
+from revlib._recompute import (
+    BlockSequence,
+    ForwardState,
+    accumulate,
+    check_parameters_unchanged,
+    distinct_parameters,
+    module_parameters,
+    needs_graph,
+    run_checked,
+    vector_jacobian_products,
+)
 from revlib.blocks import mlp_residual
 from revlib.runtime import resolve_device
 from revlib.verify import flat_gradient, relative_error
@@ -258,6 +268,16 @@ def heun_fixed_point_reverse_step(
     return first if iterations == 1 else fixed_point_reverse(increment, x_next, iterations - 1, start=first)
 
 
+def _buffers_restored(states: StepStates) -> contextlib.AbstractContextManager[Any]:
+    """Put back on leaving the buffers the step's stages updated in the forward pass (nothing to enter when none did)."""
+    if not any(state.updated_buffers for state in states):
+        return contextlib.nullcontext()
+    restoring = contextlib.ExitStack()
+    for state in states:
+        restoring.enter_context(state.buffers_restored())
+    return restoring
+
+
 class _AdjointFunction(torch.autograd.Function):
     """Run the steps keeping only the output; rebuild each step's input backwards and back-propagate through it."""
 
@@ -297,18 +317,20 @@ class _AdjointFunction(torch.autograd.Function):
         h = 1.0 / len(stages)
         adjoint = grad_output  # a_N = ∂L/∂x_N
         parameter_gradients: dict[int, Tensor] = {}  # by id, summed: a residual function may appear twice
-        for stage, states in zip(reversed(stages), reversed(ctx.states)):
-            with contextlib.ExitStack() as restoring:  # BatchNorm's statistics as the forward pass left them
-                for state in states:
-                    restoring.enter_context(state.buffers_restored())
+        for n in reversed(range(len(stages))):
+            stage, states = stages[n], ctx.states[n]
+            # a_0 only when the input wants a gradient: otherwise the first step's VJP skips the input's products
+            wants_point = n > 0 or ctx.needs_input_grad[0]
+            with _buffers_restored(states):  # BatchNorm's statistics as the forward pass left them
                 with torch.no_grad():  # each stage's own dropout masks and precisions, run at −h
                     x = _reverse_step(stage, x_next, h, ctx.scheme, states, ctx.iterations)  # x̃_n from x̃_{n+1}
-                x = x.detach().requires_grad_(True)
+                x = x.detach().requires_grad_(wants_point)
                 with torch.enable_grad():
                     recomputed = _step(stage, x, h, ctx.scheme, states)  # the step at x̃_n, with its graph
-                modules = nn.ModuleList([stage.predictor, stage.corrector])
-                # a_n = (∂x_{n+1}/∂x_n)ᵀ a_{n+1}, evaluated at x̃_n; the step's parameter gradients
-                adjoint, found = vector_jacobian_products(recomputed, x, distinct_parameters(list(modules)), adjoint)
+                # a_n = (∂x_{n+1}/∂x_n)ᵀ a_{n+1}, evaluated at x̃_n; the step's parameter gradients (the step's
+                # parameters as its forward pass recorded them, the same objects: checked above)
+                step_parameters = states[0].parameters if len(states) == 1 else list(dict.fromkeys(p for s in states for p in s.parameters))
+                adjoint, found = vector_jacobian_products(recomputed, x if wants_point else None, step_parameters, adjoint)
             accumulate(parameter_gradients, found)
             x_next = x.detach()
         return (
@@ -358,6 +380,27 @@ class ODEResNet(BlockSequence):
     in-place change to one fails with autograd's error) and recomputes with the modules' own parameters,
     raising a clear error if they were replaced in between. Tensors that a residual function captures by
     closure, rather than holds as parameters or buffers, receive no gradient.
+
+    **Cost.** Count in evaluations of a residual function. Its vector-Jacobian product with respect to its
+    input and its parameters costs about two: a linear layer :math:`u = Wv` takes one matrix product forward
+    and two backward, :math:`W^\top \bar u` and :math:`\bar u v^\top` (elementwise operations are left out).
+    A step has :math:`s` stages, :math:`s = 1` for Euler and :math:`s = 2` for Heun and HeunNet, and the
+    rebuild takes :math:`k` iterates (``rebuild_iterations``; each evaluates all :math:`s` stages). Per step,
+
+    .. math::
+
+        \text{backprop:}\ \underbrace{s}_{\text{forward}} + \underbrace{2s}_{\text{VJP}} = 3s, \qquad
+        \text{adjoint:}\ \underbrace{s}_{\text{forward}} + \underbrace{sk}_{\text{rebuild}}
+        + \underbrace{s}_{\text{recomputed with graph}} + \underbrace{2s}_{\text{VJP}} = s\,(4 + k),
+
+    so the adjoint's time is :math:`(4 + k)/3` times backprop's for every scheme: :math:`5/3` for the
+    reversed step, :math:`2` with one fixed-point iterate more. No evaluation can serve twice: the rebuild
+    evaluates :math:`f_n` at :math:`\tilde x_{n+1}` (and the next one :math:`f_{n-1}` at :math:`\tilde x_n`),
+    the recomputation :math:`f_n` at :math:`\tilde x_n`, another point or another function. The adjoint takes
+    backprop's vector-Jacobian products and no more (none with respect to the network's input when it
+    wants no gradient). The ratio is reached where the evaluations' arithmetic dominates; each step also
+    pays a fixed cost of Python calls (three module calls and one ``torch.autograd.grad`` per Euler step),
+    which dominates for narrow layers and small batches (``benchmarks/adjoint.py``).
 
     Args:
         *residuals: the functions :math:`f_0, \dots, f_{N-1}` (:math:`f_N` too for HeunNet), ``nn.Module``
@@ -426,11 +469,12 @@ class ODEResNet(BlockSequence):
     def forward(self, x: Tensor) -> Tensor:
         stages = _stages(self.residuals, self.scheme)
         h = 1.0 / len(stages)
-        if not self.memory_saving or not needs_graph([x], self.parameters()):
+        parameters = module_parameters(self)  # self.parameters(), walked once
+        if not self.memory_saving or not needs_graph([x], parameters):
             for stage in stages:
                 x = _step(stage, x, h, self.scheme)
             return x
-        return _AdjointFunction.apply(x, self.residuals, self.scheme, self.rebuild_iterations, self.preserve_rng_state, *self.parameters())
+        return _AdjointFunction.apply(x, self.residuals, self.scheme, self.rebuild_iterations, self.preserve_rng_state, *parameters)
 
     def inverse(self, y: Tensor) -> Tensor:
         """The approximate input rebuilt from the output, as the adjoint backward pass rebuilds it."""
