@@ -73,6 +73,8 @@ reversal — expands the solution's mode by :math:`e^{|\lambda| s}`, amplifying 
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -80,8 +82,10 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from revlib._recompute import ForwardState, check_parameters_unchanged, distinct_parameters, vector_jacobian_products
+from revlib.adjoint import ODEResNet, _reverse_step, _stages
+from revlib.adjoint import _step as _ode_step
 
-__all__ = ["ReversibleHeunResNet"]
+__all__ = ["DampedResidual", "EulerRebuildBound", "ReversibleHeunResNet", "euler_rebuild_bound", "lipschitz_upper_bound", "trajectories"]
 
 
 def _residual(f: nn.Module, z: Tensor, index: int) -> Tensor:
@@ -294,3 +298,212 @@ class ReversibleHeunResNet(nn.Module):
 
     def extra_repr(self) -> str:
         return f"depth={self.depth}, memory_saving={self.memory_saving}"
+
+
+# --------------------------------------------------------------- the chapter's tools for looking at a rebuild
+
+
+class DampedResidual(nn.Module):
+    r"""A residual function with a linear term subtracted, :math:`x \mapsto f(x) - \lambda x` or :math:`f(x) - Mx`.
+
+    With a number :math:`\lambda > 0` the field pulls every state towards where :math:`f(x) = \lambda x`: the
+    forward pass contracts, by about :math:`e^{-\lambda}` over :math:`s \in [0, 1]`, and any backward rebuild
+    expands errors by about :math:`e^{\lambda}` (the chapter's unstable backsolves). A skew-symmetric matrix
+    :math:`M = -M^\top` adds a rotation, which neither contracts nor expands; :math:`M = \lambda I + S`, with
+    :math:`S` skew, spirals inwards. ``rate`` is a constant, not a parameter.
+
+    Args:
+        function: :math:`f`, a shape-preserving ``nn.Module`` of ``(..., d)`` inputs.
+        rate: :math:`\lambda`, a finite number (negative values expand), or a finite ``(d, d)`` matrix :math:`M`.
+
+    Raises:
+        TypeError: ``function`` is not an ``nn.Module``.
+        ValueError: ``rate`` is not a finite number or a finite square matrix.
+    """
+
+    def __init__(self, function: nn.Module, rate: float | Tensor) -> None:
+        super().__init__()
+        if not isinstance(function, nn.Module):
+            raise TypeError(f"function must be an nn.Module, got {type(function).__name__}")
+        self.function = function
+        self.rate: float | None = None
+        self.matrix: Tensor | None
+        if isinstance(rate, Tensor):
+            if rate.dim() != 2 or rate.shape[0] != rate.shape[1] or not torch.isfinite(rate).all():
+                raise ValueError(f"rate must be a finite square matrix, got a tensor of shape {tuple(rate.shape)}")
+            self.register_buffer("matrix", rate.detach().clone())
+            return
+        self.register_buffer("matrix", None)
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate):
+            raise ValueError(f"rate must be a finite number or a square matrix, got {rate!r}")
+        else:
+            self.rate = float(rate)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.matrix is not None:
+            return self.function(x) - x @ self.matrix.T  # f(x) − M x, rows of x transformed
+        return self.function(x) - self.rate * x  # f(x) − λ x
+
+    def linear_norm(self) -> float:
+        r""":math:`|\lambda|` or :math:`\lVert M\rVert_2`, the Lipschitz constant of the subtracted term."""
+        if self.matrix is not None:
+            return torch.linalg.matrix_norm(self.matrix.double(), 2).item()
+        assert self.rate is not None
+        return abs(self.rate)
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate}" if self.matrix is None else f"matrix of shape {tuple(self.matrix.shape)}"
+
+
+_ONE_LIPSCHITZ = (nn.Tanh, nn.ReLU, nn.LeakyReLU, nn.Identity, nn.Sigmoid, nn.GELU, nn.SiLU)
+
+
+def lipschitz_upper_bound(function: nn.Module) -> float:
+    r"""An upper bound on the Lipschitz constant of a residual function in the Euclidean norm.
+
+    For a chain of ``nn.Linear`` layers and activations of slope at most one (tanh, ReLU; sigmoid's is
+    1/4 and GELU's and SiLU's about 1.1, so those count as 1 only approximately — see below),
+    :math:`\operatorname{Lip}(W_2\,\sigma(W_1 x + b_1) + b_2) \le \lVert W_2\rVert_2\, \lVert W_1\rVert_2`,
+    the product of the layers' largest singular values; for :class:`DampedResidual`,
+    :math:`\operatorname{Lip}(f) + |\lambda|` (or :math:`+ \lVert M\rVert_2`). The bound is attained only when the largest singular
+    directions line up and the activations are at their steepest; the largest Jacobian norm over the data
+    is often well below it. GELU and SiLU have slopes up to about 1.1 and are not accepted.
+
+    Args:
+        function: an ``nn.Linear``, one of ``nn.Tanh``, ``nn.ReLU``, ``nn.LeakyReLU`` (slope at most 1),
+            ``nn.Identity``, ``nn.Sigmoid``, an ``nn.Sequential`` of these, or a :class:`DampedResidual`.
+
+    Raises:
+        TypeError: another kind of module, whose Lipschitz constant this function cannot bound.
+    """
+    if isinstance(function, DampedResidual):
+        return lipschitz_upper_bound(function.function) + function.linear_norm()
+    if isinstance(function, nn.Sequential):
+        return math.prod(lipschitz_upper_bound(layer) for layer in function)
+    if isinstance(function, nn.Linear):
+        return torch.linalg.matrix_norm(function.weight.detach().double(), 2).item()  # largest singular value
+    if isinstance(function, nn.LeakyReLU) and abs(function.negative_slope) > 1:
+        raise TypeError(f"a LeakyReLU with slope {function.negative_slope} is not 1-Lipschitz")
+    if isinstance(function, (nn.Tanh, nn.ReLU, nn.LeakyReLU, nn.Identity, nn.Sigmoid)):
+        return 1.0
+    raise TypeError(
+        "lipschitz_upper_bound handles nn.Linear, tanh/ReLU/LeakyReLU/sigmoid/identity activations, nn.Sequential "
+        f"chains of them and DampedResidual, got {type(function).__name__}"
+    )
+
+
+@torch.no_grad()
+def trajectories(model: ODEResNet | ReversibleHeunResNet, x: Tensor) -> tuple[Tensor, Tensor]:
+    r"""The forward states :math:`x_0, \dots, x_N` and the states a memory-saving backward pass rebuilds.
+
+    For an :class:`revlib.adjoint.ODEResNet` the rebuilt states are :math:`\tilde x_N = x_N` and
+    :math:`\tilde x_n` = the scheme's reversed step (with the model's ``rebuild_iterations``) from
+    :math:`\tilde x_{n+1}`, exactly as its adjoint backward pass computes them; for a
+    :class:`ReversibleHeunResNet` they are the :math:`y_n` of its exact reversal from :math:`(y_N, z_N)`,
+    and the forward states are its :math:`y_n`. Random residual functions (dropout) draw other masks here
+    than in a training step; BatchNorm should be in eval mode.
+
+    Args:
+        model: the network.
+        x: ``(..., d)`` inputs.
+
+    Returns:
+        ``(forward, rebuilt)``, each ``(N + 1, ...)``: index :math:`n` holds the state after :math:`n` steps.
+
+    Raises:
+        TypeError: ``model`` is neither an ``ODEResNet`` nor a ``ReversibleHeunResNet``.
+    """
+    if isinstance(model, ReversibleHeunResNet):
+        h = 1.0 / model.depth
+        residuals = model.residuals
+        y, z = x, x
+        velocity = _residual(residuals[0], z, 0)
+        forward = [y]
+        for index in range(1, len(residuals)):
+            y, z, velocity = _step(y, z, velocity, residuals[index], index, h)
+            forward.append(y)
+        velocity = _residual(residuals[-1], z, len(residuals) - 1)  # F_N = f_N(z_N)
+        rebuilt = [y]
+        for index in range(len(residuals) - 2, -1, -1):
+            z_previous = _unstep_z(y, z, velocity, h)  # z_n = 2 y_{n+1} − z_{n+1} − h F_{n+1}
+            velocity_previous = _residual(residuals[index], z_previous, index)  # F_n = f_n(z_n)
+            y = _unstep_y(y, velocity_previous, velocity, h)  # y_n = y_{n+1} − h/2 (F_n + F_{n+1})
+            z, velocity = z_previous, velocity_previous
+            rebuilt.append(y)
+        return torch.stack(forward), torch.stack(rebuilt[::-1])
+    if not isinstance(model, ODEResNet):
+        raise TypeError(f"model must be an ODEResNet or a ReversibleHeunResNet, got {type(model).__name__}")
+    stages = _stages(model.residuals, model.scheme)
+    h = 1.0 / len(stages)
+    forward = [x]
+    for stage in stages:
+        forward.append(_ode_step(stage, forward[-1], h, model.scheme))
+    rebuilt = [forward[-1]]
+    for stage in reversed(stages):
+        rebuilt.append(_reverse_step(stage, rebuilt[-1], h, model.scheme, iterations=model.rebuild_iterations))
+    return torch.stack(forward), torch.stack(rebuilt[::-1])
+
+
+@dataclass(frozen=True)
+class EulerRebuildBound:
+    r"""The Euler adjoint's rebuild error and its discrete Grönwall bound, per sample (:func:`euler_rebuild_bound`).
+
+    Attributes:
+        error: ``(B,)`` :math:`\lVert \tilde x_0 - x_0\rVert`, the rebuilt input's distance from the true one.
+        local_errors: ``(B,)`` :math:`\sum_n \lVert\tau_n\rVert`, the reversed steps' own errors,
+            :math:`\tau_n = x_{n+1} - h f_n(x_{n+1}) - x_n`.
+        amplification: :math:`\exp(h \sum_n L_n)`, the bound on how much the rebuild can amplify them
+            (:math:`L_n` = :func:`lipschitz_upper_bound` of :math:`f_n`), the same for every sample.
+        bound: ``(B,)`` ``amplification * local_errors``, which ``error`` cannot exceed.
+    """
+
+    error: Tensor
+    local_errors: Tensor
+    amplification: float
+    bound: Tensor
+
+
+@torch.no_grad()
+def euler_rebuild_bound(model: ODEResNet, x: Tensor) -> EulerRebuildBound:
+    r"""How far the Euler adjoint's rebuilt input lands from the true one, and the bound that limits it.
+
+    The reversed step :math:`\tilde x_n = \tilde x_{n+1} - h f_n(\tilde x_{n+1})` applied to the *true*
+    :math:`x_{n+1}` misses :math:`x_n` by the local error :math:`\tau_n = x_{n+1} - h f_n(x_{n+1}) - x_n`.
+    The rebuild error :math:`e_n = \tilde x_n - x_n` therefore obeys
+
+    .. math::
+
+        e_n = e_{n+1} - h\big(f_n(\tilde x_{n+1}) - f_n(x_{n+1})\big) + \tau_n, \qquad
+        \lVert e_n\rVert \le (1 + hL_n)\lVert e_{n+1}\rVert + \lVert\tau_n\rVert, \qquad e_N = 0,
+
+    and unrolling it (:math:`1 + u \le e^u`, the discrete Grönwall inequality)
+
+    .. math::
+
+        \lVert e_0\rVert \le \sum_{n=0}^{N-1} \prod_{m<n} (1 + hL_m)\,\lVert\tau_n\rVert
+        \le \exp\Big(h\sum_{m=0}^{N-1} L_m\Big) \sum_{n=0}^{N-1} \lVert\tau_n\rVert,
+
+    the discrete form of :math:`\exp(\int_0^1 \operatorname{Lip} f(\cdot, s)\, ds)`.
+
+    Args:
+        model: an Euler ``ODEResNet`` (``rebuild_iterations=1``) whose residual functions
+            :func:`lipschitz_upper_bound` can bound.
+        x: ``(B, d)`` inputs.
+
+    Raises:
+        ValueError: another scheme, more rebuild iterations, or ``x`` not two-dimensional.
+        TypeError: ``model`` is not an ``ODEResNet``, or a residual function that cannot be bounded.
+    """
+    if not isinstance(model, ODEResNet):
+        raise TypeError(f"model must be an ODEResNet, got {type(model).__name__}")
+    if model.scheme != "euler" or model.rebuild_iterations != 1:
+        raise ValueError(f"the bound is for the plain Euler rebuild, got scheme={model.scheme!r}, "
+                         f"rebuild_iterations={model.rebuild_iterations}")
+    if x.dim() != 2:
+        raise ValueError(f"x must be (batch, features), got shape {tuple(x.shape)}")
+    forward, rebuilt = trajectories(model, x)  # (N + 1, B, d) each
+    h = 1.0 / model.depth
+    local = sum((forward[n + 1] - h * f(forward[n + 1]) - forward[n]).norm(dim=-1) for n, f in enumerate(model.residuals))
+    amplification = math.exp(h * sum(lipschitz_upper_bound(f) for f in model.residuals))
+    assert isinstance(local, Tensor)
+    return EulerRebuildBound((rebuilt[0] - forward[0]).norm(dim=-1), local, amplification, amplification * local)
