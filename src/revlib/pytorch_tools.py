@@ -31,7 +31,7 @@ import functools
 import math
 import warnings
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -40,7 +40,6 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, checkpoint_sequ
 __all__ = ["POLICIES", "Autocast", "BudgetCompiled", "SelectiveCheckpointed", "TorchCheckpointed", "replayed_gradient_error",
            "selective_policy"]
 
-PolicyName = Literal["matmuls", "matmuls and norms"]
 POLICIES = ("matmuls", "matmuls and norms")
 
 _aten = torch.ops.aten
@@ -93,7 +92,7 @@ class TorchCheckpointed(nn.Sequential):
         return x
 
 
-def selective_policy(policy: PolicyName) -> Callable[..., CheckpointPolicy]:
+def selective_policy(policy: str) -> Callable[..., CheckpointPolicy]:
     """The policy function of ``create_selective_checkpoint_contexts`` for a policy name.
 
     ``"matmuls"`` keeps the outputs of matrix products and convolutions (the expensive operations) and
@@ -125,7 +124,7 @@ class SelectiveCheckpointed(nn.Sequential):
         TypeError: a block that is not an ``nn.Module``.
     """
 
-    def __init__(self, *blocks: nn.Module, policy: PolicyName = "matmuls") -> None:
+    def __init__(self, *blocks: nn.Module, policy: str = "matmuls") -> None:
         super().__init__(*_blocks(blocks))
         self.policy = policy
         self._context = functools.partial(create_selective_checkpoint_contexts, selective_policy(policy))
