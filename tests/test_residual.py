@@ -318,3 +318,29 @@ def test_jacobian_rank_collapses_with_depth_in_plain_nets_and_not_in_residual_on
             ranks[residual, depth] = sum(jacobian_ranks(model, x)) / len(x)
     assert ranks[False, 12] < 0.5 * ranks[False, 1], "a deep plain net's Jacobian degenerates"
     assert ranks[True, 12] > 0.7 * ranks[True, 1], "the identity path keeps it full"
+
+
+def test_largest_dip_with_a_ceiling_detects_a_dip_planted_in_the_basin():
+    ceiling = math.log(10)  # chance level for ten classes, as in the chapter
+    bowl = torch.linspace(-1, 1, 41) ** 2 + 0.05
+    planted = bowl.clone()
+    planted[31] = 0.95 * planted[30]  # a 5 % fall after rising to 0.3, well below the ceiling
+    assert largest_dip(bowl, ceiling=ceiling) == 0.0
+    dip = largest_dip(planted, ceiling=ceiling)
+    assert dip == pytest.approx(-math.log(0.95), rel=1e-5)
+    assert dip > 0.01, "a 5 % fall in the basin passes the chapter's 1 % threshold"
+    tail = bowl.clone()
+    tail[-3:] = torch.tensor([3.0, 2.6, 3.5])  # the same kind of fall, but above the ceiling
+    assert largest_dip(tail) > 0.1 and largest_dip(tail, ceiling=ceiling) == 0.0
+
+
+def test_representation_ranks_detect_a_planted_collapse():
+    torch.manual_seed(0)
+    model = mlp_network(**MLP, residual=False, activation="tanh")
+    inputs = torch.randn(256, 10)
+    healthy = representation_ranks(model, inputs)[-1]
+    assert healthy > 3.0, "a random tanh MLP of depth 5 keeps several directions (4.2)"
+    last = [m for m in model.functions[-1].modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():  # the last block's output layer now writes along one direction only
+        last.weight.copy_(torch.outer(torch.randn(MLP["width"]), torch.randn(MLP["width"])))
+    assert representation_ranks(model, inputs)[-1] == pytest.approx(1.0, abs=1e-3)

@@ -4,18 +4,18 @@ A residual block adds its input to what its layers compute (He et al. 2016),
 
 .. math::
 
-    x_{l+1} = x_l + \mathcal F_l(x_l),
+    x_{l+1} = x_l + f_l(x_l),
 
-where a plain block computes :math:`x_{l+1} = \mathcal F_l(x_l)` with the very same layers. Chaining
+where a plain block computes :math:`x_{l+1} = f_l(x_l)` with the very same layers. Chaining
 blocks, the derivative of the output with respect to a block's input is a product of Jacobians,
 
 .. math::
 
-    \frac{\partial x_L}{\partial x_l} = \prod_{k=l}^{L-1} \Big(I + \frac{\partial \mathcal F_k}{\partial x_k}\Big)
-    \quad\text{instead of}\quad \prod_{k=l}^{L-1} \frac{\partial \mathcal F_k}{\partial x_k},
+    \frac{\partial x_N}{\partial x_l} = \prod_{k=l}^{N-1} \Big(I + \frac{\partial f_k}{\partial x_k}\Big)
+    \quad\text{instead of}\quad \prod_{k=l}^{N-1} \frac{\partial f_k}{\partial x_k},
 
 and the identity in every factor keeps the product from vanishing when the Jacobians of
-:math:`\mathcal F_k` are small.
+:math:`f_k` are small.
 
 This module builds plain and residual networks that differ *only* in the skip connection (so they have
 identical parameters), can bypass chosen blocks at test time (the lesion study of Veit et al. 2016), and
@@ -62,16 +62,16 @@ LossFunction = Callable[[Tensor, Tensor], Tensor]
 class DeepNetwork(nn.Module):
     r"""``stem → block 0 → … → block L−1 → head``, where any block can be bypassed at test time.
 
-    Block :math:`l` is :math:`x_{l+1} = x_l + \mathcal F_l(x_l)` in a residual network and
-    :math:`x_{l+1} = \mathcal F_l(x_l)` in a plain one, with the very same functions :math:`\mathcal F_l`
+    Block :math:`l` is :math:`x_{l+1} = x_l + f_l(x_l)` in a residual network and
+    :math:`x_{l+1} = f_l(x_l)` in a plain one, with the very same functions :math:`f_l`
     (so the two have the same parameters, under the same names). Bypassing block :math:`l` replaces it by the
-    identity, :math:`x_{l+1} = x_l`: for a residual block that deletes :math:`\mathcal F_l` and keeps the
+    identity, :math:`x_{l+1} = x_l`: for a residual block that deletes :math:`f_l` and keeps the
     shortcut, for a plain block it deletes the layer outright. Build one with :func:`mlp_network` or
     :func:`conv_network`.
 
     Args:
         stem: maps the input to the blocks' width.
-        functions: the shape-preserving :math:`\mathcal F_l`.
+        functions: the shape-preserving :math:`f_l`.
         head: maps the last block's output to class scores.
         residual: add the identity shortcut around every function.
     """
@@ -123,7 +123,7 @@ def mlp_network(
 ) -> DeepNetwork:
     r"""A fully connected network with ``depth`` blocks of two linear layers each.
 
-    Each block is pre-activation style (He et al. 2016b), :math:`\mathcal F(x) = W_2\,\sigma(W_1 \sigma(x) + b_1) + b_2`,
+    Each block is pre-activation style (He et al. 2016b), :math:`f(x) = W_2\,\sigma(W_1 \sigma(x) + b_1) + b_2`,
     so the plain network is the ordinary alternation linear → σ → linear → σ …, with :math:`2\,\text{depth}`
     hidden layers between the stem ``Linear(in_features, width)`` and the head ``σ → Linear(width, classes)``.
     Plain and residual networks built with the same arguments and seed have the same parameters.
@@ -167,7 +167,7 @@ def conv_network(
 ) -> DeepNetwork:
     r"""A convolutional network for small images with ``depth`` blocks of two 3×3 convolutions each.
 
-    Block: :math:`\mathcal F` = [BatchNorm →] σ → conv → [BatchNorm →] σ → conv on ``channels`` channels
+    Block: :math:`f` = [BatchNorm →] σ → conv → [BatchNorm →] σ → conv on ``channels`` channels
     (pre-activation, He et al. 2016b); stem: a 3×3 convolution from ``in_channels``; head: [BatchNorm →]
     σ → global average pooling → linear. Inputs are ``(B, in_channels, H, W)``.
 
@@ -384,7 +384,7 @@ def loss_surface(
     *,
     loss_fn: LossFunction = F.cross_entropy,
 ) -> Tensor:
-    r"""The loss on a grid around the model's parameters: :math:`L(\theta + \sum_k a_k d_k)`.
+    r"""The loss on a grid around the model's parameters: :math:`\mathcal L(\theta + \sum_k a_k u_k)`.
 
     With one direction this is a 1-D slice, with two a 2-D surface (Li et al. 2018). The model is
     evaluated in eval mode with :func:`torch.func.functional_call`; its parameters are not changed.
@@ -493,13 +493,13 @@ def representation_ranks(model: DeepNetwork, inputs: Tensor) -> list[float]:
     r"""The effective rank of the centred representation entering each block and the head.
 
     Runs ``inputs`` through the model without gradients (in its current mode) and records
-    :math:`x_0, \dots, x_L`, the inputs of the :math:`L` blocks and of the head. Each is flattened to a
+    :math:`x_0, \dots, x_N`, the inputs of the :math:`N` blocks and of the head. Each is flattened to a
     matrix with one row per example, centred over the examples (so a common offset does not count as a
     direction), and measured with :func:`effective_rank`. In a network whose units respond alike the
     representation collapses towards low rank (Orhan and Pitkow 2018).
 
     Returns:
-        :math:`L + 1` effective ranks, from :math:`x_0` (the stem's output) to :math:`x_L`.
+        :math:`N + 1` effective ranks, from :math:`x_0` (the stem's output) to :math:`x_N`.
 
     Raises:
         TypeError: ``model`` is not a :class:`DeepNetwork`.
@@ -529,8 +529,8 @@ def jacobian_ranks(model: DeepNetwork, inputs: Tensor) -> list[float]:
     r"""The effective rank of the blocks' input–output Jacobian at each of ``inputs``.
 
     For every example the stem's output :math:`x_0` is computed and the Jacobian of the map through all
-    blocks, :math:`\partial x_L / \partial x_0` (a product of the blocks' Jacobians
-    :math:`J_{L-1}\cdots J_0`, or of :math:`(I + J_k)` with shortcuts), is measured with
+    blocks, :math:`\partial x_N / \partial x_0` (a product of the blocks' Jacobians
+    :math:`J_{N-1}\cdots J_0`, or of :math:`(I + J_k)` with shortcuts), is measured with
     :func:`effective_rank`. The effective rank ignores the Jacobian's size: a product of random
     matrices whose singular values spread apart collapses towards rank 1 even when it is rescaled, the
     degeneracy that Orhan and Pitkow (2018) find in deep plain networks and not in residual ones. The model

@@ -127,8 +127,8 @@ class ResidualSettings:
     landscape_images: int = 256
 
     def lesion_networks(self) -> list[tuple[bool, int]]:
-        """(residual, blocks) of the lesion study's networks: a shallow plain one (a deep plain one does not
-        train) and residual ones of every depth in ``lesion_depths``."""
+        """(residual, blocks) of the lesion study's networks: a shallow plain one (the chapter trains
+        no deeper plain one) and residual ones of every depth in ``lesion_depths``."""
         return [(False, self.lesion_depths[0])] + [(True, depth) for depth in self.lesion_depths]
 
     def lesion_data(self, seed: int = 0, device: torch.device | str | None = None) -> DataSplits:
