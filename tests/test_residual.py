@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -19,10 +20,13 @@ from revlib.residual import (
     largest_deletion_share,
     largest_dip,
     lesion_accuracies,
+    loss_slices,
     loss_surface,
     mlp_network,
     representation_ranks,
+    train_with_cosine_schedule,
 )
+from revlib.training import fit
 
 
 def _pair(builder, seed: int = 0, **kwargs):
@@ -344,3 +348,48 @@ def test_representation_ranks_detect_a_planted_collapse():
     with torch.no_grad():  # the last block's output layer now writes along one direction only
         last.weight.copy_(torch.outer(torch.randn(MLP["width"]), torch.randn(MLP["width"])))
     assert representation_ranks(model, inputs)[-1] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_loss_slices_match_the_directions_drawn_in_order():
+    torch.manual_seed(0)
+    model = conv_network(**CONV, residual=False)
+    inputs, targets = torch.randn(16, 1, 8, 8), torch.randint(0, 3, (16,))
+    coordinates = torch.linspace(-1, 1, 9)
+    found = loss_slices(model, inputs, targets, coordinates, directions=3, ceiling=math.log(3) + 10,
+                        plane_stride=2, generator=torch.Generator().manual_seed(5))
+    generator = torch.Generator().manual_seed(5)
+    drawn = [filter_normalized_direction(model, generator=generator) for _ in range(3)]
+    for line, dip, basin, u in zip(found.lines, found.dips, found.basin_dips, drawn):
+        expected = loss_surface(model, [u], [coordinates], inputs, targets)
+        torch.testing.assert_close(line, expected)
+        assert dip == largest_dip(expected) and basin == largest_dip(expected, ceiling=math.log(3) + 10)
+    plane = loss_surface(model, drawn[:2], [coordinates[::2]] * 2, inputs, targets)
+    torch.testing.assert_close(found.plane, plane)
+    assert loss_slices(model, inputs, targets, coordinates, directions=1, ceiling=20.0).plane is None
+    for kwargs, message in ((dict(directions=0), "directions"), (dict(directions=1, plane_stride=2), "two"),
+                            (dict(directions=2, plane_stride=0), "plane_stride")):
+        with pytest.raises(ValueError, match=message):
+            loss_slices(model, inputs, targets, coordinates, ceiling=20.0, **kwargs)
+    with pytest.raises(ValueError, match="1-D"):
+        loss_slices(model, inputs, targets, coordinates[None], directions=1, ceiling=20.0)
+
+
+def test_train_with_cosine_schedule_is_fit_with_sgd_on_a_cosine_schedule():
+    from revlib.data import DataSplits
+
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 10, generator=generator), torch.randint(0, 3, (40,), generator=generator)
+    data = DataSplits(name="random", x_train=x, y_train=y, x_test=x[:8], y_test=y[:8], classes=3)
+    torch.manual_seed(1)
+    model = mlp_network(**MLP, residual=True)
+    reference = copy.deepcopy(model)
+    history = train_with_cosine_schedule(model, data, epochs=2, learning_rate=0.1, batch_size=16, seed=3)
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=2 * 3)
+    expected = fit(reference, data, optimizer, 2, batch_size=16, seed=3, progress=False, scheduler=schedule)
+    assert history.train_loss == expected.train_loss
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12), "the rate reaches 0 at the end"
+    for bad, message in ((dict(learning_rate=0.0), "learning_rate"), (dict(learning_rate=0.1, momentum=1.0), "momentum"),
+                         (dict(learning_rate=0.1, epochs=0), "epochs")):
+        with pytest.raises(ValueError, match=message):
+            train_with_cosine_schedule(model, data, **{"epochs": 1, **bad})

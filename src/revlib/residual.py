@@ -30,6 +30,8 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -37,11 +39,14 @@ from torch.func import functional_call
 
 from revlib._checks import positive_integers
 from revlib.blocks import ResidualBlock, make_activation, pre_activation_residual
+from revlib.data import DataSplits
 from revlib.runtime import evaluation_mode, resolve_device
+from revlib.training import History, fit
 
 __all__ = [
     "DeepNetwork",
     "GradientFlow",
+    "LossSlices",
     "conv_network",
     "deletion_accuracies",
     "effective_rank",
@@ -51,9 +56,11 @@ __all__ = [
     "largest_deletion_share",
     "largest_dip",
     "lesion_accuracies",
+    "loss_slices",
     "loss_surface",
     "mlp_network",
     "representation_ranks",
+    "train_with_cosine_schedule",
 ]
 
 LossFunction = Callable[[Tensor, Tensor], Tensor]
@@ -343,14 +350,14 @@ def filter_normalized_direction(model: nn.Module, *, generator: torch.Generator 
     r"""A random direction in parameter space, scaled filter by filter (Li et al. 2018).
 
     For every weight with at least two dimensions, each filter :math:`i` (an output neuron of a linear
-    layer, an output channel of a convolution) of a Gaussian direction :math:`d` is rescaled to the norm
+    layer, an output channel of a convolution) of a Gaussian direction :math:`u` is rescaled to the norm
     of the same filter of the weights,
 
     .. math::
 
-        d_i \leftarrow \frac{d_i}{\lVert d_i \rVert}\,\lVert \theta_i \rVert,
+        u_i \leftarrow \frac{u_i}{\lVert u_i \rVert}\,\lVert \theta_i \rVert,
 
-    so that a step along :math:`d` perturbs every filter in proportion to its size and the picture does
+    so that a step along :math:`u` perturbs every filter in proportion to its size and the picture does
     not depend on the scale invariances of the network. Biases and BatchNorm parameters (one dimension)
     get a zero direction.
 
@@ -563,3 +570,106 @@ def jacobian_ranks(model: DeepNetwork, inputs: Tensor) -> list[float]:
             jacobian = torch.func.jacrev(through_blocks)(start)
             ranks.append(effective_rank(jacobian.reshape(start.numel(), start.numel())))
     return ranks
+
+
+def train_with_cosine_schedule(
+    model: nn.Module,
+    data: DataSplits,
+    *,
+    epochs: int,
+    learning_rate: float,
+    momentum: float = 0.9,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> History:
+    r"""Train with SGD and momentum on a cosine schedule (Loshchilov and Hutter 2017), He et al.'s setting.
+
+    Over the :math:`T = \text{epochs}\cdot\lceil n_\text{train} / \text{batch\_size}\rceil` optimiser steps the
+    learning rate at step :math:`t` is
+
+    .. math:: \eta_t = \tfrac12\,\eta_0\,\big(1 + \cos(\pi t / T)\big),
+
+    falling from :math:`\eta_0` = ``learning_rate`` to 0 at the end of training. The batches are drawn
+    as in :func:`revlib.fit`, without a progress bar.
+
+    Returns:
+        The :class:`revlib.training.History` of the run.
+
+    Raises:
+        ValueError: ``learning_rate`` is not positive, ``momentum`` is not in ``[0, 1)``, or ``epochs`` or
+            ``batch_size`` is not positive.
+    """
+    if not learning_rate > 0:
+        raise ValueError(f"learning_rate must be positive, got {learning_rate}")
+    if not 0 <= momentum < 1:
+        raise ValueError(f"momentum must lie in [0, 1), got {momentum}")
+    positive_integers(epochs=epochs, batch_size=batch_size)
+    steps = epochs * math.ceil(len(data.x_train) / batch_size)
+    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    return fit(model, data, optimizer, epochs, batch_size=batch_size, seed=seed, progress=False,
+               scheduler=schedule)
+
+
+@dataclass(frozen=True)
+class LossSlices:
+    """Slices of the loss around a model along random filter-normalised directions (:func:`loss_slices`).
+
+    Attributes:
+        lines: one 1-D tensor of losses per direction, on the given coordinates.
+        dips: :func:`largest_dip` of each line, walking to its ends.
+        basin_dips: :func:`largest_dip` of each line with the ``ceiling``, in its basin only.
+        plane: the losses on the plane of the first two directions (rows: the first coordinate), or
+            ``None`` when no plane was asked for.
+    """
+
+    lines: list[Tensor]
+    dips: list[float]
+    basin_dips: list[float]
+    plane: Tensor | None
+
+
+def loss_slices(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    coordinates: Tensor,
+    *,
+    directions: int,
+    ceiling: float,
+    plane_stride: int | None = None,
+    generator: torch.Generator | None = None,
+    loss_fn: LossFunction = F.cross_entropy,
+) -> LossSlices:
+    r"""The loss along ``directions`` random filter-normalised directions and how rough each slice is.
+
+    Draws the directions :math:`u_1, \dots, u_k` with :func:`filter_normalized_direction` (in order, from
+    ``generator``), evaluates each slice :math:`a \mapsto \mathcal L(\theta + a\,u_i)` on ``coordinates``
+    with :func:`loss_surface`, and measures its :func:`largest_dip`, over the whole slice and in the basin
+    below ``ceiling``. With ``plane_stride`` it also evaluates the plane
+    :math:`\mathcal L(\theta + a_1 u_1 + a_2 u_2)` on every ``plane_stride``-th coordinate in both
+    directions.
+
+    Raises:
+        ValueError: ``coordinates`` is not 1-D, ``directions`` is not positive (or below 2 with a plane),
+            ``plane_stride`` is not positive, or a slice is not a valid argument of :func:`largest_dip`.
+    """
+    if coordinates.dim() != 1:
+        raise ValueError(f"coordinates must be 1-D, got shape {tuple(coordinates.shape)}")
+    positive_integers(directions=directions)
+    if plane_stride is not None:
+        positive_integers(plane_stride=plane_stride)
+        if directions < 2:
+            raise ValueError(f"a plane needs at least two directions, got {directions}")
+    drawn = [filter_normalized_direction(model, generator=generator) for _ in range(directions)]
+    lines = [loss_surface(model, [u], [coordinates], inputs, targets, loss_fn=loss_fn) for u in drawn]
+    plane = None
+    if plane_stride is not None:
+        grid = [coordinates[::plane_stride]] * 2
+        plane = loss_surface(model, drawn[:2], grid, inputs, targets, loss_fn=loss_fn)
+    return LossSlices(
+        lines=lines,
+        dips=[largest_dip(line) for line in lines],
+        basin_dips=[largest_dip(line, ceiling=ceiling) for line in lines],
+        plane=plane,
+    )
