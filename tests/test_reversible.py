@@ -8,7 +8,7 @@ from allocations import added_peak
 from revlib.verify import finite_difference_gradient, relative_error
 from revlib.measure import saved_tensor_bytes
 from revlib.checkpoint import CheckpointedSequence
-from revlib.reversible import ResNet, ReversibleBlock, ReversibleSequence, ReversibleTransformer, RevNet
+from revlib.reversible import ResNet, ReversibleBlock, ReversibleSequence, ReversibleTransformer, RevNet, backprop_gradient_error
 
 
 every_block = functools.partial(CheckpointedSequence, schedule="every")
@@ -380,3 +380,42 @@ def test_dropout_in_some_blocks_only_is_replayed_exactly() -> None:
     states = [state for pair in sequence(x.requires_grad_(True)).grad_fn.states for state in pair]
     distinct = len({id(state.cpu_rng) for state in states})
     assert distinct == 3, f"one state before block 1's f, one after it, one after block 3's g: got {distinct}"
+
+
+def test_backprop_gradient_error_is_rounding_in_float64_and_leaves_the_model_as_found() -> None:
+    torch.manual_seed(0)
+    model = RevNet((4,), 3, in_channels=1, classes=3, dtype=torch.float64)
+    x, t = torch.randn(6, 1, 4, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    buffers = [b.clone() for b in model.buffers()]
+    state = torch.get_rng_state()
+    assert backprop_gradient_error(model, x, t) < 1e-12
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
+    assert torch.equal(state, torch.get_rng_state())
+    assert all(s.memory_saving for s in model.modules() if isinstance(s, ReversibleSequence))
+
+
+def test_backprop_gradient_error_detects_a_wrong_recomputation() -> None:
+    # fresh dropout masks in the recomputation: a wrong gradient, which the measurement must see
+    torch.manual_seed(0)
+    blocks = [ReversibleBlock(mlp_half(8, 0.3), mlp_half(8, 0.3)) for _ in range(4)]
+    model = nn.Sequential(ReversibleSequence(*blocks, preserve_rng_state=False), nn.Linear(16, 3)).double()
+    x, t = torch.randn(32, 16, dtype=torch.float64), torch.randint(0, 3, (32,))
+    assert backprop_gradient_error(model, x, t) > 1e-2
+    replayed = nn.Sequential(ReversibleSequence(*blocks), model[1])
+    assert backprop_gradient_error(replayed, x, t) < 1e-12
+    # any loss, e.g. mean squared error
+    mse = lambda out, target: (out - target).pow(2).mean()  # noqa: E731
+    assert backprop_gradient_error(replayed, x, torch.randn(32, 3, dtype=torch.float64), loss=mse) < 1e-12
+
+
+def test_backprop_gradient_error_rejects_bad_input() -> None:
+    x, t = torch.randn(2, 4), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="no ReversibleSequence"):
+        backprop_gradient_error(nn.Linear(4, 2), x, t)
+    with pytest.raises(TypeError, match="nn.Module"):
+        backprop_gradient_error("model", x, t)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="tensors"):
+        backprop_gradient_error(stack(1, 2), [1.0], t)  # type: ignore[arg-type]
+    frozen = stack(1, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="requires grad"):
+        backprop_gradient_error(frozen, x, t)

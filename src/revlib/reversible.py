@@ -45,6 +45,7 @@ from revlib._recompute import (
 )
 from revlib.blocks import ResidualBlock, conv_residual
 from revlib.runtime import resolve_device
+from revlib.verify import relative_error
 
 __all__ = [
     "FeedForward",
@@ -54,6 +55,7 @@ __all__ = [
     "ReversibleSequence",
     "ReversibleTransformer",
     "SelfAttention",
+    "backprop_gradient_error",
 ]
 
 Stage = Callable[..., nn.Module]  # builds one stage from its blocks: stage(*blocks)
@@ -300,6 +302,80 @@ class ReversibleSequence(BlockSequence):
         for block in reversed(self.blocks):
             y = block.inverse(y)
         return y
+
+
+def backprop_gradient_error(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    loss: Callable[[Tensor, Tensor], Tensor] | None = None,
+) -> float:
+    r"""How far the gradients that ``model``'s reversible sequences compute from rebuilt activations are from
+    ordinary backprop's through the same blocks, the same weights and the same batch:
+
+    .. math:: \frac{\lVert g_{\text{rev}} - g_{\text{bp}} \rVert}{\lVert g_{\text{bp}} \rVert},
+              \qquad g = \nabla_\theta\, \ell\big(\text{model}(x), t\big),
+
+    over all parameters :math:`\theta` that require grad, flattened into one vector (Frobenius norm).
+    :math:`g_{\text{rev}}` runs every :class:`ReversibleSequence` inside ``model`` with
+    ``memory_saving=True`` (activations rebuilt by :meth:`ReversibleBlock.inverse` in the backward pass), :math:`g_{\text{bp}}`
+    with ``memory_saving=False`` (every activation stored). In exact arithmetic the two are equal; the
+    difference is the rounding error of the rebuilt activations carried into the gradient. Both passes start
+    from the same random state (dropout masks alike) and the same buffers, and the model is left as it was
+    found: its options, its buffers (BatchNorm running statistics) and the caller's random state.
+
+    Args:
+        model: a module holding at least one :class:`ReversibleSequence`, in the mode (train or eval) to
+            measure.
+        inputs: a batch for ``model``.
+        targets: what ``loss`` compares the output with.
+        loss: ``loss(output, targets)``, a scalar; cross-entropy when ``None``.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module`` or ``inputs``/``targets`` are not tensors.
+        ValueError: ``model`` holds no :class:`ReversibleSequence` or no parameter that requires grad.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
+        raise TypeError("inputs and targets must be tensors")
+    sequences = [m for m in model.modules() if isinstance(m, ReversibleSequence)]
+    if not sequences:
+        raise ValueError("model holds no ReversibleSequence: there is nothing to compare with backprop")
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    if not parameters:
+        raise ValueError("model has no parameter that requires grad")
+    loss = nn.functional.cross_entropy if loss is None else loss
+    options = [s.memory_saving for s in sequences]
+    buffers = [b.detach().clone() for b in model.buffers()]
+    devices = [inputs.device] if inputs.device.type == "cuda" else []
+    gradients: list[Tensor] = []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            cpu_state = torch.get_rng_state()
+            cuda_state = torch.cuda.get_rng_state(inputs.device) if devices else None
+            for memory_saving in (True, False):
+                torch.set_rng_state(cpu_state)
+                if cuda_state is not None:
+                    torch.cuda.set_rng_state(cuda_state, inputs.device)
+                with torch.no_grad():
+                    for buffer, saved in zip(model.buffers(), buffers):
+                        buffer.copy_(saved)
+                for sequence in sequences:
+                    sequence.memory_saving = memory_saving
+                value = loss(model(inputs), targets)
+                grads = torch.autograd.grad(value, parameters, allow_unused=True)
+                gradients.append(torch.cat([
+                    (torch.zeros_like(p) if g is None else g).flatten()
+                    for p, g in zip(parameters, grads)
+                ]))
+    finally:
+        for sequence, option in zip(sequences, options):
+            sequence.memory_saving = option
+        with torch.no_grad():
+            for buffer, saved in zip(model.buffers(), buffers):
+                buffer.copy_(saved)
+    return relative_error(gradients[0], gradients[1])
 
 
 def _downsample(in_channels: int, out_channels: int) -> nn.Sequential:
