@@ -590,7 +590,7 @@ def train_with_cosine_schedule(
     .. math:: \eta_t = \tfrac12\,\eta_0\,\big(1 + \cos(\pi t / T)\big),
 
     falling from :math:`\eta_0` = ``learning_rate`` to 0 at the end of training. The batches are drawn
-    as in :func:`revlib.fit`, without a progress bar.
+    as in :func:`revlib.training.fit`, without a progress bar.
 
     Returns:
         The :class:`revlib.training.History` of the run.
