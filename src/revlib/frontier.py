@@ -57,7 +57,7 @@ from revlib.adjoint import ODEResNet
 from revlib.blocks import ResidualBlock, conv_residual, mlp_residual
 from revlib.checkpoint import CheckpointedSequence, Offloaded
 from revlib.data import load_digits
-from revlib.measure import StepMemory, compare_times, step_memory
+from revlib.measure import StepMemory, compare_times, count_calls, step_memory
 from revlib.momentum import MomentumSequence
 from revlib.pytorch_tools import Autocast, BudgetCompiled, SelectiveCheckpointed, TorchCheckpointed
 from revlib.reversible import ReversibleBlock, ReversibleSequence
@@ -224,25 +224,6 @@ def methods(family: str, depth: int, width: int, device: torch.device | str | No
     return built
 
 
-def _evaluations(modules: list[nn.Module], fn: Callable[..., object], *args: object) -> int:
-    """Evaluations of ``modules`` begun during ``fn(*args)``, counted by forward pre-hooks: PyTorch's
-    checkpoint stops a recomputation once it has rebuilt the last tensor the backward pass needs, before the
-    module's forward returns, so hooks on its end would miss it."""
-    calls = 0
-
-    def count(*_: object) -> None:
-        nonlocal calls
-        calls += 1
-
-    hooks = [module.register_forward_pre_hook(count) for module in modules]
-    try:
-        fn(*args)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return calls
-
-
 def _gradients(model: nn.Module, inputs: Tensor, targets: Tensor, micro_batches: int = 1) -> list[Tensor]:
     model.zero_grad()
     for part, labels in zip(inputs.tensor_split(micro_batches), targets.tensor_split(micro_batches)):
@@ -298,7 +279,7 @@ def frontier(family: str = "conv", depth: int = 16, width: int = 32, batch: int 
         model = network.model
         recomputations = math.nan  # a compiled graph's evaluations are out of the hooks' reach
         if network.functions:
-            calls = _evaluations(network.functions, _gradients, model, inputs, targets, network.micro_batches)
+            calls = count_calls(network.functions, _gradients, model, inputs, targets, network.micro_batches)
             recomputations = calls / (len(network.functions) * network.micro_batches) - 1
         memory = step_memory(model, inputs, targets, optimizer, micro_batches=network.micro_batches)  # a steady-state step
         rows.append(FrontierRow(name, memory, times[name], errors[name], recomputations))

@@ -161,7 +161,9 @@ def count_calls(modules: Iterable[nn.Module], fn: Callable[..., Any], *args: Any
     """How many times the ``modules`` together ran their forward during ``fn(*args, **kwargs)``.
 
     Counts evaluations of a network's blocks in one step, e.g. the recomputations of a checkpointing schedule:
-    ``count_calls(model.blocks, forward_backward, model, inputs)``. Counted with forward hooks, removed afterwards.
+    ``count_calls(model.blocks, forward_backward, model, inputs)``. Counted with forward pre-hooks (removed
+    afterwards), so an evaluation counts when it begins: PyTorch's checkpoint stops a recomputation once it has
+    rebuilt the last tensor the backward pass needs, before the module's forward returns.
     """
     calls = 0
 
@@ -169,7 +171,7 @@ def count_calls(modules: Iterable[nn.Module], fn: Callable[..., Any], *args: Any
         nonlocal calls
         calls += 1
 
-    hooks = [module.register_forward_hook(count) for module in modules]
+    hooks = [module.register_forward_pre_hook(count) for module in modules]
     try:
         fn(*args, **kwargs)
     finally:
