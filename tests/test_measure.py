@@ -128,6 +128,7 @@ def test_fit_line_recovers_lines_and_power_laws() -> None:
     assert line.slope == pytest.approx(2) and line.intercept == pytest.approx(3) and line.r_squared == pytest.approx(1)
     power = fit_line([4, 8, 16, 32], [1 / 4**2, 1 / 8**2, 1 / 16**2, 1 / 32**2], loglog=True)
     assert power.slope == pytest.approx(-2)
+    assert line.predict(10) == pytest.approx(23) and power.predict(64) == pytest.approx(1 / 64**2)
     noisy = fit_line([1, 2, 3, 4], [1, 3, 2, 4])
     assert 0 < noisy.r_squared < 1
     with pytest.raises(ValueError, match="at least 2"):

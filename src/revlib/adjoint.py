@@ -6,7 +6,7 @@ A ResNet with :math:`N` blocks and step :math:`h = 1/N`,
 
     x_{n+1} = x_n + h\, f_n(x_n), \qquad n = 0, \dots, N-1,
 
-is the explicit Euler scheme for the ODE :math:`\dot x(s) = f(x(s), \theta(s))` on :math:`s \in [0, 1]`
+is the explicit Euler scheme for the ODE :math:`\dot x(t) = f(x(t), \theta(t))` on :math:`t \in [0, 1]`
 when :math:`f_n = f(\cdot, \theta(n/N))`. Heun's scheme adds a corrector,
 
 .. math::
@@ -492,11 +492,11 @@ class ODEResNet(BlockSequence):
 def smooth_in_depth_(model: ODEResNet, *, modes: int = 3, generator: torch.Generator | None = None) -> ODEResNet:
     r"""Give the residual functions weights that vary smoothly with depth, in place.
 
-    Every parameter becomes a smooth function of the depth :math:`s_n = n/(N-1) \in [0, 1]`,
+    Every parameter becomes a smooth function of the depth :math:`t_n = n/(N-1) \in [0, 1]`,
 
     .. math::
 
-        \theta_n = \frac{1}{\sqrt{K}} \sum_{k=0}^{K-1} A_k \cos(k \pi s_n),
+        \theta_n = \frac{1}{\sqrt{K}} \sum_{k=0}^{K-1} A_k \cos(k \pi t_n),
 
     where the :math:`A_k` are independent copies of what the first residual function's parameter was
     initialised with, shuffled entrywise (so each has that initialisation's distribution). Consecutive
@@ -616,7 +616,7 @@ def roughness_in_depth(model: ODEResNet) -> float:
     .. math:: \rho = \frac{1}{N-1} \sum_{n=0}^{N-2} \frac{\lVert \theta_{n+1} - \theta_n \rVert}{\lVert \theta_n \rVert},
 
     with :math:`\theta_n` all of function :math:`n`'s parameters, concatenated. Weights that are samples of a
-    smooth :math:`\theta(s)` give :math:`\rho = O(1/N)`; independent draws of equal size give
+    smooth :math:`\theta(t)` give :math:`\rho = O(1/N)`; independent draws of equal size give
     :math:`\rho \approx \sqrt2`, at any depth.
 
     Raises:

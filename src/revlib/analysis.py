@@ -7,6 +7,7 @@ is that fit, with its :math:`R^2`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -22,6 +23,14 @@ class LineFit:
     slope: float
     intercept: float
     r_squared: float
+    loglog: bool = False
+
+    def predict(self, x: float) -> float:
+        r"""The line's value at ``x``: :math:`\text{slope}\cdot x + \text{intercept}`, or for a log-log fit the
+        power law :math:`e^{\text{intercept}}\, x^{\text{slope}}`."""
+        if self.loglog:
+            return math.exp(self.intercept) * x**self.slope
+        return self.slope * x + self.intercept
 
 
 def fit_line(x: Iterable[float], y: Iterable[float], *, loglog: bool = False) -> LineFit:
@@ -45,4 +54,4 @@ def fit_line(x: Iterable[float], y: Iterable[float], *, loglog: bool = False) ->
     residual = ys - design @ solution
     total = (ys - ys.mean()).pow(2).sum()
     r_squared = 1.0 - (residual.pow(2).sum() / total).item() if total > 0 else 1.0
-    return LineFit(solution[0].item(), solution[1].item(), r_squared)
+    return LineFit(solution[0].item(), solution[1].item(), r_squared, loglog)
