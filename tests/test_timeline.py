@@ -258,6 +258,9 @@ def test_plot_timeline_stacks_the_categories_and_names_the_phases() -> None:
     shown = [name for name in CATEGORIES if timeline.largest[name]]
     assert sorted(text.get_text() for text in axis.get_legend().get_texts()) == sorted(name.replace("_", " ") for name in shown)
     assert axis.get_ylim()[1] >= timeline.peak / 2**10
+    renderer = figure.canvas.get_renderer()
+    title = axis.title.get_window_extent(renderer)
+    assert not any(text.get_window_extent(renderer).overlaps(title) for text in axis.texts), "a phase's name runs into the title"
     with pytest.raises(ValueError, match="unit must be one of"):
         plotting.plot_timeline(timeline, unit="MB")
 

@@ -271,11 +271,13 @@ def plot_timeline(timeline: MemoryTimeline, *, ax: plt.Axes | None = None, title
                  colors=[CATEGORY_COLOURS[name] for name in shown], labels=[name.replace("_", " ") for name in shown], alpha=0.85)
     for index, phase in enumerate(timeline.phases):
         ax.axvspan(phase.start * 1e3, phase.end * 1e3, color="0.5", alpha=0.12 if index % 2 == 0 else 0.06, lw=0)
-        ax.text((phase.start + phase.end) / 2 * 1e3, 1.01 + 0.06 * (index % 2), phase.name, transform=ax.get_xaxis_transform(),
-                ha="center", va="bottom", fontsize=8)  # staggered, so that the names of short phases do not overlap
+        # staggered, so that the names of short phases do not overlap; offsets in points, so that they stay
+        # below the title whatever the axes' height
+        ax.annotate(phase.name, xy=((phase.start + phase.end) / 2 * 1e3, 1.0), xycoords=("data", "axes fraction"),
+                    xytext=(0, 2 + 10 * (index % 2)), textcoords="offset points", ha="center", va="bottom", fontsize=8)
     ax.axhline(timeline.peak / scale, color="0.25", lw=0.8, ls="--")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), reverse=True)
     ax.set(xlabel="time (ms)", ylabel=f"memory ({unit})", xlim=(0, milliseconds[-1]), ylim=(0, timeline.peak / scale * 1.08))
     default = f"peak {timeline.peak / scale:.3g} {unit}, of which the call adds {timeline.added_peak / scale:.3g}"
-    ax.set_title(default if title is None else title, pad=24)  # room for the phases' names
+    ax.set_title(default if title is None else title, pad=26)  # room for the phases' names (22 points)
     return ax.figure
