@@ -17,9 +17,11 @@ shape-preserving residual function, as in an ordinary ResNet, which is the case 
 one that cannot be inverted). The inverse divides by :math:`\gamma`: one inverse step's Jacobian with respect to
 :math:`(x_{n+1}, v_{n+1})` has determinant :math:`\gamma^{-d}` whatever :math:`f_n` is, but how much it
 stretches a rounding error also depends on :math:`f_n`'s Jacobian (more where :math:`f_n` expands, less where
-it contracts), so :math:`\gamma^{-N}` over :math:`N` blocks is an estimate, not a bound. The reconstruction
-is exact to rounding for :math:`\gamma` near 1 and degrades as :math:`\gamma` gets small; as
-:math:`\gamma \to 1` the blocks' contributions shrink by :math:`1 - \gamma` (a different model).
+it contracts moderately, more again where it contracts strongly), so :math:`\gamma^{-N}` over :math:`N`
+blocks is an estimate, not a bound. The reconstruction is exact to rounding for :math:`\gamma` near 1 and
+degrades as :math:`\gamma` gets small. From :math:`v_0 = 0` the output is
+:math:`x_N = x_0 + \sum_n (1 - \gamma^{N-n}) f_n(x_n)`: as :math:`\gamma \to 1` block :math:`n`'s contribution
+shrinks to about :math:`(N - n)(1 - \gamma)` of its residual (a different model).
 
 **Backward pass without stored activations.** :class:`MomentumSequence` keeps only :math:`(x_N, v_N)`.
 Going back through block :math:`n` with the gradients :math:`\bar x_{n+1}, \bar v_{n+1}` of the loss, it
