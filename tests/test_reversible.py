@@ -8,7 +8,19 @@ from allocations import added_peak
 from revlib.verify import finite_difference_gradient, relative_error
 from revlib.measure import saved_tensor_bytes
 from revlib.checkpoint import CheckpointedSequence
-from revlib.reversible import ResNet, ReversibleBlock, ReversibleSequence, ReversibleTransformer, RevNet, backprop_gradient_error
+from revlib.measure import forward_backward, operator_profile
+from revlib.reversible import (
+    ResNet,
+    ReversibleBlock,
+    ReversibleSequence,
+    ReversibleTransformer,
+    RevNet,
+    activation_norms,
+    backprop_gradient_error,
+    gradient_error_during_training,
+    inverse_amplification,
+    replace_modules,
+)
 
 
 every_block = functools.partial(CheckpointedSequence, schedule="every")
@@ -419,3 +431,78 @@ def test_backprop_gradient_error_rejects_bad_input() -> None:
     frozen = stack(1, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="requires grad"):
         backprop_gradient_error(frozen, x, t)
+
+
+def test_activation_norms_follow_the_blocks() -> None:
+    sequence = stack(3, dtype=torch.float64)
+    x = torch.randn(5, 8, dtype=torch.float64)
+    norms = activation_norms(sequence, x)
+    assert len(norms) == 4 and norms[0] == pytest.approx(float(x.norm()))
+    with torch.no_grad():
+        assert norms[-1] == pytest.approx(float(sequence(x).norm()))
+    with pytest.raises(TypeError, match="ReversibleSequence"):
+        activation_norms(nn.Sequential(*sequence.blocks), x)  # type: ignore[arg-type]
+
+
+def test_inverse_amplification_of_identity_like_and_scaled_blocks() -> None:
+    # F = G = 0: the inverse is the identity, so a perturbation comes back unchanged
+    zero = nn.Linear(4, 4)
+    nn.init.zeros_(zero.weight), nn.init.zeros_(zero.bias)
+    identity = ReversibleSequence(ReversibleBlock(zero, zero))
+    x = torch.randn(6, 8)
+    assert inverse_amplification(identity, x) == pytest.approx(1.0, rel=1e-6)
+    # F(x2) = a x2, G = 0: x1 = y1 - a x2 and x2 = y2, so a perturbation (0, d) comes back as (-a d, d);
+    # for a random perturbation the growth lies between 1 and sqrt(1 + a^2) + 1, and grows with a
+    growth = []
+    for a in (1.0, 10.0):
+        f = nn.Linear(4, 4, bias=False)
+        with torch.no_grad():
+            f.weight.copy_(a * torch.eye(4))
+        growth.append(inverse_amplification(ReversibleSequence(ReversibleBlock(f, zero)), x, seed=3))
+    assert 1.0 < growth[0] < 2.5 and growth[1] > 3 * growth[0]
+    # the sequence is left in its dtype, and a float32 sequence is measured without its own rounding
+    sequence, x = stack(8, features=4), torch.randn(5, 8)
+    measured = inverse_amplification(sequence, x)
+    assert next(sequence.parameters()).dtype == torch.float32
+    assert measured == pytest.approx(inverse_amplification(stack(8, features=4, dtype=torch.float64), x.double()), rel=1e-9)
+    with pytest.raises(ValueError, match="positive"):
+        inverse_amplification(sequence, x, size=0.0)
+
+
+def test_replace_modules_swaps_every_relu_and_keeps_the_weights() -> None:
+    torch.manual_seed(0)
+    model = RevNet((4,), 2)
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    assert replace_modules(model, nn.ReLU, nn.GELU) is model
+    assert not any(isinstance(m, nn.ReLU) for m in model.modules())
+    assert sum(isinstance(m, nn.GELU) for m in model.modules()) == 2 * 2 * 2 + 1  # 2 blocks x (F, G) x 2, head
+    assert all(torch.equal(p, weights[name]) for name, p in model.named_parameters())
+    with pytest.raises(TypeError, match="nn.Module"):
+        replace_modules(model, nn.GELU, lambda: "relu")  # type: ignore[arg-type, return-value]
+
+
+def test_gradient_error_during_training_measures_before_and_every_few_steps() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(stack(3, features=4, dtype=torch.float64), nn.Linear(8, 3).double())
+    x, t = torch.randn(16, 8, dtype=torch.float64), torch.randint(0, 3, (16,))
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    errors = gradient_error_during_training(model, x, t, x, t, optimizer, steps=6, every=3, batch_size=4)
+    assert len(errors) == 3 and max(errors) < 1e-12  # float64: rounding only
+    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))  # it trained
+    with pytest.raises(ValueError, match="every"):
+        gradient_error_during_training(model, x, t, x, t, optimizer, every=0)
+
+
+def test_operator_profile_counts_the_operators_of_a_call(capfd: pytest.CaptureFixture[str]) -> None:
+    model = nn.Sequential(stack(2, features=4), nn.Linear(8, 2))
+    x = torch.randn(3, 8)
+    profile = operator_profile(forward_backward, model, x)
+    assert sum(share for share, _ in profile.values()) == pytest.approx(1.0)
+    assert profile["aten::cat"][1] == 1  # the last block's output (the input needs no gradient)
+    plain = operator_profile(forward_backward, nn.Sequential(*model[0].blocks, model[1]), x)
+    # one per block in the forward pass, and the backward of the second block's split joins its input's gradients
+    assert plain["aten::cat"][1] == 3
+    shares = [share for share, _ in profile.values()]
+    assert shares == sorted(shares, reverse=True)
+    assert capfd.readouterr().err == ""  # the profiler's start and stop messages are silenced

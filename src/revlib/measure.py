@@ -15,7 +15,8 @@ Three instruments, from the most to the least abstract:
   reads the peak resident set size of that process (Linux's ``VmHWM``, reset just before the step; where
   it cannot be reset, the peak so far is first occupied by a ballast buffer).
 * :func:`time_call` times a call with warm-up, repeats and the median, synchronising the accelerator;
-  :func:`compare_times` times several calls in turns.
+  :func:`compare_times` times several calls in turns, and :func:`operator_profile` splits one call's time by
+  PyTorch operator.
 
 :func:`step_memory` gives the bill of one training step (:func:`revlib.training.training_step`) by
 category, from PyTorch's memory profiler (:func:`revlib.timeline.memory_timeline`): parameters, gradients, optimiser
@@ -54,6 +55,7 @@ __all__ = [
     "compare_times",
     "count_calls",
     "forward_backward",
+    "operator_profile",
     "peak_memory",
     "saved_tensor_bytes",
     "step_memory",
@@ -431,6 +433,42 @@ def compare_times(
         for name, call in calls.items():
             samples[name].extend(time_call(call, warmup=0, repeats=1, device=device).times)
     return {name: Timing(tuple(values)) for name, values in samples.items()}
+
+
+class _quiet_stderr:
+    """Send the process's standard error (file descriptor 2, which C++ libraries write to) to the null device
+    for the duration of a ``with`` block."""
+
+    def __enter__(self) -> None:
+        sys.stderr.flush()
+        self._saved = os.dup(2)
+        self._null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(self._null, 2)
+
+    def __exit__(self, *exception: Any) -> None:
+        sys.stderr.flush()
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        os.close(self._null)
+
+def operator_profile(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, tuple[float, int]]:
+    """Where one call ``fn(*args, **kwargs)`` spends its time, by PyTorch operator, from ``torch.profiler``:
+    ``{name: (share, calls)}`` with ``share`` the operator's self CPU time over the total self CPU time of the
+    call (the shares add up to 1) and ``calls`` how many times it ran, most expensive first.
+
+    Self time counts an operator without the operators it calls, so ``aten::cat`` is the concatenations
+    themselves. On a GPU the CPU time is what launching the kernels costs, not what they run for. The counts
+    are exact; the shares vary from run to run like any timing. The profiler's own start and stop messages
+    (written by its C++ library to the standard error) are silenced; what ``fn`` writes there is lost too.
+    """
+    from torch.profiler import profile
+
+    with _quiet_stderr(), profile() as profiler:
+        fn(*args, **kwargs)
+    events = profiler.key_averages()
+    total = sum(event.self_cpu_time_total for event in events) or 1.0
+    shares = {event.key: (event.self_cpu_time_total / total, event.count) for event in events}
+    return dict(sorted(shares.items(), key=lambda item: -item[1][0]))
 
 
 @dataclass(frozen=True)
