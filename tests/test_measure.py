@@ -219,3 +219,23 @@ def test_saved_tensors_counts_a_shared_storage_once_and_honours_exclude() -> Non
     assert saved.by_name({"x": x, "x again": x[0], "w": w}) == {"x": x.nbytes, "x again": 0, "w": 0, "other": 0}
     with pytest.raises(ValueError, match='"other"'):
         saved.by_name({"other": x})
+
+
+def test_step_memory_floor_holds_a_persistent_state_with_the_activations() -> None:
+    """A steady step holds the optimiser's state while the activations are at their most; a first step
+    creates it in the update. The floor says so, and both floors stay below their peaks."""
+    from revlib.measure import StepMemory, step_memory
+
+    parts = dict(parameters=10, gradients=10, optimizer_state=20, activations=50, inputs=5, peak=100, at_peak={})
+    assert StepMemory(**parts, timeline=None).floor == 10 + 5 + 50 + 20  # type: ignore[arg-type]
+    assert StepMemory(**parts, timeline=None, persistent_state=False).floor == 10 + 5 + 50  # type: ignore[arg-type]
+    assert StepMemory(**{**parts, "activations": 5}, timeline=None).floor == 10 + 5 + 10 + 20  # type: ignore[arg-type]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    inputs, targets = torch.randn(1024, 64), torch.randint(0, 10, (1024,))
+    steady = step_memory(model, inputs, targets, "adam")
+    first = step_memory(model, inputs, targets, "adam", first_step=True)
+    assert steady.persistent_state and not first.persistent_state
+    state_and_activations = steady.parameters + steady.inputs + steady.activations + steady.optimizer_state
+    assert steady.floor == state_and_activations <= steady.peak
+    assert first.floor < steady.floor and first.floor <= first.peak

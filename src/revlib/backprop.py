@@ -4,22 +4,25 @@ An :class:`MLP` with layers :math:`l = 1, \dots, L` computes, for a mini-batch w
 
 .. math::
 
-    z_l = h_{l-1} W_l^\top + b_l, \qquad h_l = \sigma(z_l) \ (l < L), \qquad o = z_L, \qquad h_0 = x,
+    Z_l = H_{l-1} W_l^\top + \mathbf 1 b_l^\top, \qquad H_l = \sigma(Z_l) \ (l < L), \qquad O = Z_L, \qquad H_0 = X,
 
-and is trained on the objective :math:`J = L + s` with weight decay
-:math:`s = \tfrac{\lambda}{2}\sum_l \lVert W_l\rVert_F^2` (biases are not decayed). The backward pass
+and is trained on the objective :math:`\mathcal L_\lambda = \mathcal L + \Omega` with weight decay
+:math:`\Omega = \tfrac{\lambda}{2}\sum_l \lVert W_l\rVert_F^2` (biases are not decayed). The backward pass
 applies the chain rule layer by layer, from the output down:
 
 .. math::
 
-    \delta_L = \frac{\partial L}{\partial o}, \qquad
-    \frac{\partial J}{\partial W_l} = \delta_l^\top h_{l-1} + \lambda W_l, \qquad
-    \frac{\partial J}{\partial b_l} = \mathbf 1^\top \delta_l, \qquad
-    \delta_{l-1} = \left(\delta_l W_l\right) \odot \sigma'(z_{l-1}).
+    \Delta_L = \frac{\partial \mathcal L}{\partial O}, \qquad
+    \frac{\partial \mathcal L_\lambda}{\partial W_l} = \Delta_l^\top H_{l-1} + \lambda W_l, \qquad
+    \frac{\partial \mathcal L_\lambda}{\partial b_l} = \Delta_l^\top \mathbf 1, \qquad
+    \Delta_{l-1} = \left(\Delta_l W_l\right) \odot \sigma'(Z_{l-1}),
+
+with :math:`\Delta_l = \partial \mathcal L_\lambda / \partial Z_l`, whose row :math:`b` is example :math:`b`'s
+neuron error :math:`\delta_l^\top` (divided by :math:`B` for a mean loss).
 
 No autograd is involved: the forward pass keeps exactly what these equations read later, the layer
-inputs :math:`h_0, \dots, h_{L-1}` (for ReLU, sigmoid and tanh, :math:`\sigma'(z)` is a function of
-:math:`h = \sigma(z)`, so :math:`z` need not be kept). That cache *is* the memory bill of training.
+inputs :math:`H_0, \dots, H_{L-1}` (for ReLU, sigmoid and tanh, :math:`\sigma'(z)` is a function of
+:math:`h = \sigma(z)`, so :math:`Z` need not be kept). That cache *is* the memory bill of training.
 """
 
 from __future__ import annotations
@@ -45,10 +48,10 @@ LossName = Literal["cross_entropy", "squared"]
 def loss_and_gradient(outputs: Tensor, targets: Tensor, loss: LossName) -> tuple[Tensor, Tensor]:
     r"""The mean loss over a batch of :math:`B` examples and its gradient with respect to the outputs.
 
-    * ``"cross_entropy"``: :math:`L = -\frac1B\sum_i \log \operatorname{softmax}(o_i)_{y_i}`, with
-      :math:`\partial L / \partial o = (\operatorname{softmax}(o) - \operatorname{onehot}(y)) / B`.
-    * ``"squared"``: :math:`L = \frac{1}{2B}\sum_i \lVert o_i - y_i\rVert^2`, with
-      :math:`\partial L / \partial o = (o - y) / B`.
+    * ``"cross_entropy"``: :math:`\mathcal L = -\frac1B\sum_i \log \operatorname{softmax}(o_i)_{y_i}`, with
+      :math:`\partial \mathcal L / \partial o = (\operatorname{softmax}(o) - \operatorname{onehot}(y)) / B`.
+    * ``"squared"``: :math:`\mathcal L = \frac{1}{2B}\sum_i \lVert o_i - y_i\rVert^2`, with
+      :math:`\partial \mathcal L / \partial o = (o - y) / B`.
 
     Args:
         outputs: ``(B, C)`` logits or predictions.
@@ -78,7 +81,7 @@ def loss_and_gradient(outputs: Tensor, targets: Tensor, loss: LossName) -> tuple
 
 @dataclass
 class Gradients:
-    r""":math:`\partial J/\partial W_l` and :math:`\partial J/\partial b_l` for every layer, first layer first."""
+    r""":math:`\partial \mathcal L_\lambda/\partial W_l` and :math:`\partial \mathcal L_\lambda/\partial b_l` for every layer, first layer first."""
 
     weights: list[Tensor]
     biases: list[Tensor]
@@ -93,7 +96,7 @@ class MLP:
 
     A teaching object, not an ``nn.Module``: its weights are plain tensors (``weights``, ``biases``,
     :meth:`tensors`), :meth:`forward` returns the outputs *and* the cache of layer inputs, and
-    :meth:`backward` turns that cache and :math:`\partial L/\partial o` into the gradients. :meth:`to_module`
+    :meth:`backward` turns that cache and :math:`\partial \mathcal L/\partial o` into the gradients. :meth:`to_module`
     gives the same network as an ``nn.Sequential`` for autograd to check it against.
 
     Weights are drawn as :math:`W_l \sim \mathcal N(0, g^2/n_{l-1})` with gain :math:`g = \sqrt 2` for ReLU
@@ -173,44 +176,55 @@ class MLP:
         cache = []
         h = inputs
         for layer, (weight, bias) in enumerate(zip(self.weights, self.biases)):
-            cache.append(h)  # h_{l-1}: read by ∂J/∂W_l, and through σ'(z_{l-1}) by δ_{l-1}
+            cache.append(h)  # h_{l-1}: read by ∂ℒ_λ/∂W_l, and through σ'(z_{l-1}) by δ_{l-1}
             z = h @ weight.T + bias  # (B, n_l)
             h = z if layer == self.depth - 1 else self.activation.forward(z)
         return h, cache
 
     def backward(self, cache: list[Tensor], output_gradient: Tensor) -> Gradients:
-        r"""Backward propagation from :math:`\delta_L = \partial L/\partial o` down to the first layer.
+        r"""Backward propagation from :math:`\delta_L = \partial \mathcal L/\partial o` down to the first layer.
 
         Args:
             cache: the cache returned by :meth:`forward`.
-            output_gradient: :math:`\partial L/\partial o`, ``(B, n_L)``.
+            output_gradient: :math:`\partial \mathcal L/\partial o`, ``(B, n_L)``.
 
         Returns:
-            :math:`\partial J/\partial W_l` (weight decay included) and :math:`\partial J/\partial b_l`.
+            :math:`\partial \mathcal L_\lambda/\partial W_l` (weight decay included) and :math:`\partial \mathcal L_\lambda/\partial b_l`.
 
         Raises:
             ValueError: the cache or the gradient does not match this network.
         """
-        if len(cache) != self.depth:
-            raise ValueError(f"cache must hold {self.depth} layer inputs, got {len(cache)}")
-        if output_gradient.dim() != 2 or output_gradient.shape != (cache[0].shape[0], self.sizes[-1]):
-            raise ValueError(f"output_gradient must have shape ({cache[0].shape[0]}, {self.sizes[-1]}), got {tuple(output_gradient.shape)}")
+        self._check_backward(cache, output_gradient)
         weight_gradients: list[Tensor] = [torch.empty(0)] * self.depth
         bias_gradients: list[Tensor] = [torch.empty(0)] * self.depth
-        delta = output_gradient  # δ_L = ∂L/∂o, (B, n_L)
+        derivative = self.activation.derivative_from_output
+        # Δ_L = ∂ℒ/∂O, (B, n_L): row b is example b's δ_L
+        delta = output_gradient
+        # layer = l - 1, counting from 0: W_l is weights[layer]
         for layer in reversed(range(self.depth)):
-            h_previous = cache[layer]  # h_{l-1}, (B, n_{l-1})
+            # H_{l-1}, the input of layer l, (B, n_{l-1})
+            h_previous = cache[layer]
             weight = self.weights[layer]
-            weight_gradients[layer] = delta.T @ h_previous + self.weight_decay * weight  # δ_lᵀ h_{l-1} + λ W_l
-            bias_gradients[layer] = delta.sum(dim=0)  # 1ᵀ δ_l
-            if layer > 0:  # the input x needs no gradient
-                delta = delta @ weight  # δ_l W_l, (B, n_{l-1})
+            # Δ_lᵀ H_{l-1} + λ W_l and 1ᵀ Δ_l: sums over the examples
+            weight_gradients[layer] = delta.T @ h_previous + self.weight_decay * weight
+            bias_gradients[layer] = delta.sum(dim=0)
+            # the input x needs no gradient
+            if layer > 0:
+                # Δ_{l-1} = (Δ_l W_l) ⊙ σ'(Z_{l-1}), σ' read off H_{l-1}
+                delta = delta @ weight
                 if not self.linear_backprop:
-                    delta = delta * self.activation.derivative_from_output(h_previous)  # δ_{l-1} = (δ_l W_l) ⊙ σ'(z_{l-1})
+                    delta = delta * derivative(h_previous)
         return Gradients(weight_gradients, bias_gradients)
 
+    def _check_backward(self, cache: list[Tensor], output_gradient: Tensor) -> None:
+        if len(cache) != self.depth:
+            raise ValueError(f"cache must hold {self.depth} layer inputs, got {len(cache)}")
+        expected = (cache[0].shape[0], self.sizes[-1])
+        if output_gradient.dim() != 2 or output_gradient.shape != expected:
+            raise ValueError(f"output_gradient must have shape {expected}, got {tuple(output_gradient.shape)}")
+
     def objective(self, inputs: Tensor, targets: Tensor, loss: LossName = "cross_entropy") -> tuple[Tensor, Tensor]:
-        r"""The data loss :math:`L` and the weight-decay term :math:`s` (so :math:`J = L + s`)."""
+        r"""The data loss :math:`\mathcal L` and the weight-decay term :math:`\Omega` (so :math:`\mathcal L_\lambda = \mathcal L + \Omega`)."""
         outputs, _ = self.forward(inputs)
         value, _ = loss_and_gradient(outputs, targets, loss)
         return value, self._decay()
@@ -219,7 +233,7 @@ class MLP:
         return 0.5 * self.weight_decay * sum(weight.pow(2).sum() for weight in self.weights)
 
     def gradients(self, inputs: Tensor, targets: Tensor, loss: LossName = "cross_entropy") -> tuple[Tensor, Gradients]:
-        r"""One forward and one backward pass: the objective :math:`J` and its gradients."""
+        r"""One forward and one backward pass: the objective :math:`\mathcal L_\lambda` and its gradients."""
         outputs, cache = self.forward(inputs)
         value, output_gradient = loss_and_gradient(outputs, targets, loss)
         return value + self._decay(), self.backward(cache, output_gradient)
@@ -251,11 +265,11 @@ class MLP:
         progress: bool = True,
     ) -> History:
         r"""Plain stochastic gradient descent with the hand-written gradients:
-        :math:`W_l \leftarrow W_l - \eta\, \partial J/\partial W_l`, :math:`b_l \leftarrow b_l - \eta\, \partial J/\partial b_l`.
+        :math:`W_l \leftarrow W_l - \eta\, \partial \mathcal L_\lambda/\partial W_l`, :math:`b_l \leftarrow b_l - \eta\, \partial \mathcal L_\lambda/\partial b_l`.
 
         Mini-batches are drawn exactly as :func:`revlib.training.fit` draws them, so an autograd twin trained
         with ``fit`` from the same initialisation sees the same batches. The history records the data loss
-        :math:`L`.
+        :math:`\mathcal L`.
         """
         if learning_rate <= 0:
             raise ValueError(f"learning_rate must be positive, got {learning_rate}")

@@ -490,6 +490,8 @@ class StepMemory:
         peak: the most bytes held at once during the step.
         at_peak: category → bytes at the moment of the peak; they sum to ``peak``.
         timeline: the whole measurement, to plot (:func:`revlib.plotting.plot_timeline`).
+        persistent_state: whether the optimiser's state was there before the step and stays through it (a
+            steady-state step), rather than created in the update (a first step).
     """
 
     parameters: int
@@ -500,6 +502,7 @@ class StepMemory:
     peak: int
     at_peak: Mapping[str, int] = field(repr=False)
     timeline: MemoryTimeline = field(repr=False, compare=False)
+    persistent_state: bool = True
 
     @property
     def parts(self) -> int:
@@ -508,10 +511,13 @@ class StepMemory:
 
     @property
     def floor(self) -> int:
-        """What the step must hold at once at some moment, the parameters and the batch, and either all
-        activations (at the end of the forward pass) or the gradients and the optimiser state (during the
-        update). The peak is at least this, and above :attr:`parts` only by temporaries."""
-        return self.parameters + self.inputs + max(self.activations, self.gradients + self.optimizer_state)
+        """What the step must hold at once at some moment: the parameters and the batch, and either the
+        activations at their most (in the forward pass; with the optimiser's state too when that state
+        persists from step to step) or the gradients and the optimiser state (during the update). The peak
+        is at least this, and above :attr:`parts` only by temporaries."""
+        held_with_activations = self.optimizer_state if self.persistent_state else 0
+        update = self.gradients + self.optimizer_state
+        return self.parameters + self.inputs + max(self.activations + held_with_activations, update)
 
 
 def _first_step(model: nn.Module, inputs: Tensor, targets: Tensor, optimizer: str) -> None:
@@ -551,4 +557,5 @@ def step_memory(model: nn.Module, inputs: Tensor, targets: Tensor, optimizer: st
         peak=timeline.peak,
         at_peak=timeline.at_peak,
         timeline=timeline,
+        persistent_state=not first_step,
     )

@@ -178,11 +178,7 @@ def draw_graph(
     xs = [x for x, _ in positions.values()]
     ys = [y for _, y in positions.values()]
     figure, axis = plt.subplots(figsize=(1.0 * (max(xs) - min(xs) + 2), 1.0 * (max(ys) - min(ys) + 1.6)))
-    for source, target in edges:
-        axis.annotate(
-            "", xy=positions[target], xytext=positions[source],
-            arrowprops={"arrowstyle": "-|>", "color": "0.35", "shrinkA": 16, "shrinkB": 16, "lw": 1.3},
-        )
+    nodes = {}
     for name, (x, y) in positions.items():
         if name in operators:
             box = {"boxstyle": "circle,pad=0.3", "facecolor": "white", "edgecolor": PALETTE[1]}
@@ -192,9 +188,20 @@ def draw_graph(
             box = {"boxstyle": "round,pad=0.4", "facecolor": "white", "edgecolor": PALETTE[0]}
         else:
             box = {"boxstyle": "round,pad=0.4", "facecolor": "#DCEBF7", "edgecolor": PALETTE[0]}
-        axis.text(x, y, labels.get(name, name), ha="center", va="center", fontsize=12, bbox=box)
+        nodes[name] = axis.text(x, y, labels.get(name, name), ha="center", va="center", fontsize=12, bbox=box)
         if stored.get(name):
-            axis.text(x, y - 0.42, stored[name], ha="center", va="top", fontsize=9, color="0.25")
+            # on a white ground above the arrows, so that an edge leaving the box downwards does not cross it
+            axis.text(x, y - 0.42, stored[name], ha="center", va="top", fontsize=9, color="0.25", zorder=4,
+                      bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none"})
+    # each arrow is clipped to the outlines of its two nodes, so that it ends at the node's edge whatever
+    # its size (a large operator circle would hide an arrowhead that stops a fixed distance from the centre)
+    for source, target in edges:
+        start, end = nodes[source].get_bbox_patch(), nodes[target].get_bbox_patch()
+        axis.annotate(
+            "", xy=positions[target], xytext=positions[source],
+            arrowprops={"arrowstyle": "-|>", "color": "0.35", "lw": 1.3, "patchA": start, "patchB": end,
+                        "shrinkA": 3, "shrinkB": 3},
+        )
     axis.set(xlim=(min(xs) - 0.7, max(xs) + 0.7), ylim=(min(ys) - (1.0 if stored else 0.7), max(ys) + 0.7), title=title or "")
     axis.set_aspect("equal")
     axis.axis("off")
@@ -279,5 +286,5 @@ def plot_timeline(timeline: MemoryTimeline, *, ax: plt.Axes | None = None, title
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), reverse=True)
     ax.set(xlabel="time (ms)", ylabel=f"memory ({unit})", xlim=(0, milliseconds[-1]), ylim=(0, timeline.peak / scale * 1.08))
     default = f"peak {timeline.peak / scale:.3g} {unit}, of which the call adds {timeline.added_peak / scale:.3g}"
-    ax.set_title(default if title is None else title, pad=26)  # room for the phases' names (22 points)
+    ax.set_title(default if title is None else title, pad=30)  # room for the phases' names (22 points)
     return ax.figure
