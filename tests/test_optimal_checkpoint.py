@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from allocations import added_peak
-from revlib._rotor import checkpoint_plan_actions, simulate
+from revlib._rotor import Simulation, checkpoint_plan_actions, simulate
 from revlib.checkpoint import BlockCosts, CheckpointedSequence, check_plan, checkpoint_plan, measure_block_costs, optimal_recomputations
 from revlib.measure import count_calls
 from revlib.verify import relative_error
@@ -198,3 +198,36 @@ def test_measured_costs_follow_the_shapes() -> None:
     assert all(t > 0 for t in costs.forward_time) and all(t >= 0 for t in costs.backward_time)
     with_mask = unequal_blocks([8, 16], dropout=0.5)
     assert measure_block_costs(with_mask, x, repeats=1, warmup=0).activation_bytes[0] > 0, "dropout's mask is saved"
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.3, 1.0])
+def test_simulate_prices_any_plan_and_revolve_is_never_faster_within_the_budget(fraction: float) -> None:
+    costs = flop_costs(RESNET_WIDTHS, batch=4, graph=[3 * 4 * 4 * w for w in RESNET_WIDTHS[1:]])
+    everything = sum(costs.input_bytes) + sum(costs.activation_bytes)
+    budget = costs.least_budget + fraction * (everything - costs.least_budget)
+    optimal = checkpoint_plan(costs.steps, "optimal", costs=costs, budget=budget)
+    assert costs.simulate(optimal) == Simulation(optimal.predicted_time, optimal.predicted_peak)
+    fitting = [costs.simulate(checkpoint_plan(costs.steps, "revolve", slots)) for slots in range(1, costs.steps)]
+    fitting = [run for run in fitting if run.peak_bytes <= budget]
+    assert all(run.time >= optimal.predicted_time for run in fitting)
+    with pytest.raises(ValueError, match="plan is for 3 blocks"):
+        costs.simulate(checkpoint_plan(3, "revolve", 1))
+
+
+def test_staged_resnet_is_a_chain_of_unequal_blocks() -> None:
+    from revlib.blocks import ResidualBlock, staged_resnet
+
+    torch.manual_seed(0)
+    network = staged_resnet((4, 8, 16), 2, device="cpu")
+    assert len(network) == 1 + 3 * 2 + 2 + 1 and sum(isinstance(b, ResidualBlock) for b in network) == 6
+    x = torch.randn(3, 1, 8, 8)
+    sizes = []
+    for block in network:
+        x = block(x)
+        sizes.append(x[0].numel())
+    assert x.shape == (3, 10)
+    assert sizes[:-1] == [4 * 64] * 3 + [8 * 16] * 3 + [16 * 4] * 3  # each stage half the previous one's
+    with pytest.raises(ValueError, match="widths"):
+        staged_resnet(())
+    with pytest.raises(ValueError, match="blocks_per_stage"):
+        staged_resnet((4,), 0)

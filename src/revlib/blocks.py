@@ -7,7 +7,8 @@ r"""The building blocks several chapters share: activations, residual functions,
   (linear → σ → linear, the ODE and frontier chapters), :func:`pre_activation_residual` and its
   convolutional case :func:`conv_residual` (He et al. 2016b: [norm →] σ → layer → [norm →] σ → layer).
 * :class:`ResidualBlock`, :math:`x \mapsto x + \mathcal F(x)`.
-* :func:`small_cnn` and :func:`mlp`, the plain networks of the first chapters.
+* :func:`small_cnn` and :func:`mlp`, the plain networks of the first chapters; :func:`staged_resnet`, a
+  pre-activation ResNet whose stages halve the resolution, as a chain of blocks of unequal sizes.
 
 Nothing here saves memory; the chapters' modules build their networks from these pieces.
 """
@@ -33,6 +34,7 @@ __all__ = [
     "mlp_residual",
     "pre_activation_residual",
     "small_cnn",
+    "staged_resnet",
 ]
 
 
@@ -182,6 +184,49 @@ def small_cnn(
         nn.Conv2d(first, second, kernel_size=3, padding=1, stride=2), nn.ReLU(),  # (B, second, H/2, W/2)
         nn.Flatten(), nn.Linear(second * ((height + 1) // 2) * ((width + 1) // 2), classes),  # (B, classes)
     ).to(resolve_device(device))
+
+
+def staged_resnet(
+    widths: Sequence[int] = (16, 32, 64),
+    blocks_per_stage: int = 3,
+    *,
+    in_channels: int = 1,
+    classes: int = 10,
+    device: torch.device | str | None = None,
+) -> nn.Sequential:
+    r"""A pre-activation ResNet (He et al. 2016b) whose stages halve the resolution and widen the channels,
+    as a chain of blocks :math:`x_{i+1} = F_i(x_i)` of unequal sizes: what :func:`revlib.plan` is for.
+
+    The blocks, in order: a 3×3 convolution to ``widths[0]`` channels (the stem); for each stage, after the
+    first a transition (BatchNorm → ReLU → 3×3 convolution with stride 2 to the stage's width), then
+    ``blocks_per_stage`` :class:`ResidualBlock` s of :func:`conv_residual`; the head (BatchNorm → ReLU →
+    global average pooling → linear to ``classes``). On :math:`H \times W` inputs stage :math:`k` runs at
+    :math:`\lceil H / 2^k \rceil \times \lceil W / 2^k \rceil`, so with widths doubling each stage's
+    activations are half the previous stage's. The module's children are the blocks, on ``device``
+    (``None``: :func:`revlib.runtime.default_device`).
+
+    Raises:
+        ValueError: ``widths`` is empty, or a width, ``blocks_per_stage``, ``in_channels`` or ``classes`` is
+            not a positive integer.
+    """
+    widths = list(widths)
+    if not widths:
+        raise ValueError("widths must name at least one stage's number of channels, got none")
+    positive_integers(blocks_per_stage=blocks_per_stage, in_channels=in_channels, classes=classes,
+                      **{f"widths[{index}]": width for index, width in enumerate(widths)})
+    blocks: list[nn.Module] = [nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)]
+    for previous, width in zip([None, *widths], widths):
+        if previous is not None:
+            blocks.append(nn.Sequential(
+                nn.BatchNorm2d(previous), make_activation("relu"),
+                nn.Conv2d(previous, width, 3, stride=2, padding=1, bias=False),
+            ))
+        blocks += [ResidualBlock(conv_residual(width)) for _ in range(blocks_per_stage)]
+    blocks.append(nn.Sequential(
+        nn.BatchNorm2d(widths[-1]), make_activation("relu"), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(widths[-1], classes),
+    ))
+    return nn.Sequential(*blocks).to(resolve_device(device))
 
 
 def mlp(sizes: Sequence[int], activation: str = "relu", *, device: torch.device | str | None = None) -> nn.Sequential:

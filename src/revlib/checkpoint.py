@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 import torch.utils.checkpoint
 
-from revlib._rotor import least_peak_bytes, optimal_chain_plan
+from revlib._rotor import Simulation, checkpoint_plan_actions, least_peak_bytes, optimal_chain_plan, simulate
 from revlib._checks import positive_integers
 from revlib.measure import time_call
 from revlib._recompute import (
@@ -254,6 +254,21 @@ class BlockCosts:
         """The least budget any ``"optimal"`` plan fits in (the least peak of the memory model)."""
         return least_peak_bytes(self.forward_time, self.backward_time, self.input_bytes, self.activation_bytes)
 
+    def simulate(self, plan: CheckpointPlan) -> Simulation:
+        """What any ``plan`` for these blocks costs under the ``"optimal"`` schedule's model: a record with
+        ``time``, the :math:`\\sum` of its actions' costs, and ``peak_bytes``, its peak :math:`\\max M`
+        (:func:`checkpoint_plan` gives the model).
+
+        Compares schedules on equal terms, e.g. revolve's plan for unequal blocks against the optimal one.
+
+        Raises:
+            ValueError: the plan is for another number of blocks, or is invalid (the message names the action).
+        """
+        if plan.steps != self.steps:
+            raise ValueError(f"plan is for {plan.steps} blocks, the costs for {self.steps}")
+        forward, backward = (plan.forward, plan.backward) if plan.schedule == "optimal" else checkpoint_plan_actions(plan)
+        return simulate(forward, backward, self.forward_time, self.backward_time, self.input_bytes, self.activation_bytes)
+
 
 def measure_block_costs(blocks: Sequence[nn.Module], example_input: Tensor, *, repeats: int = 5, warmup: int = 1) -> BlockCosts:
     r"""Measure the :class:`BlockCosts` of a chain on an example input: each block is run on its own input
@@ -379,8 +394,8 @@ def checkpoint_plan(
     output gradient :math:`\delta_L` alive, and what an action creates while it runs (an advance its output
     :math:`a_{i+1}`; a turn :math:`\delta_i`, and without a recorded graph the graph and output as well):
 
-    .. math:: \max_{	ext{moments}} \Big(\sum_{i \in K \cup R \cup (R+1) \cup \{c\}} a_i + \sum_{i \in R} g_i
-        + a_L + 	ext{the action's new tensors}\Big) \le B .
+    .. math:: \max_{\text{moments}} \Big(\sum_{i \in K \cup R \cup (R+1) \cup \{c\}} a_i + \sum_{i \in R} g_i
+        + a_L + \text{the action's new tensors}\Big) \le B .
 
     It counts the input :math:`x_0` while it is needed, and not the parameters' gradients, nor the
     temporaries inside a block (a block's intermediate results while it runs, the gradients of its internal

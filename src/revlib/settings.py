@@ -237,6 +237,9 @@ class FrontierSettings:
     momentum_depth: int = 16
     gammas: tuple[float, ...] = (0.99, 0.9, 0.7, 0.5, 0.3, 0.2, 0.1)
     rounding_depths: tuple[int, ...] = (16, 32, 64)
+    plan_widths: tuple[int, ...] = (16, 32, 64)
+    plan_blocks_per_stage: int = 3
+    plan_batch: int = 256
 
 
 Settings = IntroSettings | BackpropSettings | ResidualSettings | ReversibleSettings | ODESettings | LinearBackpropSettings | CheckpointSettings | FrontierSettings
@@ -287,7 +290,8 @@ CHAPTER_SETTINGS: dict[str, dict[str, Settings]] = {
         "small": FrontierSettings(),
         "large": FrontierSettings(depth=64, width=128, batch=256, timing_repeats=5, batch_sweep=(1, 4, 16, 64, 256, 1024),
                                   train_depth=32, train_width=256, epochs=20, adjoint_depths=(4, 8, 16, 32, 64, 128, 256),
-                                  momentum_depth=64, rounding_depths=(16, 64, 256)),
+                                  momentum_depth=64, rounding_depths=(16, 64, 256), plan_widths=(32, 64, 128),
+                                  plan_batch=1024),
     },
 }
 
