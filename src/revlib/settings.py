@@ -284,7 +284,7 @@ CHAPTER_SETTINGS: dict[str, dict[str, Settings]] = {
         "small": CheckpointSettings(),
         "large": CheckpointSettings(image_data="cifar10", accuracy_floor={"digits": 0.95, "cifar10": 0.7}, channels=64, batch=256,
                                     memory_depths=(16, 32, 64, 128, 256), frontier_depth=128, budgets=(1, 2, 3, 4, 6, 8, 16),
-                                    timing_repeats=9, train_channels=64, train_blocks=16, train_slots=4, epochs=30, batch_size=128),
+                                    timing_repeats=15, train_channels=64, train_blocks=16, train_slots=4, epochs=30, batch_size=128),
     },
     "frontier": {
         "small": FrontierSettings(),
