@@ -195,7 +195,7 @@ def staged_resnet(
     device: torch.device | str | None = None,
 ) -> nn.Sequential:
     r"""A pre-activation ResNet (He et al. 2016b) whose stages halve the resolution and widen the channels,
-    as a chain of blocks :math:`x_{i+1} = F_i(x_i)` of unequal sizes: what :func:`revlib.plan` is for.
+    as a chain of blocks :math:`x_{i+1} = F_i(x_i)` of unequal sizes: what :func:`revlib.plan <revlib.planner.plan>` is for.
 
     The blocks, in order: a 3×3 convolution to ``widths[0]`` channels (the stem); for each stage, after the
     first a transition (BatchNorm → ReLU → 3×3 convolution with stride 2 to the stage's width), then

@@ -511,7 +511,7 @@ class StepMemory:
 
     @property
     def floor(self) -> int:
-        """What the step must hold at once at some moment: the parameters and the batch, and either the
+        """What the step must hold at once at some moment. That is the parameters and the batch, and either the
         activations at their most (in the forward pass; with the optimiser's state too when that state
         persists from step to step) or the gradients and the optimiser state (during the update). The peak
         is at least this, and above :attr:`parts` only by temporaries."""
