@@ -81,3 +81,51 @@ def test_plot_schedule_draws_every_evaluation_and_every_kept_input(schedule: str
     assert len(kept) == len(plan.forward_checkpoints) + stored, "one bar per kept input"
     assert axis.get_xlim()[1] == plan.evaluations
     assert f"{plan.evaluations} evaluations" in axis.get_title()
+
+
+def _box(annotation: Annotation) -> tuple[float, float, float, float]:
+    box = plotting._text_box(annotation, annotation.figure.canvas.get_renderer())  # without its leader line
+    return box.x0, box.y0, box.x1, box.y1
+
+
+def test_label_points_keeps_crowded_labels_apart_and_off_the_points() -> None:
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    # a cluster of five points, closer than a label's width, and two loners
+    points = {f"method {i}": (1.0 + 0.05 * i, 2.0 + 0.04 * (i % 2)) for i in range(5)}
+    points |= {"far left": (0.2, 0.5), "far right": (3.0, 3.0)}
+    axes.scatter(*zip(*points.values()))
+    axes.set(xlim=(0, 3.5), ylim=(0, 3.5))
+    axes.legend(["points"], loc="upper left")
+    labels = plotting.label_points(axes, points)
+    assert set(labels) == set(points)
+    boxes = {name: _box(note) for name, note in labels.items()}
+    names = list(boxes)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert plotting._overlap(boxes[a], boxes[b]) == 0, (a, b)
+    renderer = figure.canvas.get_renderer()
+    legend = axes.get_legend().get_window_extent(renderer)
+    frame = axes.get_window_extent(renderer)
+    for name, (x0, y0, x1, y1) in boxes.items():
+        assert plotting._overlap((x0, y0, x1, y1), (legend.x0, legend.y0, legend.x1, legend.y1)) == 0, name
+        assert frame.x0 <= x0 and x1 <= frame.x1 and frame.y0 <= y0 and y1 <= frame.y1, name
+        for point in points.values():
+            px, py = axes.transData.transform(point)
+            assert not (x0 < px < x1 and y0 < py < y1), f"{name} covers a point"
+    # a lone point keeps its first place: just right of the point, no leader line
+    assert labels["far left"].xy == points["far left"]
+    assert labels["far left"].xyann == (6, 2) and labels["far left"].arrow_patch is None
+    plt.close(figure)
+
+
+def test_label_points_rejects_bad_sizes() -> None:
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots()
+    with pytest.raises(ValueError, match="fontsize must be positive"):
+        plotting.label_points(axes, {"a": (0.0, 0.0)}, fontsize=0)
+    with pytest.raises(ValueError, match="marker_radius"):
+        plotting.label_points(axes, {"a": (0.0, 0.0)}, marker_radius=-1)
+    plt.close(figure)

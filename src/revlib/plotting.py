@@ -7,6 +7,8 @@ chapter. Every helper returns the ``matplotlib.figure.Figure`` it drew on.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -14,6 +16,8 @@ import matplotlib as mpl
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.transforms import Bbox
+from matplotlib.text import Text
 from torch import Tensor
 
 from revlib.timeline import CATEGORIES, MemoryTimeline
@@ -22,7 +26,7 @@ from revlib.training import History
 if TYPE_CHECKING:
     from revlib.checkpoint import CheckpointPlan
 
-__all__ = ["BOOK_STYLE", "PALETTE", "draw_graph", "plot_history", "plot_points", "plot_schedule", "plot_timeline", "show_images", "use_book_style"]
+__all__ = ["BOOK_STYLE", "PALETTE", "draw_graph", "label_points", "plot_history", "plot_points", "plot_schedule", "plot_timeline", "show_images", "use_book_style"]
 
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000")
 """The Okabe–Ito colours, distinguishable under every common form of colour blindness."""
@@ -288,3 +292,95 @@ def plot_timeline(timeline: MemoryTimeline, *, ax: plt.Axes | None = None, title
     default = f"peak {timeline.peak / scale:.3g} {unit}, of which the call adds {timeline.added_peak / scale:.3g}"
     ax.set_title(default if title is None else title, pad=30)  # room for the phases' names (22 points)
     return ax.figure
+
+
+def label_points(
+    ax: plt.Axes,
+    points: Mapping[str, tuple[float, float]],
+    *,
+    fontsize: float = 8,
+    marker_radius: float = 6,
+) -> dict[str, plt.Annotation]:
+    """Label scattered points so that no label covers another label or a point.
+
+    Each label is tried at offsets around its point, nearest first (right, left, above, below, then
+    farther out with a leader line), and takes the first place where its box overlaps no label placed before
+    it, no point (a square of ``marker_radius`` points around each) and no legend, and stays inside the
+    axes; if none is free, the place with the least overlap. Labels are placed from the most crowded point
+    outwards, so the points with the fewest free places choose first. Call it last, once the axes' limits,
+    scales and legend are final: the boxes are measured in display coordinates.
+
+    Args:
+        ax: The axes the points are drawn on.
+        points: Label text to ``(x, y)`` in data coordinates.
+        fontsize: The labels' font size.
+        marker_radius: Half the side of the square kept free around each point, in typographic points.
+
+    Returns:
+        The annotation of each label.
+    """
+    if fontsize <= 0 or marker_radius < 0:
+        raise ValueError(f"fontsize must be positive and marker_radius non-negative, got {fontsize} and {marker_radius}")
+    figure = ax.figure
+    figure.draw_without_rendering()  # settles the layout, so the axes no longer move
+    renderer = figure.canvas.get_renderer()
+    to_pixels = figure.dpi / 72
+    centres = {name: ax.transData.transform(xy) for name, xy in points.items()}
+    radius = marker_radius * to_pixels
+    obstacles = [(x - radius, y - radius, x + radius, y + radius) for x, y in centres.values()]
+    if (legend := ax.get_legend()) is not None:
+        box = legend.get_window_extent(renderer)
+        obstacles.append((box.x0, box.y0, box.x1, box.y1))
+    frame = ax.get_window_extent(renderer)
+    # (x offset, y offset) in points, horizontal alignment, vertical alignment
+    near = [(6, 2, "left", "bottom"), (-6, 2, "right", "bottom"), (6, -2, "left", "top"), (-6, -2, "right", "top"),
+            (0, 7, "center", "bottom"), (0, -7, "center", "top")]
+    farther = [(dx, dy) for dx in (12, -12, 0) for dy in (10, -10, 20, -20, 30, -30)]
+    places = near + sorted(
+        ((dx, dy, "left" if dx > 0 else "right" if dx < 0 else "center", "bottom" if dy > 0 else "top")
+         for dx, dy in farther),
+        key=lambda place: math.hypot(place[0], place[1]),
+    )
+
+    def crowding(name: str) -> float:
+        x, y = centres[name]
+        return -sum(1 for u, v in centres.values() if abs(u - x) < 80 * to_pixels and abs(v - y) < 20 * to_pixels)
+
+    placed: list[tuple[float, float, float, float]] = []
+    annotations: dict[str, plt.Annotation] = {}
+    for name in sorted(points, key=crowding):
+        best: tuple[float, plt.Annotation] | None = None
+        for dx, dy, ha, va in places:
+            far = abs(dy) > 7 or abs(dx) > 6
+            note = ax.annotate(name, points[name], xytext=(dx, dy), textcoords="offset points", ha=ha, va=va,
+                               fontsize=fontsize, arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.5"} if far else None)
+            box = _text_box(note, renderer)
+            overlap = sum(_overlap((box.x0, box.y0, box.x1, box.y1), other) for other in placed + obstacles)
+            outside = box.x0 < frame.x0 or box.x1 > frame.x1 or box.y0 < frame.y0 or box.y1 > frame.y1
+            cost = overlap + (box.width * box.height if outside else 0.0)
+            if best is None or cost < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (cost, note)
+            else:
+                note.remove()
+            if cost == 0:
+                break
+        assert best is not None
+        box = _text_box(best[1], renderer)
+        placed.append((box.x0, box.y0, box.x1, box.y1))
+        annotations[name] = best[1]
+    return annotations
+
+
+def _text_box(note: plt.Annotation, renderer: object) -> Bbox:
+    """The box of an annotation's text alone, without its leader line, in display coordinates."""
+    note.get_window_extent(renderer)  # places the text where it will be drawn
+    return Text.get_window_extent(note)
+
+
+def _overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
+    """The area two boxes ``(x0, y0, x1, y1)`` share."""
+    width = min(a[2], b[2]) - max(a[0], b[0])
+    height = min(a[3], b[3]) - max(a[1], b[1])
+    return max(width, 0.0) * max(height, 0.0)
