@@ -84,3 +84,26 @@ def test_stored_outputs_name_no_file_of_the_machine_that_stored_them(path: Path)
         for output in cell.get("outputs", []):
             if output.output_type == "stream":
                 assert not source_location.search(output.text), f"cell {index} stores a path of this machine: {output.text[:200]}"
+
+
+def test_merge_replaces_the_rerun_chapters_rows_and_keeps_the_others() -> None:
+    claim = {"statement": "ratio small", "above": None, "below": 1.0}
+    old = portability.report([
+        portability.Run("01_a", "default", 0, 10.0, "", [dict(claim, value=0.5, margin=0.5)]),
+        portability.Run("02_b", "default", 0, 20.0, "cell 3: AssertionError: old", [dict(claim, value=2.0, margin=-1.0)]),
+        portability.Run("03_c", "default", 0, 30.0, "", [dict(claim, value=0.2, margin=0.8)])])
+    new = portability.report([
+        portability.Run("02_b", "default", 0, 21.0, "", [dict(claim, value=0.4, margin=0.6),
+                                                          dict(claim, statement="new claim", value=0.1, margin=0.9)])])
+    merged = portability.merge_reports(old, new)
+    assert merged.startswith("3 runs: every chapter under the kernel variants default and the seeds 0.")
+    assert "| 01_a | 1 of 1 | 10 |" in merged and "| 03_c | 1 of 1 | 30 |" in merged, "other chapters kept"
+    assert "| 02_b | 1 of 1 | 21 |" in merged and "| 02_b | 0 of 1 | 20 |" not in merged, "the rerun replaces"
+    assert "old" not in merged, "the rerun chapter's old failure is gone"
+    assert "| 02_b | new claim | < 1 | 0.1 to 0.1 (1 run) | 90% |" in merged
+    for table in merged.split("| chapter | claim |"):
+        rows = [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| 0")]
+        assert rows == sorted(rows), "chapters in order in both tables"
+    other = portability.report([portability.Run("02_b", "aten-avx2", 1, 21.0, "", [])])
+    with pytest.raises(ValueError, match="covers"):
+        portability.merge_reports(old, other)

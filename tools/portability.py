@@ -11,6 +11,7 @@ each claim, the smallest margin seen.
     python tools/portability.py --chapters 03 --report FILE     # also write the Markdown report to FILE
     python tools/portability.py --chapters 03 --results RUNS    # keep the runs in RUNS; a re-run replaces its
                                                                 # earlier outcome, the report covers them all
+    python tools/portability.py --chapters 03 --report F --merge  # chapter 03's rows replaced in F, the others kept
     python tools/portability.py --store --chapters 03           # re-execute and store the outputs nbval compares
 
 The closing line reads ``N passed, M failed``; the exit status is 1 when any run failed.
@@ -133,6 +134,45 @@ def report(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
+def merge_reports(kept: str, fresh: str) -> str:
+    """``fresh`` (a :func:`report` of some chapters' runs) with the rows of the other chapters carried over from
+    ``kept``, an earlier report: each chapter's rows come from its own latest runs. The opening line counts the
+    runs of both; it names the variants and seeds of ``fresh``, which every chapter must share (the report says
+    what was run, so a chapter checked on fewer variants cannot be merged silently).
+
+    Raises:
+        ValueError: ``kept`` names other variants or seeds than ``fresh``.
+    """
+    def parts(text: str) -> tuple[str, list[str], list[str], list[str]]:
+        opening, rest = text.split("\n", 1)
+        tables = [[line for line in block.splitlines() if line.startswith("| ") and not line.startswith(("| chapter", "| ---"))]
+                  for block in rest.split("| chapter | claim |")]
+        failures = [line for line in rest.splitlines() if line.startswith("- ")]
+        return opening, tables[0], tables[1] if len(tables) > 1 else [], failures
+
+    def scope(opening: str) -> str:
+        return opening.split(" runs: ", 1)[1]
+
+    kept_opening, kept_runs, kept_claims, kept_failures = parts(kept)
+    fresh_opening, fresh_runs, fresh_claims, fresh_failures = parts(fresh)
+    if scope(kept_opening) != scope(fresh_opening):
+        raise ValueError(f"the kept report covers {scope(kept_opening)!r}, the new runs {scope(fresh_opening)!r}")
+    chapter = lambda row: row.split(" | ", 1)[0][2:]  # noqa: E731 (the first cell of a table row)
+    fresh_chapters = {chapter(row) for row in fresh_runs}
+    carried = lambda rows: [row for row in rows if chapter(row) not in fresh_chapters]  # noqa: E731
+    run_rows = sorted(carried(kept_runs) + fresh_runs, key=chapter)
+    claim_rows = sorted(carried(kept_claims) + fresh_claims, key=chapter)  # stable: each chapter's order kept
+    failures = [line for line in kept_failures if line[2:].split(",", 1)[0] not in fresh_chapters] + fresh_failures
+    total = sum(int(row.split(" | ")[1].split(" of ")[1]) for row in run_rows)
+    lines = [f"{total} runs: {scope(fresh_opening)}", "", "| chapter | runs passed | typical run (s) |",
+             "| --- | --- | --- |", *run_rows]
+    if failures:
+        lines += ["", "Failures:", "", *failures]
+    lines += ["", "| chapter | claim | bound | values seen | smallest margin |", "| --- | --- | --- | --- | --- |",
+              *claim_rows]
+    return "\n".join(lines)
+
+
 def headroom(margin: float) -> str:
     """A claim's smallest margin (distance from its bound relative to the bound) as a reader reads it: a
     percentage, "over 10x" far from the bound, and "tight" below a tenth."""
@@ -159,6 +199,8 @@ def main() -> int:
     parser.add_argument("--report", type=Path, help="also write the Markdown report to this file")
     parser.add_argument("--results", type=Path, help="keep every run in this JSON-lines file and report on all it holds")
     parser.add_argument("--report-only", action="store_true", help="run nothing: report on the runs kept in --results")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep, in the --report file, the rows of the chapters these runs do not cover")
     parser.add_argument("--store", action="store_true",
                         help="write each chapter back with its fresh outputs (default kernels and seed 0 only)")
     arguments = parser.parse_args()
@@ -166,6 +208,8 @@ def main() -> int:
         if arguments.variants or arguments.seeds:
             parser.error("--store keeps the outputs of the default kernels and seed 0; leave out --variants and --seeds")
         arguments.variants, arguments.seeds = ["default"], [0]
+    if arguments.merge and not arguments.report:
+        parser.error("--merge keeps other chapters' rows of the --report file: name that file")
     if arguments.report_only and not arguments.results:
         parser.error("--report-only reports on the runs kept in --results: name that file")
     notebooks = sorted(path for path in CHAPTERS.glob("*.ipynb")
@@ -191,6 +235,8 @@ def main() -> int:
     text = report(runs)
     print(text)
     if arguments.report:
+        if arguments.merge and arguments.report.exists():
+            text = merge_reports(arguments.report.read_text(), text)
         arguments.report.write_text(text + "\n")
     failed = sum(not run.passed for run in runs)
     print(f"{len(runs) - failed} passed, {failed} failed")
