@@ -11,11 +11,13 @@ under each memory mechanism:
 * sqrt        — ``schedule="sqrt"``: ⌈√N⌉ segment inputs, one segment rebuilt at a time;
 * revolve-s   — ``schedule="revolve", slots=s`` for s = ⌈log2 N⌉ and s = 2: the optimal schedule;
 * reversible  — :class:`revlib.reversible.ReversibleSequence`: only the output, inputs rebuilt by inversion;
-* torch-sqrt  — PyTorch's ``checkpoint_sequential`` with ⌈√N⌉ segments (its last segment runs normally);
+* torch-sqrt  — PyTorch's ``checkpoint_sequential`` with ⌈√N⌉ segments (its last segment runs normally):
+  :class:`revlib.pytorch_tools.TorchCheckpointed` with ``segments``;
 * torch-sac   — PyTorch's selective activation checkpointing on every block: the convolutions' outputs are
-  kept, the pointwise operations (BatchNorm, ReLU, additions) recomputed;
+  kept, the pointwise operations (BatchNorm, ReLU, additions) recomputed:
+  :class:`revlib.pytorch_tools.SelectiveCheckpointed` with ``policy="matmuls"``;
 * offload     — on CUDA only, ordinary autograd with every saved tensor moved to pinned host memory
-  (``torch.autograd.graph.save_on_cpu``).
+  (``torch.autograd.graph.save_on_cpu``): :class:`revlib.pytorch_tools.Offloaded`.
 
 It prints MiB saved for backward, MiB peak memory of the step (CUDA allocator, or the peak resident memory of
 a fresh process on the CPU), the median milliseconds per step (variants timed in turns), the evaluations
@@ -33,9 +35,10 @@ import math
 import torch
 from torch import nn
 
-from revlib.checkpoint import CheckpointedSequence, Offloaded, TorchSegmentCheckpointed, TorchSelectiveCheckpointed
+from revlib.checkpoint import CheckpointedSequence
 from revlib.measure import compare_times, count_calls, forward_backward, peak_memory, saved_tensor_bytes
 from revlib.blocks import conv_residual
+from revlib.pytorch_tools import Offloaded, SelectiveCheckpointed, TorchCheckpointed
 from revlib.reversible import ReversibleBlock, ReversibleSequence
 from revlib.runtime import resolve_device
 
@@ -50,8 +53,8 @@ def variants(depth: int, width: int, device: torch.device) -> dict[str, nn.Modul
     made["sqrt"] = CheckpointedSequence(*blocks, schedule="sqrt")
     made |= {f"revolve-{slots}": CheckpointedSequence(*blocks, schedule="revolve", slots=slots) for slots in budgets}
     made["reversible"] = ReversibleSequence(*blocks)
-    made["torch-sqrt"] = TorchSegmentCheckpointed(*blocks)
-    made["torch-sac"] = TorchSelectiveCheckpointed(*blocks)
+    made["torch-sqrt"] = TorchCheckpointed(*blocks, segments=math.ceil(math.sqrt(depth)))
+    made["torch-sac"] = SelectiveCheckpointed(*blocks, policy="matmuls")
     if device.type == "cuda":
         made["offload"] = Offloaded(*blocks)
     return made

@@ -15,9 +15,6 @@ from revlib.checkpoint import (
     CheckpointPlan,
     CheckpointedSequence,
     check_plan,
-    Offloaded,
-    TorchSegmentCheckpointed,
-    TorchSelectiveCheckpointed,
     checkpoint_plan,
     griewank_steps,
     optimal_recomputations,
@@ -245,20 +242,6 @@ def test_bad_blocks_and_counts() -> None:
         CheckpointedSequence(nn.Linear(2, 2), torch.tanh)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="steps must be a positive integer"):
         optimal_recomputations(0, 2)
-
-
-@pytest.mark.parametrize("wrapper", [TorchSegmentCheckpointed, TorchSelectiveCheckpointed, Offloaded])
-def test_pytorch_tools_wrapped_for_comparison_give_plain_gradients(wrapper: type[nn.Sequential]) -> None:
-    torch.manual_seed(0)
-    made = blocks(6)
-    wrapped = wrapper(*made).double()
-    plain = nn.Sequential(*made)
-    x = torch.randn(4, 5, dtype=torch.float64)
-    assert relative_error(gradients(wrapped, x), gradients(plain, x)) < 1e-13
-    with torch.no_grad():
-        assert torch.equal(wrapped(x), plain(x))
-    if wrapper is TorchSegmentCheckpointed:
-        assert wrapped.segments == 3 and saved_tensor_bytes(wrapped, x.requires_grad_(True), exclude=wrapped.parameters()) < saved_tensor_bytes(plain, x, exclude=plain.parameters())
 
 
 def frozen_blocks(count: int, width: int) -> list[nn.Module]:

@@ -2,12 +2,14 @@
 give it, bounded differences where they should not, and the frontier's rows for them."""
 
 import math
+import pickle
 
 import pytest
 import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from allocations import added_peak
 from revlib.blocks import ResidualBlock
 from revlib.frontier import format_ratios, frontier, residual_function
 from revlib.measure import saved_tensor_bytes, step_memory
@@ -15,6 +17,7 @@ from revlib.pytorch_tools import (
     POLICIES,
     Autocast,
     BudgetCompiled,
+    Offloaded,
     SelectiveCheckpointed,
     TorchCheckpointed,
     replayed_gradient_error,
@@ -45,7 +48,9 @@ def inputs_for(family: str, width: int = 4) -> torch.Tensor:
     lambda b: TorchCheckpointed(*b, segments=2),
     lambda b: SelectiveCheckpointed(*b, policy="matmuls"),
     lambda b: SelectiveCheckpointed(*b, policy="matmuls and norms"),
-], ids=["every", "sequential", "sac-matmuls", "sac-norms"])
+    lambda b: Offloaded(*b),
+    lambda b: Offloaded(*b, pin_memory=True),
+], ids=["every", "sequential", "sac-matmuls", "sac-norms", "offload", "offload-pinned"])
 def test_checkpointing_gives_backprops_gradient_in_float64(family: str, wrap) -> None:
     torch.manual_seed(0)
     stack = blocks(family)
@@ -55,6 +60,92 @@ def test_checkpointing_gives_backprops_gradient_in_float64(family: str, wrap) ->
     wrapped = wrap(stack)
     assert torch.equal(wrapped(x), plain(x))
     assert relative_error(gradients(wrapped, x), expected) < 1e-13
+
+
+def input_and_parameter_gradients(model: nn.Module, inputs: torch.Tensor) -> list[torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    inputs = inputs.detach().clone().requires_grad_(True)
+    model(inputs).pow(2).sum().backward()
+    return [inputs.grad, *(p.grad for p in model.parameters())]
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda b: TorchCheckpointed(*b, segments=math.ceil(math.sqrt(len(b)))),
+    lambda b: SelectiveCheckpointed(*b, policy="matmuls"),
+    lambda b: Offloaded(*b),
+], ids=["sqrt-segments", "sac-matmuls", "offload"])
+def test_benchmark_wrappers_give_backprops_input_and_parameter_gradients(wrap) -> None:
+    """The rows of benchmarks/checkpoint.py (torch-sqrt, torch-sac, offload) on six blocks: the gradient
+    with respect to the input too, and the same function with and without gradients."""
+    torch.manual_seed(0)
+    stack = blocks("conv", depth=6)
+    x = inputs_for("conv")
+    plain = nn.Sequential(*stack)
+    wrapped = wrap(stack)
+    assert relative_error(input_and_parameter_gradients(wrapped, x), input_and_parameter_gradients(plain, x)) < 1e-13
+    with torch.no_grad():
+        assert torch.equal(wrapped(x), plain(x))
+
+
+def test_wrappers_survive_pickling() -> None:
+    """revlib.measure.peak_memory runs a model in a fresh process on the CPU (the checkpointing benchmark's
+    peak column): the wrapped model must pickle, policy included, and compute the same after."""
+    torch.manual_seed(0)
+    stack = blocks("mlp")
+    x = inputs_for("mlp")
+    for model in (TorchCheckpointed(*stack, segments=2), SelectiveCheckpointed(*stack, policy="matmuls and norms"),
+                  Offloaded(*stack, pin_memory=False)):
+        copy = pickle.loads(pickle.dumps(model))
+        assert torch.equal(copy(x), model(x)), type(model).__name__
+        assert relative_error(gradients(copy, x), gradients(model, x)) == 0, type(model).__name__
+
+
+def test_sqrt_segments_save_less_than_plain_backprop() -> None:
+    """Three segments of two blocks (⌈√6⌉): the first two keep only their inputs, the last its blocks'
+    internals, as plain backprop keeps them; every-block checkpointing keeps the six inputs."""
+    torch.manual_seed(0)
+    stack = blocks("mlp", depth=6, width=8)
+    x = inputs_for("mlp", 8)
+    plain, segmented, every = (nn.Sequential(*stack), TorchCheckpointed(*stack, segments=3),
+                               TorchCheckpointed(*stack))
+    saved = {name: saved_tensor_bytes(model, x, exclude=model.parameters())
+             for name, model in (("plain", plain), ("sqrt", segmented), ("every", every))}
+    block_input = x.numel() * x.element_size()
+    assert saved["every"] == 6 * block_input, saved
+    assert saved["sqrt"] == 2 * block_input + saved["plain"] * 2 // 6 < saved["plain"], saved
+
+
+def test_offloading_on_the_cpu_keeps_the_tensors_autograd_would_keep() -> None:
+    """On a CPU save_on_cpu hands back the saved tensors themselves: a step holds exactly what plain
+    backprop's does. Negative control: with ``pin_memory=True`` it copies each saved tensor, which the
+    measurement sees."""
+    torch.manual_seed(0)
+    stack = [nn.Sequential(nn.Linear(64, 64), nn.Tanh()).requires_grad_(False) for _ in range(4)]
+    x = torch.randn(32, 64, requires_grad=True)
+    peaks = {name: added_peak(lambda model=model: model(x).sum().backward())
+             for name, model in (("plain", nn.Sequential(*stack)), ("offload", Offloaded(*stack)),
+                                 ("copies", Offloaded(*stack, pin_memory=True)))}
+    assert peaks["offload"] == peaks["plain"] < peaks["copies"], peaks
+
+
+@pytest.mark.cuda
+def test_offloading_on_cuda_holds_no_saved_activations_on_the_device() -> None:
+    """Between the forward and backward passes the device holds the output, not the saved activations;
+    the gradients are backprop's."""
+    torch.manual_seed(0)
+    stack = [nn.Sequential(nn.Linear(256, 256), nn.Tanh()).cuda() for _ in range(4)]
+    x = torch.randn(512, 256, device="cuda")
+    held, grads = {}, {}
+    for name, model in (("plain", nn.Sequential(*stack)), ("offload", Offloaded(*stack))):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        output = model(x)
+        held[name] = torch.cuda.memory_allocated() - before
+        grads[name] = input_and_parameter_gradients(model, x)
+        del output
+    output_bytes = x.numel() * x.element_size()
+    assert held["plain"] >= 4 * output_bytes and held["offload"] <= output_bytes, held
+    assert relative_error(grads["offload"], grads["plain"]) < 1e-6
 
 
 def test_selective_checkpointing_on_a_transformer_block() -> None:
@@ -91,6 +182,9 @@ def test_selective_policy_names() -> None:
     assert selective_policy("matmuls")(None, torch.ops.aten.native_batch_norm.default).name == "PREFER_RECOMPUTE"
     assert selective_policy("matmuls and norms")(None, torch.ops.aten.native_batch_norm.default).name == "MUST_SAVE"
     assert selective_policy("matmuls")(None, torch.ops.aten.relu.default).name == "PREFER_RECOMPUTE"
+    aten = torch.ops.aten
+    for product in (aten.convolution.default, aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default):
+        assert selective_policy("matmuls")(None, product).name == "MUST_SAVE", product
 
 
 @pytest.mark.parametrize("budget", [1.0, 0.5, 0.0])
@@ -197,6 +291,9 @@ def test_micro_batches_change_a_batchnorm_networks_gradient() -> None:
     (lambda: TorchCheckpointed(nn.Linear(2, 2), segments=3), ValueError, "segments must be None or an integer from 1 to 1"),
     (lambda: TorchCheckpointed("block"), TypeError, "every block must be an nn.Module"),
     (lambda: SelectiveCheckpointed(nn.Linear(2, 2), policy="all"), ValueError, "policy must be one of"),
+    (lambda: Offloaded(), ValueError, "at least one block"),
+    (lambda: Offloaded(nn.Linear(2, 2), torch.tanh), TypeError, "every block must be an nn.Module, got builtin"),
+    (lambda: Offloaded(nn.Linear(2, 2), pin_memory="yes"), TypeError, "pin_memory must be None, True or False, got 'yes'"),
     (lambda: BudgetCompiled(nn.Linear(2, 2), 1.5), ValueError, r"budget must be a number in \[0, 1\]"),
     (lambda: BudgetCompiled(lambda x: x, 0.5), TypeError, "module must be an nn.Module"),
     (lambda: Autocast(nn.Linear(2, 2), torch.float64), ValueError, "dtype must be"),

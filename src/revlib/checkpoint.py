@@ -52,7 +52,6 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
-import torch.utils.checkpoint
 
 from revlib._rotor import Simulation, checkpoint_plan_actions, least_peak_bytes, optimal_chain_plan, simulate
 from revlib._checks import positive_integers
@@ -74,9 +73,6 @@ __all__ = [
     "BlockCosts",
     "CheckpointPlan",
     "CheckpointedSequence",
-    "Offloaded",
-    "TorchSegmentCheckpointed",
-    "TorchSelectiveCheckpointed",
     "check_plan",
     "checkpoint_plan",
     "griewank_steps",
@@ -792,48 +788,3 @@ class CheckpointedSequence(nn.Sequential):
         slots += f", budget={self.budget!r}" if self.budget is not None else ""
         return f"schedule={self.schedule!r}{slots}" + ("" if self.memory_saving else ", memory_saving=False")
 
-
-class TorchSegmentCheckpointed(nn.Sequential):
-    """PyTorch's own ``checkpoint_sequential`` over the blocks, in ``segments`` segments (default ⌈√N⌉), for
-    comparison: it keeps each segment's input, and runs its last segment without checkpointing."""
-
-    def __init__(self, *blocks: nn.Module, segments: int | None = None) -> None:
-        super().__init__(*blocks)
-        self.segments = segments if segments is not None else math.ceil(math.sqrt(len(blocks)))
-        positive_integers(segments=self.segments)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not torch.is_grad_enabled():
-            return super().forward(x)
-        return torch.utils.checkpoint.checkpoint_sequential(self, self.segments, x, use_reentrant=False)
-
-
-def _keep_matrix_products(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> torch.utils.checkpoint.CheckpointPolicy:
-    """Keep the outputs of convolutions and matrix products; recompute everything else (the cheap, pointwise ops)."""
-    expensive = (torch.ops.aten.convolution.default, torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
-    policy = torch.utils.checkpoint.CheckpointPolicy
-    return policy.MUST_SAVE if op in expensive else policy.PREFER_RECOMPUTE
-
-
-class TorchSelectiveCheckpointed(nn.Sequential):
-    """PyTorch's selective activation checkpointing on every block, for comparison: the outputs of
-    convolutions and matrix products are kept, the pointwise operations (normalisation, activations,
-    additions) recomputed in the backward pass."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not torch.is_grad_enabled():
-            return super().forward(x)
-        context = functools.partial(torch.utils.checkpoint.create_selective_checkpoint_contexts, _keep_matrix_products)
-        for block in self:
-            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False, context_fn=context)
-        return x
-
-
-class Offloaded(nn.Sequential):
-    """Ordinary autograd with every saved tensor moved to host memory until the backward pass needs it
-    (``torch.autograd.graph.save_on_cpu``; pinned when CUDA is available). It frees device memory, not
-    memory in total: on a CPU it only adds copies."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
-            return super().forward(x)

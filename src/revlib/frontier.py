@@ -55,11 +55,11 @@ from tqdm import tqdm
 from revlib._checks import positive_integers
 from revlib.adjoint import ODEResNet
 from revlib.blocks import ResidualBlock, conv_residual, mlp_residual
-from revlib.checkpoint import CheckpointedSequence, Offloaded
+from revlib.checkpoint import CheckpointedSequence
 from revlib.data import load_digits
 from revlib.measure import StepMemory, compare_times, count_calls, step_memory
 from revlib.momentum import MomentumSequence
-from revlib.pytorch_tools import Autocast, BudgetCompiled, SelectiveCheckpointed, TorchCheckpointed
+from revlib.pytorch_tools import Autocast, BudgetCompiled, Offloaded, SelectiveCheckpointed, TorchCheckpointed
 from revlib.reversible import ReversibleBlock, ReversibleSequence
 from revlib.reversible_heun import ReversibleHeunResNet
 from revlib.runtime import resolve_device

@@ -13,6 +13,9 @@ for the backward pass and what that pass recomputes:
 * :class:`SelectiveCheckpointed` — selective activation checkpointing
   (``create_selective_checkpoint_contexts``): within each block the outputs of the operations a
   *policy* names are kept and the rest is recomputed;
+* :class:`Offloaded` — ``torch.autograd.graph.save_on_cpu``: plain backprop, nothing recomputed, every
+  tensor it saves waiting in host memory until the backward pass reads it (device memory freed on a GPU,
+  nothing changed on a CPU, where the saved tensors already are);
 * :class:`BudgetCompiled` — ``torch.compile`` with the min-cut partitioner's activation memory budget
   :math:`b \in [0, 1]`: the partitioner keeps at most the fraction :math:`b` of the bytes that plain
   backprop of the compiled graph would keep and recomputes the rest in the backward graph;
@@ -20,9 +23,6 @@ for the backward pass and what that pass recomputes:
   in half the bits, so the gradient differs from float32's by the rounding of bfloat16;
 * micro-batching with gradient accumulation is a training step, not a module:
   :func:`revlib.training.training_step` with ``micro_batches``.
-
-Offloading saved tensors to host memory (``torch.autograd.graph.save_on_cpu``) is
-:class:`revlib.checkpoint.Offloaded`.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, checkpoint_sequential, create_selective_checkpoint_contexts
 
-__all__ = ["POLICIES", "Autocast", "BudgetCompiled", "SelectiveCheckpointed", "TorchCheckpointed", "replayed_gradient_error",
-           "selective_policy"]
+__all__ = ["POLICIES", "Autocast", "BudgetCompiled", "Offloaded", "SelectiveCheckpointed", "TorchCheckpointed",
+           "replayed_gradient_error", "selective_policy"]
 
 POLICIES = ("matmuls", "matmuls and norms")
 
@@ -47,6 +47,7 @@ _MATMULS = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.badd
             _aten._scaled_dot_product_flash_attention.default, _aten._scaled_dot_product_efficient_attention.default}
 _NORMS = {_aten.native_batch_norm.default, _aten._native_batch_norm_legit.default,
           _aten._native_batch_norm_legit_no_training.default, _aten.native_layer_norm.default}
+_KEPT = {"matmuls": frozenset(_MATMULS), "matmuls and norms": frozenset(_MATMULS | _NORMS)}
 
 
 def _blocks(blocks: tuple[nn.Module, ...]) -> tuple[nn.Module, ...]:
@@ -64,11 +65,12 @@ class TorchCheckpointed(nn.Sequential):
     ``segments=None``: each block :math:`F_n` is checkpointed on its own — the forward pass keeps
     :math:`x_n`, the backward pass recomputes :math:`F_n(x_n)` with its graph: one extra evaluation per
     block, as revlib's ``"every"`` schedule. ``segments=k``: ``checkpoint_sequential`` over :math:`k`
-    segments of :math:`\lceil N/k \rceil` blocks; the first :math:`k - 1` are recomputed whole in the
-    backward pass (their internals all alive at once while it reverses them) and the last is run without
-    checkpointing, so its internals are kept: :math:`1 - 1/k` extra evaluations per block when the
-    segments are equal. Random state (dropout) is replayed by PyTorch; BatchNorm's running statistics are
-    updated again by the recomputation.
+    segments, the first :math:`k - 1` of :math:`\lfloor N/k \rfloor` blocks each and the last of the
+    rest; the first :math:`k - 1` are recomputed whole in the backward pass (their internals all alive at
+    once while it reverses them) and the last is run without checkpointing, so its internals are kept:
+    :math:`1 - 1/k` extra evaluations per block when the segments are equal (:math:`k = \lceil\sqrt N\,\rceil` is the :math:`\sqrt N` split of Chen et al.
+    2016). Random state (dropout) is replayed by PyTorch; BatchNorm's running statistics are updated again
+    by the recomputation.
 
     Raises:
         ValueError: no blocks, or ``segments`` not between 1 and the number of blocks.
@@ -104,12 +106,13 @@ def selective_policy(policy: str) -> Callable[..., CheckpointPolicy]:
     """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-    kept = _MATMULS | (_NORMS if policy == "matmuls and norms" else set())
+    # a module-level function and a name: picklable, so that a wrapped model can run in another process
+    # (revlib.measure.peak_memory on the CPU)
+    return functools.partial(_decide, policy)
 
-    def decide(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
-        return CheckpointPolicy.MUST_SAVE if op in kept else CheckpointPolicy.PREFER_RECOMPUTE
 
-    return decide
+def _decide(policy: str, ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _KEPT[policy] else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 class SelectiveCheckpointed(nn.Sequential):
@@ -136,6 +139,40 @@ class SelectiveCheckpointed(nn.Sequential):
             x = checkpoint(block, x, use_reentrant=False, context_fn=self._context)
         return x
 
+
+
+class Offloaded(nn.Sequential):
+    r"""The blocks run in order with ordinary autograd, every tensor autograd saves for the backward pass
+    handed to ``torch.autograd.graph.save_on_cpu``, which keeps it in host memory until that pass reads it.
+    Nothing is recomputed: the function and the gradients are plain backprop's.
+
+    On a GPU each saved tensor is copied to host memory during the forward pass and back to its device when
+    the backward pass needs it: the device holds no saved activations between the two passes, at the cost of
+    two copies over the host link (overlapped with computation when the host memory is pinned). On a CPU the
+    saved tensors already live in host memory: ``save_on_cpu`` hands back the very tensors autograd would
+    keep, so it saves nothing and adds only its hooks' calls (with ``pin_memory=True`` it adds a copy of
+    each).
+
+    Args:
+        *blocks: the blocks, ``nn.Module`` objects.
+        pin_memory: copy into pinned (page-locked) host memory, which lets the copies run asynchronously;
+            ``None`` (the default) pins when the input is on a CUDA device.
+
+    Raises:
+        ValueError: no blocks.
+        TypeError: a block that is not an ``nn.Module``, or ``pin_memory`` not ``None``, ``True`` or ``False``.
+    """
+
+    def __init__(self, *blocks: nn.Module, pin_memory: bool | None = None) -> None:
+        super().__init__(*_blocks(blocks))
+        if pin_memory is not None and not isinstance(pin_memory, bool):
+            raise TypeError(f"pin_memory must be None, True or False, got {pin_memory!r}")
+        self.pin_memory = pin_memory
+
+    def forward(self, x: Tensor) -> Tensor:
+        pin = x.is_cuda if self.pin_memory is None else self.pin_memory
+        with torch.autograd.graph.save_on_cpu(pin_memory=pin):
+            return super().forward(x)
 
 @functools.cache
 def _budget_backend(backend: str, budget: float) -> Callable[..., Any]:
