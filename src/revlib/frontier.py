@@ -63,7 +63,7 @@ from revlib.pytorch_tools import Autocast, BudgetCompiled, Offloaded, SelectiveC
 from revlib.reversible import ReversibleBlock, ReversibleSequence
 from revlib.reversible_heun import ReversibleHeunResNet
 from revlib.runtime import resolve_device
-from revlib.training import OPTIMIZERS, make_optimizer, training_step
+from revlib.training import make_optimizer, training_step
 from revlib.verify import relative_error
 
 __all__ = ["FAMILIES", "FrontierRow", "MethodNetwork", "format_ratios", "format_table", "frontier", "methods", "residual_function"]
