@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -10,8 +12,11 @@ from revlib.adjoint import (
     DepthVectorField,
     ODEResNet,
     adjoint_and_exact_gradients,
+    depth_profile,
+    gradient_descent_,
     gradient_error,
     interpolate_depth,
+    linear_residuals,
     roughness_in_depth,
     smooth_in_depth_,
     tanh_residuals,
@@ -254,6 +259,66 @@ def test_roughness_in_depth_by_hand_and_for_smooth_and_independent_weights() -> 
     assert roughness_in_depth(smooth) < 0.1
     with pytest.raises(ValueError, match="two"):
         roughness_in_depth(ODEResNet(*mlp_residuals(1)))
+
+
+def test_linear_residuals_and_depth_profile() -> None:
+    torch.manual_seed(0)
+    model = ODEResNet(*linear_residuals(5, 3)).double()
+    assert all(isinstance(f, nn.Linear) and f.bias is None and f.weight.shape == (3, 3) for f in model.residuals)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    product = torch.eye(3, dtype=torch.float64)
+    for f in model.residuals:
+        product = (torch.eye(3, dtype=torch.float64) + f.weight.detach() / 5) @ product
+    torch.testing.assert_close(model(x), x @ product.T, msg="x_N = Π (I + Θ_n/N) x_0")
+    profile = depth_profile(model)
+    assert profile.shape == (5, 9) and profile.dtype == torch.float64 and not profile.requires_grad
+    torch.testing.assert_close(profile[2], model.residuals[2].weight.detach().flatten())
+    assert roughness_in_depth(profile) == pytest.approx(roughness_in_depth(model))
+    assert roughness_in_depth(profile.reshape(5, 3, 3)) == pytest.approx(roughness_in_depth(model)), "flattened"
+    with pytest.raises(ValueError, match="two"):
+        roughness_in_depth(profile[:1])
+    with pytest.raises(ValueError, match="width"):
+        linear_residuals(2, 0)
+
+
+def test_gradient_descent_is_plain_full_batch_sgd_and_restores_the_threads() -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 3, dtype=torch.float64)
+    model = ODEResNet(*linear_residuals(4, 3), memory_saving=False).double()
+    by_hand = copy.deepcopy(model)
+    threads = torch.get_num_threads()
+    losses = gradient_descent_(model, x, y, steps=2, learning_rate=0.5)
+    assert torch.get_num_threads() == threads
+    for step in range(2):
+        loss = 0.5 * (by_hand(x) - y).pow(2).sum(dim=1).mean()
+        assert losses[step] == pytest.approx(loss.item())
+        gradients = torch.autograd.grad(loss, list(by_hand.parameters()))
+        with torch.no_grad():
+            for parameter, gradient in zip(by_hand.parameters(), gradients):
+                parameter -= 0.5 * gradient
+    for trained, manual in zip(model.parameters(), by_hand.parameters()):
+        torch.testing.assert_close(trained, manual)
+    assert len(losses) == 3 and losses[2] == pytest.approx(0.5 * (by_hand(x) - y).pow(2).sum(dim=1).mean().item())
+    assert losses[2] < losses[0]
+    with pytest.raises(ValueError, match="steps"):
+        gradient_descent_(model, x, y, steps=0, learning_rate=0.1)
+    with pytest.raises(ValueError, match="learning_rate"):
+        gradient_descent_(model, x, y, steps=1, learning_rate=0.0)
+
+
+def test_gradient_of_a_linear_resnet_is_smooth_in_depth_even_for_independent_weights() -> None:
+    # the mechanism of Sander et al.'s theorem: dL/dΘ_n = (1/N) S_n^T (dL/dx_N) x_n^T with x_n and the
+    # products S_n of the layers above changing by O(1/N) from one layer to the next, whatever the weights
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 4, dtype=torch.float64), torch.randn(32, 4, dtype=torch.float64)
+    gradient_roughness = []
+    for depth in (16, 64):
+        model = ODEResNet(*linear_residuals(depth, 4), memory_saving=False).double()
+        assert roughness_in_depth(model) > 1.0, "independent layers"
+        (model(x) - y).pow(2).sum().backward()
+        gradients = torch.stack([f.weight.grad for f in model.residuals])
+        gradient_roughness.append(roughness_in_depth(gradients))
+    assert 3 < gradient_roughness[0] / gradient_roughness[1] < 5, "consecutive layers' gradients differ by O(1/N)"
 
 
 def test_adjoint_and_exact_gradients_match_gradient_error_and_leave_the_mode() -> None:

@@ -40,7 +40,9 @@ in depth). Over :math:`N` steps the gradient error therefore shrinks like :math:
 :math:`1/N^3` for Heun (and for HeunNet with smooth weights).
 
 :class:`ODEResNet` holds the residual functions and the mechanism; :func:`smooth_in_depth_`,
-:func:`interpolate_depth` and :func:`gradient_error` are what the chapter's experiments need.
+:func:`interpolate_depth`, :func:`gradient_error` and, for the weights as functions of depth,
+:func:`linear_residuals`, :func:`gradient_descent_`, :func:`depth_profile` and :func:`roughness_in_depth`
+are what the chapter's experiments need.
 """
 
 from __future__ import annotations
@@ -78,11 +80,14 @@ __all__ = [
     "ODEResNet",
     "TorchdiffeqResNet",
     "adjoint_and_exact_gradients",
+    "depth_profile",
     "fixed_point_reverse",
     "fixed_point_reverse_step",
+    "gradient_descent_",
     "gradient_error",
     "heun_fixed_point_reverse_step",
     "interpolate_depth",
+    "linear_residuals",
     "ode_classifier",
     "roughness_in_depth",
     "smooth_in_depth_",
@@ -358,6 +363,25 @@ def tanh_residuals(depth: int, width: int, *, hidden: int | None = None) -> list
     return [mlp_residual(width, hidden, activation="tanh") for _ in range(depth)]
 
 
+def linear_residuals(depth: int, width: int) -> list[nn.Module]:
+    r"""Linear residual functions :math:`f_n(x) = \Theta_n x`, bias-free ``nn.Linear(width, width)`` layers.
+
+    In an :class:`ODEResNet` they make the linear ResNet :math:`x_{n+1} = (I + \Theta_n/N)\, x_n`, the model in
+    which Sander, Ablin and Peyré (2022) prove that gradient descent from weights smooth in depth keeps
+    them smooth. Each layer has PyTorch's default, independent initialisation (:func:`smooth_in_depth_`
+    makes them smooth); the ``weight`` of layer :math:`n` is :math:`\Theta_n`.
+
+    Args:
+        depth: how many functions (the :math:`N` of an :class:`ODEResNet`).
+        width: features of :math:`x`.
+
+    Raises:
+        ValueError: a size is not positive.
+    """
+    positive_integers(depth=depth, width=width)
+    return [nn.Linear(width, width, bias=False) for _ in range(depth)]
+
+
 class ODEResNet(BlockSequence):
     r"""A ResNet read as an ODE solver: :math:`N` shape-preserving residual functions, step :math:`h = 1/N`.
 
@@ -610,7 +634,23 @@ def gradient_error(model: ODEResNet, inputs: Tensor, loss_fn: Callable[[Tensor],
     return relative_error(*adjoint_and_exact_gradients(model, inputs, loss_fn))
 
 
-def roughness_in_depth(model: ODEResNet) -> float:
+def depth_profile(model: ODEResNet) -> Tensor:
+    r"""The weights as a function of depth: row :math:`n` holds all of residual function :math:`n`'s parameters,
+    flattened and concatenated in ``named_parameters`` order, as a detached float64 copy of shape
+    :math:`(N, P)` (on the CPU).
+
+    Column :math:`j` is one weight :math:`\theta_n[j]` against the layer :math:`n`; differences of rows (the
+    change training made, for instance) are profiles too, for :func:`roughness_in_depth`.
+
+    Raises:
+        ValueError: the residual functions differ in their parameter shapes.
+    """
+    _check_same_structure(model)
+    with torch.no_grad():
+        return torch.stack([torch.cat([p.detach().double().cpu().flatten() for p in f.parameters()]) for f in model.residuals])
+
+
+def roughness_in_depth(weights: ODEResNet | Tensor) -> float:
     r"""How much the weights change from one residual function to the next, relative to their size:
 
     .. math:: \rho = \frac{1}{N-1} \sum_{n=0}^{N-2} \frac{\lVert \theta_{n+1} - \theta_n \rVert}{\lVert \theta_n \rVert},
@@ -619,16 +659,70 @@ def roughness_in_depth(model: ODEResNet) -> float:
     smooth :math:`\theta(t)` give :math:`\rho = O(1/N)`; independent draws of equal size give
     :math:`\rho \approx \sqrt2`, at any depth.
 
+    Args:
+        weights: an :class:`ODEResNet`, or a depth profile: a tensor whose first dimension is the depth
+            :math:`n` (:func:`depth_profile`; the other dimensions are flattened).
+
     Raises:
-        ValueError: fewer than two residual functions, or functions of different parameter shapes.
+        ValueError: fewer than two residual functions (rows), or functions of different parameter shapes.
     """
-    if len(model.residuals) < 2:
+    layers = depth_profile(weights) if isinstance(weights, ODEResNet) else weights.detach().double().reshape(len(weights), -1)
+    if len(layers) < 2:
         raise ValueError("roughness_in_depth needs at least two residual functions")
-    _check_same_structure(model)
-    with torch.no_grad():
-        layers = [torch.cat([p.detach().double().flatten() for p in f.parameters()]) for f in model.residuals]
-        steps = [((following - current).norm() / current.norm()).item() for current, following in zip(layers, layers[1:])]
-    return sum(steps) / len(steps)
+    steps = (layers[1:] - layers[:-1]).norm(dim=1) / layers[:-1].norm(dim=1)
+    return steps.mean().item()
+
+
+def gradient_descent_(model: nn.Module, inputs: Tensor, targets: Tensor, *, steps: int, learning_rate: float) -> list[float]:
+    r"""Fit ``model(inputs)`` to ``targets`` by full-batch gradient descent, in place, and return the losses.
+
+    The loss is :math:`\mathcal L = \frac1{2B} \sum_{b=1}^{B} \lVert \text{model}(x_b) - y_b \rVert^2` over the
+    :math:`B` rows of ``inputs`` and ``targets``; each of the ``steps`` steps is
+    :math:`\theta \leftarrow \theta - \eta\, \partial\mathcal L/\partial\theta` (``torch.optim.SGD`` without
+    momentum or weight decay) on all parameters that require grad. This is the setting of Sander, Ablin
+    and Peyré's theorem on linear ResNets (:func:`linear_residuals`). It runs in one thread: for tensors
+    of a few hundred numbers, threads only add synchronisation.
+
+    Args:
+        model: the network, e.g. an :class:`ODEResNet` (an adjoint one trains on adjoint gradients).
+        inputs: ``(B, ...)``.
+        targets: ``(B, ...)``, the shape of ``model(inputs)``.
+        steps: how many gradient steps.
+        learning_rate: :math:`\eta`.
+
+    Returns:
+        ``steps + 1`` losses: before each step, and after the last.
+
+    Raises:
+        ValueError: ``steps`` is not a positive integer, ``learning_rate`` is not positive, or the model has
+            no parameter that requires grad.
+    """
+    positive_integers(steps=steps)
+    if not learning_rate > 0:
+        raise ValueError(f"learning_rate must be positive, got {learning_rate!r}")
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    if not parameters:
+        raise ValueError("the model has no parameter that requires grad")
+    optimizer = torch.optim.SGD(parameters, lr=learning_rate)
+
+    def loss() -> Tensor:
+        return 0.5 * (model(inputs) - targets).pow(2).reshape(len(targets), -1).sum(dim=1).mean()
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        losses = []
+        for _ in range(steps):
+            optimizer.zero_grad()
+            value = loss()
+            value.backward()
+            optimizer.step()
+            losses.append(value.item())
+        with torch.no_grad():
+            losses.append(loss().item())
+    finally:
+        torch.set_num_threads(threads)
+    return losses
 
 
 class DepthVectorField(nn.Module):

@@ -161,7 +161,8 @@ class ReversibleSettings(ImageSettings):
 
 @dataclass(frozen=True)
 class ODESettings:
-    """Chapter 04: ODE-ResNets of tanh residual functions on the flat digits."""
+    """Chapter 04: ODE-ResNets of tanh residual functions on the flat digits, and linear ODE-ResNets fitted
+    by gradient descent to a linear map (``linear_depths``, ``linear_steps``)."""
 
     width: int = 64
     error_depths: tuple[int, ...] = (4, 8, 16, 32, 64, 128, 256)
@@ -173,6 +174,8 @@ class ODESettings:
     comparison_depths: tuple[int, ...] = (8, 32, 128)
     heunnet_depths: tuple[int, ...] = (4, 8, 16, 32, 64)
     roughness_depth: int = 16
+    linear_depths: tuple[int, ...] = (8, 16, 32, 64, 128)
+    linear_steps: int = 100
 
 
 @dataclass(frozen=True)
@@ -272,7 +275,8 @@ CHAPTER_SETTINGS: dict[str, dict[str, Settings]] = {
         "small": ODESettings(),
         "large": ODESettings(width=256, error_depths=(4, 8, 16, 32, 64, 128, 256, 512, 1024), interpolated_depths=(8, 16, 32, 64, 128, 256, 512, 1024),
                              training_depths=(1, 2, 4, 8, 16, 32, 64), epochs=30, memory_depths=(4, 16, 64, 256, 1024),
-                             comparison_depths=(8, 32, 128, 512), heunnet_depths=(4, 8, 16, 32, 64, 128, 256), roughness_depth=64),
+                             comparison_depths=(8, 32, 128, 512), heunnet_depths=(4, 8, 16, 32, 64, 128, 256), roughness_depth=64,
+                             linear_depths=(8, 16, 32, 64, 128, 256, 512), linear_steps=200),
     },
     "linear_backprop": {
         "small": LinearBackpropSettings(),
