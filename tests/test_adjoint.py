@@ -13,7 +13,6 @@ from revlib.adjoint import (
     ODEResNet,
     adjoint_and_exact_gradients,
     depth_profile,
-    gradient_descent_,
     gradient_error,
     interpolate_depth,
     linear_residuals,
@@ -282,6 +281,8 @@ def test_linear_residuals_and_depth_profile() -> None:
 
 
 def test_gradient_descent_is_plain_full_batch_sgd_and_restores_the_threads() -> None:
+    from revlib.training import gradient_descent_
+
     torch.manual_seed(0)
     x, y = torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 3, dtype=torch.float64)
     model = ODEResNet(*linear_residuals(4, 3), memory_saving=False).double()

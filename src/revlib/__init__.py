@@ -66,6 +66,7 @@ _EXPORTS = {  # name → the module that defines it
     "History": "training",
     "evaluate": "training",
     "fit": "training",
+    "gradient_descent_": "training",
     "make_optimizer": "training",
     "training_step": "training",
     "StepMemory": "measure",
@@ -112,7 +113,7 @@ if TYPE_CHECKING:  # what static tools see; at run time the names are looked up 
     from revlib.runtime import book_scale, book_seed, default_device, evaluation_mode, resolve_device, seed_everything
     from revlib.settings import chapter_settings
     from revlib.timeline import MemoryTimeline, memory_timeline
-    from revlib.training import History, evaluate, fit, make_optimizer, training_step
+    from revlib.training import History, evaluate, fit, gradient_descent_, make_optimizer, training_step
     from revlib.verify import relative_error
 
 

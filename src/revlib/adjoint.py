@@ -41,8 +41,8 @@ in depth). Over :math:`N` steps the gradient error therefore shrinks like :math:
 
 :class:`ODEResNet` holds the residual functions and the mechanism; :func:`smooth_in_depth_`,
 :func:`interpolate_depth`, :func:`gradient_error` and, for the weights as functions of depth,
-:func:`linear_residuals`, :func:`gradient_descent_`, :func:`depth_profile` and :func:`roughness_in_depth`
-are what the chapter's experiments need.
+:func:`linear_residuals`, :func:`depth_profile` and :func:`roughness_in_depth` are what the chapter's
+experiments need (trained by :func:`revlib.training.gradient_descent_`).
 """
 
 from __future__ import annotations
@@ -83,7 +83,6 @@ __all__ = [
     "depth_profile",
     "fixed_point_reverse",
     "fixed_point_reverse_step",
-    "gradient_descent_",
     "gradient_error",
     "heun_fixed_point_reverse_step",
     "interpolate_depth",
@@ -671,58 +670,6 @@ def roughness_in_depth(weights: ODEResNet | Tensor) -> float:
         raise ValueError("roughness_in_depth needs at least two residual functions")
     steps = (layers[1:] - layers[:-1]).norm(dim=1) / layers[:-1].norm(dim=1)
     return steps.mean().item()
-
-
-def gradient_descent_(model: nn.Module, inputs: Tensor, targets: Tensor, *, steps: int, learning_rate: float) -> list[float]:
-    r"""Fit ``model(inputs)`` to ``targets`` by full-batch gradient descent, in place, and return the losses.
-
-    The loss is :math:`\mathcal L = \frac1{2B} \sum_{b=1}^{B} \lVert \text{model}(x_b) - y_b \rVert^2` over the
-    :math:`B` rows of ``inputs`` and ``targets``; each of the ``steps`` steps is
-    :math:`\theta \leftarrow \theta - \eta\, \partial\mathcal L/\partial\theta` (``torch.optim.SGD`` without
-    momentum or weight decay) on all parameters that require grad. This is the setting of Sander, Ablin
-    and Peyré's theorem on linear ResNets (:func:`linear_residuals`). It runs in one thread: for tensors
-    of a few hundred numbers, threads only add synchronisation.
-
-    Args:
-        model: the network, e.g. an :class:`ODEResNet` (an adjoint one trains on adjoint gradients).
-        inputs: ``(B, ...)``.
-        targets: ``(B, ...)``, the shape of ``model(inputs)``.
-        steps: how many gradient steps.
-        learning_rate: :math:`\eta`.
-
-    Returns:
-        ``steps + 1`` losses: before each step, and after the last.
-
-    Raises:
-        ValueError: ``steps`` is not a positive integer, ``learning_rate`` is not positive, or the model has
-            no parameter that requires grad.
-    """
-    positive_integers(steps=steps)
-    if not learning_rate > 0:
-        raise ValueError(f"learning_rate must be positive, got {learning_rate!r}")
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    if not parameters:
-        raise ValueError("the model has no parameter that requires grad")
-    optimizer = torch.optim.SGD(parameters, lr=learning_rate)
-
-    def loss() -> Tensor:
-        return 0.5 * (model(inputs) - targets).pow(2).reshape(len(targets), -1).sum(dim=1).mean()
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        losses = []
-        for _ in range(steps):
-            optimizer.zero_grad()
-            value = loss()
-            value.backward()
-            optimizer.step()
-            losses.append(value.item())
-        with torch.no_grad():
-            losses.append(loss().item())
-    finally:
-        torch.set_num_threads(threads)
-    return losses
 
 
 class DepthVectorField(nn.Module):

@@ -7,7 +7,8 @@ without touching the global random state. :func:`train_epochs` is that loop for 
 themselves (the hand-written MLP of chapter 01).
 
 :func:`make_optimizer` and :func:`training_step` are the single step whose memory bill the book measures:
-cross-entropy, backward, the optimiser's update.
+cross-entropy, backward, the optimiser's update. :func:`gradient_descent_` is full-batch gradient descent
+on the squared loss, the setting of chapter 04's theorem on linear ResNets.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ __all__ = [
     "LossFunction",
     "evaluate",
     "fit",
+    "gradient_descent_",
     "make_optimizer",
     "train_epochs",
     "training_step",
@@ -262,3 +264,56 @@ def training_step(model: nn.Module, inputs: Tensor, targets: Tensor, optimizer: 
         for part, labels in zip(inputs.tensor_split(micro_batches), targets.tensor_split(micro_batches)):
             (F.cross_entropy(model(part), labels) * (len(part) / len(inputs))).backward()
     optimizer.step()
+
+
+def gradient_descent_(model: nn.Module, inputs: Tensor, targets: Tensor, *, steps: int, learning_rate: float) -> list[float]:
+    r"""Fit ``model(inputs)`` to ``targets`` by full-batch gradient descent, in place, and return the losses.
+
+    The loss is :math:`\mathcal L = \frac1{2B} \sum_{b=1}^{B} \lVert \text{model}(x_b) - y_b \rVert^2` over the
+    :math:`B` rows of ``inputs`` and ``targets``; each of the ``steps`` steps is
+    :math:`\theta \leftarrow \theta - \eta\, \partial\mathcal L/\partial\theta` (``torch.optim.SGD`` without
+    momentum or weight decay) on all parameters that require grad. This is the setting of Sander, Ablin
+    and Peyré's theorem on linear ResNets (:func:`revlib.adjoint.linear_residuals`). It runs in one thread: for tensors
+    of a few hundred numbers, threads only add synchronisation.
+
+    Args:
+        model: the network, e.g. an :class:`~revlib.adjoint.ODEResNet` (an adjoint one trains on its
+            adjoint gradients).
+        inputs: ``(B, ...)``.
+        targets: ``(B, ...)``, the shape of ``model(inputs)``.
+        steps: how many gradient steps.
+        learning_rate: :math:`\eta`.
+
+    Returns:
+        ``steps + 1`` losses: before each step, and after the last.
+
+    Raises:
+        ValueError: ``steps`` is not a positive integer, ``learning_rate`` is not positive, or the model has
+            no parameter that requires grad.
+    """
+    positive_integers(steps=steps)
+    if not learning_rate > 0:
+        raise ValueError(f"learning_rate must be positive, got {learning_rate!r}")
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    if not parameters:
+        raise ValueError("the model has no parameter that requires grad")
+    optimizer = torch.optim.SGD(parameters, lr=learning_rate)
+
+    def loss() -> Tensor:
+        return 0.5 * (model(inputs) - targets).pow(2).reshape(len(targets), -1).sum(dim=1).mean()
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        losses = []
+        for _ in range(steps):
+            optimizer.zero_grad()
+            value = loss()
+            value.backward()
+            optimizer.step()
+            losses.append(value.item())
+        with torch.no_grad():
+            losses.append(loss().item())
+    finally:
+        torch.set_num_threads(threads)
+    return losses
