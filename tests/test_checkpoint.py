@@ -12,6 +12,7 @@ from torch import nn
 
 from allocations import Marked, added_peak, live_at_marks
 from revlib.checkpoint import (
+    BlockCosts,
     CheckpointPlan,
     CheckpointedSequence,
     check_plan,
@@ -19,7 +20,7 @@ from revlib.checkpoint import (
     griewank_steps,
     optimal_recomputations,
 )
-from revlib.measure import saved_tensor_bytes
+from revlib.measure import count_calls_per_module, saved_tensor_bytes
 from revlib.verify import relative_error
 
 
@@ -386,3 +387,40 @@ def test_every_plan_is_executable(schedule: str, slots: int | None) -> None:
 def test_check_plan_names_what_is_wrong(forward: tuple, backward: tuple, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         check_plan(CheckpointPlan(2, "by hand", forward, backward))
+
+
+@pytest.mark.parametrize("schedule, slots, budget", [("every", None, None), ("sqrt", None, None), ("revolve", 1, None),
+                                                     ("revolve", 3, None), ("optimal", None, 32), ("optimal", None, 36)])
+def test_runs_per_block_are_counted_by_hooks_and_sum_to_the_evaluations(schedule: str, slots: int | None,
+                                                                       budget: int | None) -> None:
+    made = [nn.Linear(3, 3) for _ in range(6)]
+    costs = BlockCosts((1.0, 20.0, 1.0, 1.0, 9.0, 1.0), (1.0,) * 6, (4,) * 7, (8, 0, 8, 8, 0, 8)) if budget else None
+    sequence = CheckpointedSequence(*made, schedule=schedule, slots=slots, costs=costs, budget=budget)
+    plan = sequence.plan
+    x = torch.randn(2, 3, requires_grad=True)
+    assert count_calls_per_module(made, lambda: sequence(x).sum().backward()) == plan.runs
+    assert sum(plan.runs) == plan.evaluations
+    assert plan.kept.count("input") == len(plan.forward_checkpoints)
+    assert plan.kept.count("graph") == sum(action == "record" for action, _ in plan.forward)
+    if schedule == "every":
+        assert plan.runs == (2,) * 6 and plan.kept == ("input",) * 6
+    if schedule == "optimal":
+        recorded = [i for i, kept in enumerate(plan.kept) if kept == "graph"]
+        assert recorded and all(plan.runs[i] == 1 for i in recorded), "a recorded block runs once"
+
+
+def test_most_revolve_slots_is_the_largest_that_fits_and_backprop_is_the_fastest_plan() -> None:
+    costs = BlockCosts((1.0, 2.0, 1.0, 3.0, 1.0), (2.0,) * 5, (64, 32, 32, 16, 16, 8), (128, 64, 64, 32, 32))
+    peaks = [costs.simulate(checkpoint_plan(5, "revolve", s)).peak_bytes for s in range(1, 6)]
+    assert costs.most_revolve_slots(min(peaks) - 1) is None
+    for budget in sorted(set(peaks)) + [max(peaks) + 100]:
+        found = costs.most_revolve_slots(budget)
+        assert peaks[found - 1] <= budget and all(peak > budget for peak in peaks[found:])
+    backprop = costs.backprop
+    assert backprop.time == sum(costs.forward_time) + sum(costs.backward_time)
+    assert backprop.peak_bytes >= costs.least_budget
+    # a little above backprop's peak: the dynamic programme rounds sizes up to its memory units
+    recording = checkpoint_plan(5, "optimal", costs=costs, budget=1.05 * backprop.peak_bytes)
+    assert recording.predicted_time == backprop.time, "nothing need run twice"
+    with pytest.raises(ValueError, match="budget must be a positive"):
+        costs.most_revolve_slots(0)

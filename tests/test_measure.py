@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from revlib.measure import (SavedTensors, Timing, count_calls, forward_backward, peak_memory, saved_tensor_bytes,
+from revlib.measure import (SavedTensors, Timing, count_calls, count_calls_per_module, forward_backward, peak_memory, saved_tensor_bytes,
                            time_call)
 
 FLOAT32 = 4
@@ -239,3 +239,13 @@ def test_step_memory_floor_holds_a_persistent_state_with_the_activations() -> No
     state_and_activations = steady.parameters + steady.inputs + steady.activations + steady.optimizer_state
     assert steady.floor == state_and_activations <= steady.peak
     assert first.floor < steady.floor and first.floor <= first.peak
+
+
+def test_count_calls_per_module_counts_each_module_in_one_call() -> None:
+    first, second = nn.Linear(3, 3), nn.Linear(3, 3)
+
+    def twice(x: torch.Tensor) -> torch.Tensor:
+        return second(first(first(x)))
+
+    assert count_calls_per_module([first, second, first], twice, torch.randn(2, 3)) == (2, 1, 2)
+    assert not first._forward_pre_hooks and not second._forward_pre_hooks

@@ -73,6 +73,7 @@ _EXPORTS = {  # name → the module that defines it
     "Timing": "measure",
     "compare_times": "measure",
     "count_calls": "measure",
+    "count_calls_per_module": "measure",
     "forward_backward": "measure",
     "peak_memory": "measure",
     "saved_tensor_bytes": "measure",
@@ -105,7 +106,8 @@ if TYPE_CHECKING:  # what static tools see; at run time the names are looked up 
     from revlib.claims import claim
     from revlib.data import DataSplits, find_cifar10, load_cifar10, load_digits, make_spirals
     from revlib.linear_backprop import LinearBackprop, convert_to_linear_backprop
-    from revlib.measure import (StepMemory, Timing, compare_times, count_calls, forward_backward, peak_memory,
+    from revlib.measure import (StepMemory, Timing, compare_times, count_calls, count_calls_per_module,
+                                forward_backward, peak_memory,
                                 saved_tensor_bytes, step_memory, time_call)
     from revlib.momentum import MomentumSequence
     from revlib.planner import PlanReport, plan

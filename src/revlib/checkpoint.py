@@ -203,6 +203,36 @@ class CheckpointPlan:
         """The most block inputs kept at once (the current working input of the backward pass not counted)."""
         return max(self.held_inputs())
 
+    @property
+    def kept(self) -> tuple[str, ...]:
+        """Per block, what the forward pass keeps of it for the backward pass: ``"graph"`` (recorded),
+        ``"input"`` (:math:`x_i` stored) or ``"-"`` (nothing: rebuilt from an earlier input when needed)."""
+        kept = ["-"] * self.steps
+        for action, index in self.forward:
+            if action == "record":
+                kept[index] = "graph"
+            elif action == "store":
+                kept[index] = "input"
+        return tuple(kept)
+
+    @property
+    def runs(self) -> tuple[int, ...]:
+        """Per block, how many times one forward and backward pass evaluates it: once in the forward pass, once
+        per advance or record in the backward pass, and once more in its turn unless its graph is recorded.
+        The entries sum to :attr:`evaluations`; a forward hook on each block counts the same
+        (:func:`revlib.measure.count_calls_per_module`)."""
+        runs = [0] * self.steps
+        recorded: set[int] = set()
+        for action, index in (*self.forward, *self.backward):
+            if action in ("advance", "record"):
+                runs[index] += 1
+                if action == "record":
+                    recorded.add(index)
+            elif action == "turn":
+                runs[index] += index not in recorded  # without a recorded graph the turn runs the block again
+                recorded.discard(index)
+        return tuple(runs)
+
 
 def _forward_keeping(steps: int, checkpoints: Iterable[int]) -> tuple[Action, ...]:
     """A forward pass that keeps the inputs ``checkpoints`` and runs every block without a graph."""
@@ -249,6 +279,29 @@ class BlockCosts:
     def least_budget(self) -> float:
         """The least budget any ``"optimal"`` plan fits in (the least peak of the memory model)."""
         return least_peak_bytes(self.forward_time, self.backward_time, self.input_bytes, self.activation_bytes)
+
+    @property
+    def backprop(self) -> Simulation:
+        r"""Plain backprop under the ``"optimal"`` schedule's model: every block recorded in the forward pass
+        and turned through its graph, time :math:`\sum_i f_i + b_i`; its peak is the budget above which no
+        block need be recomputed."""
+        forward = tuple(("record", index) for index in range(self.steps))
+        backward = tuple(("turn", index) for index in reversed(range(self.steps)))
+        return simulate(forward, backward, self.forward_time, self.backward_time, self.input_bytes, self.activation_bytes)
+
+    def most_revolve_slots(self, budget: float) -> int | None:
+        """The most slots :math:`s \le N` whose revolve plan fits in ``budget`` bytes under this model
+        (:meth:`simulate`), or ``None`` when not even one slot does: revolve's best within the budget that
+        ``"optimal"`` is given, for comparing the two on equal terms.
+
+        Raises:
+            ValueError: ``budget`` is not a positive, finite number.
+        """
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget <= 0:
+            raise ValueError(f"budget must be a positive, finite number of bytes, got {budget!r}")
+        fitting = [slots for slots in range(1, self.steps + 1)
+                   if self.simulate(checkpoint_plan(self.steps, "revolve", slots)).peak_bytes <= budget]
+        return max(fitting, default=None)
 
     def simulate(self, plan: CheckpointPlan) -> Simulation:
         """What any ``plan`` for these blocks costs under the ``"optimal"`` schedule's model: a record with

@@ -54,6 +54,7 @@ __all__ = [
     "Timing",
     "compare_times",
     "count_calls",
+    "count_calls_per_module",
     "forward_backward",
     "operator_profile",
     "peak_memory",
@@ -180,6 +181,28 @@ def count_calls(modules: Iterable[nn.Module], fn: Callable[..., Any], *args: Any
         for hook in hooks:
             hook.remove()
     return calls
+
+
+def count_calls_per_module(modules: Iterable[nn.Module], fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[int, ...]:
+    """How many times each of ``modules`` ran its forward during ``fn(*args, **kwargs)``, in the order given.
+
+    :func:`count_calls` block by block, in one call of ``fn``: e.g. a checkpointing schedule's evaluations of
+    each block in one step, to compare with :attr:`revlib.checkpoint.CheckpointPlan.runs`. A module given twice
+    gets the same count at both places.
+    """
+    modules = list(modules)
+    calls: dict[int, int] = {}
+
+    def count(module: nn.Module, _: Any) -> None:
+        calls[id(module)] = calls.get(id(module), 0) + 1
+
+    hooks = [module.register_forward_pre_hook(count) for module in {id(m): m for m in modules}.values()]
+    try:
+        fn(*args, **kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return tuple(calls.get(id(module), 0) for module in modules)
 
 
 def _device_of(args: tuple[Any, ...]) -> torch.device:

@@ -203,7 +203,8 @@ class LinearBackpropSettings(ImageSettings):
 
 @dataclass(frozen=True)
 class CheckpointSettings(ImageSettings):
-    """Chapter 06: the checkpointing schedules on one stack of reversible blocks, and a checkpointed ResNet trained."""
+    """Chapter 06: the checkpointing schedules on one stack of reversible blocks, the optimal schedule on a staged ResNet
+    of unequal blocks, and a checkpointed ResNet trained."""
 
     channels: int = 32
     batch: int = 64
@@ -214,6 +215,9 @@ class CheckpointSettings(ImageSettings):
     train_channels: int = 16
     train_blocks: int = 8
     train_slots: int = 2
+    unequal_widths: tuple[int, ...] = (8, 16, 32)
+    unequal_blocks_per_stage: int = 2
+    unequal_batch: int = 128
     epochs: int = 12
     batch_size: int = 64
     learning_rate: float = 0.1
@@ -288,7 +292,9 @@ CHAPTER_SETTINGS: dict[str, dict[str, Settings]] = {
         "small": CheckpointSettings(),
         "large": CheckpointSettings(image_data="cifar10", accuracy_floor={"digits": 0.95, "cifar10": 0.7}, channels=64, batch=256,
                                     memory_depths=(16, 32, 64, 128, 256), frontier_depth=128, budgets=(1, 2, 3, 4, 6, 8, 16),
-                                    timing_repeats=15, train_channels=64, train_blocks=16, train_slots=4, epochs=30, batch_size=128),
+                                    timing_repeats=15, train_channels=64, train_blocks=16, train_slots=4,
+                                    unequal_widths=(16, 32, 64), unequal_blocks_per_stage=3, unequal_batch=512, epochs=30,
+                                    batch_size=128),
     },
     "frontier": {
         "small": FrontierSettings(),
