@@ -185,8 +185,8 @@ def plan(blocks: Iterable[nn.Module], example: Tensor, *, budget: int, repeats: 
         if measured <= budget:
             module.report = PlanReport(  # type: ignore[assignment]
                 strategy="optimal checkpointing", least_budget=least, predicted_peak=int(schedule.predicted_peak + reserve),  # type: ignore[operator]
-                measured_peak=measured, predicted_time=float(schedule.predicted_time), kept=_kept(schedule),  # type: ignore[arg-type]
-                runs=_runs(schedule), reserve=int(reserve), plan=schedule, **common,  # type: ignore[arg-type]
+                measured_peak=measured, predicted_time=float(schedule.predicted_time), kept=schedule.kept,  # type: ignore[arg-type]
+                runs=schedule.runs, reserve=int(reserve), plan=schedule, **common,  # type: ignore[arg-type]
             )
             return module
         excess = measured - budget  # what the reserve missed: lower the chain's budget by it, plan again
@@ -212,29 +212,6 @@ def _checked_blocks(blocks: Iterable[nn.Module]) -> list[nn.Module]:
         if not isinstance(block, nn.Module):
             raise TypeError(f"blocks[{index}] must be an nn.Module, got {type(block).__name__}")
     return found
-
-
-def _kept(schedule: CheckpointPlan) -> tuple[str, ...]:
-    kept = ["-"] * schedule.steps
-    for action, index in schedule.forward:
-        if action == "record":
-            kept[index] = "graph"
-        elif action == "store":
-            kept[index] = "input"
-    return tuple(kept)
-
-
-def _runs(schedule: CheckpointPlan) -> tuple[int, ...]:
-    runs = [0] * schedule.steps
-    recorded: set[int] = set()
-    for action, index in (*schedule.forward, *schedule.backward):
-        if action in ("advance", "record"):
-            runs[index] += 1
-            recorded |= {index} if action == "record" else set()
-        elif action == "turn":
-            runs[index] += index not in recorded  # a turn without a recorded graph runs the block again
-            recorded.discard(index)
-    return tuple(runs)
 
 
 # ---------------------------------------------------------------------------------------------------------
