@@ -205,8 +205,9 @@ class CheckpointPlan:
 
     @property
     def kept(self) -> tuple[str, ...]:
-        """Per block, what the forward pass keeps of it for the backward pass: ``"graph"`` (recorded),
-        ``"input"`` (:math:`x_i` stored) or ``"-"`` (nothing: rebuilt from an earlier input when needed)."""
+        """What the forward pass keeps of each block for the backward pass, one entry per block — ``"graph"``
+        (recorded), ``"input"`` (:math:`x_i` stored) or ``"-"`` (nothing; rebuilt from an earlier input when
+        needed)."""
         kept = ["-"] * self.steps
         for action, index in self.forward:
             if action == "record":
@@ -217,8 +218,9 @@ class CheckpointPlan:
 
     @property
     def runs(self) -> tuple[int, ...]:
-        """Per block, how many times one forward and backward pass evaluates it: once in the forward pass, once
-        per advance or record in the backward pass, and once more in its turn unless its graph is recorded.
+        """How many times one forward and backward pass evaluates each block, one entry per block — once in the
+        forward pass, once per advance or record in the backward pass, and once more in its turn unless its
+        graph is recorded.
         The entries sum to :attr:`evaluations`; a forward hook on each block counts the same
         (:func:`revlib.measure.count_calls_per_module`)."""
         runs = [0] * self.steps
@@ -282,8 +284,8 @@ class BlockCosts:
 
     @property
     def backprop(self) -> Simulation:
-        r"""Plain backprop under the ``"optimal"`` schedule's model: every block recorded in the forward pass
-        and turned through its graph, time :math:`\sum_i f_i + b_i`; its peak is the budget above which no
+        r"""Plain backprop under the ``"optimal"`` schedule's model, every block recorded in the forward pass
+        and turned through its graph (time :math:`\sum_i f_i + b_i`); its peak is the budget above which no
         block need be recomputed."""
         forward = tuple(("record", index) for index in range(self.steps))
         backward = tuple(("turn", index) for index in reversed(range(self.steps)))
