@@ -424,3 +424,29 @@ def test_most_revolve_slots_is_the_largest_that_fits_and_backprop_is_the_fastest
     assert recording.predicted_time == backprop.time, "nothing need run twice"
     with pytest.raises(ValueError, match="budget must be a positive"):
         costs.most_revolve_slots(0)
+
+
+def test_forward_work_weights_each_block_s_runs_by_its_forward_time() -> None:
+    costs = BlockCosts((1.0, 3.0, 0.0, 4.0), (2.0,) * 4, (8,) * 5, (8,) * 4)
+    assert costs.forward_work(checkpoint_plan(4, "every")) == 2.0  # every block runs twice
+    one_slot = checkpoint_plan(4, "revolve", 1)  # x_0 kept: block i runs 1 + (3 - i) + 1 times
+    assert one_slot.runs == (5, 4, 3, 2)
+    assert costs.forward_work(one_slot) == (1 * 5 + 3 * 4 + 0 * 3 + 4 * 2) / 8
+    recording = checkpoint_plan(4, "optimal", costs=costs, budget=1.05 * costs.backprop.peak_bytes)
+    assert costs.forward_work(recording) == 1.0, "plain backprop runs every block once"
+    free = BlockCosts((0.0,) * 3, (1.0,) * 3, (8,) * 4, (8,) * 3)
+    assert free.forward_work(checkpoint_plan(3, "revolve", 1)) == sum(checkpoint_plan(3, "revolve", 1).runs) / 3
+    with pytest.raises(ValueError, match="plan is for 3 blocks, the costs for 4"):
+        costs.forward_work(checkpoint_plan(3, "every"))
+
+
+def test_averaged_costs_are_alike_blocks_with_the_same_sums() -> None:
+    costs = BlockCosts((1.0, 3.0, 2.0), (2.0, 2.0, 5.0), (30, 60, 90, 7), (0, 300, 600))
+    alike = costs.averaged()
+    assert alike.forward_time == (2.0,) * 3 and alike.backward_time == (3.0,) * 3
+    assert alike.input_bytes == (60.0, 60.0, 60.0, 7), "the inputs averaged, the output kept"
+    assert alike.activation_bytes == (300.0,) * 3
+    assert alike.averaged() == alike, "alike blocks are their own average"
+    assert alike.backprop.time == costs.backprop.time, "the same total work"
+    # a plan for the alike blocks: what the differences change, e.g. the least budget
+    assert alike.least_budget < costs.least_budget, "the largest turn is smaller when the sizes are spread evenly"

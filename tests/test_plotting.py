@@ -83,6 +83,33 @@ def test_plot_schedule_draws_every_evaluation_and_every_kept_input(schedule: str
     assert f"{plan.evaluations} evaluations" in axis.get_title()
 
 
+def test_plot_plan_runs_draws_each_plan_s_runs_coloured_by_what_it_keeps() -> None:
+    from matplotlib.colors import to_rgba
+
+    from revlib.checkpoint import BlockCosts, checkpoint_plan
+
+    costs = BlockCosts((1.0, 4.0, 1.0, 1.0), (2.0,) * 4, (8, 32, 8, 8, 8), (4, 64, 4, 4))
+    plans = {"optimal": checkpoint_plan(4, "optimal", costs=costs, budget=0.8 * costs.backprop.peak_bytes),
+             "revolve-1": checkpoint_plan(4, "revolve", 1)}
+    axis = plotting.plot_plan_runs(plans, block_names=["a", "b", "c", "d"]).axes[0]
+    bars = axis.patches
+    assert len(bars) == 8, "one bar per block and plan"
+    for number, plan in enumerate(plans.values()):
+        drawn = bars[4 * number: 4 * number + 4]
+        assert [bar.get_height() for bar in drawn] == list(plan.runs)
+        assert [bar.get_facecolor() for bar in drawn] == [to_rgba(plotting.KEPT_COLOURS[k]) for k in plan.kept]
+    assert "graph" in plans["optimal"].kept, "the budget leaves room for a recorded graph"
+    assert {bar.get_hatch() or "" for bar in bars[:4]} != {bar.get_hatch() or "" for bar in bars[4:]}
+    assert [label.get_text() for label in axis.get_xticklabels()] == ["a", "b", "c", "d"]
+    assert [text.get_text() for text in axis.get_legend().get_texts()][-2:] == ["optimal", "revolve-1"]
+    with pytest.raises(ValueError, match="block_names must name the 4 blocks"):
+        plotting.plot_plan_runs(plans, block_names=["a"])
+    with pytest.raises(ValueError, match="same number of blocks"):
+        plotting.plot_plan_runs({"a": plans["revolve-1"], "b": checkpoint_plan(3, "every")})
+    with pytest.raises(ValueError, match="between 1 and 6"):
+        plotting.plot_plan_runs({})
+
+
 def _box(annotation: Annotation) -> tuple[float, float, float, float]:
     box = plotting._text_box(annotation, annotation.figure.canvas.get_renderer())  # without its leader line
     return box.x0, box.y0, box.x1, box.y1

@@ -308,6 +308,22 @@ def test_rounding_that_leaves_no_plan_falls_back_to_the_least_peak() -> None:
     assert isinstance(plan, ChainPlan) and plan.steps == 3
 
 
+def test_sizes_with_fractions_of_a_byte_fit_the_least_budget_exactly() -> None:
+    # ten alike blocks whose sizes are means of whole bytes (137.6 KiB inputs, 315.2 KiB graphs): in floating
+    # point the least peak and the plan's simulated peak summed the same sizes in different orders and
+    # disagreed in the last bit, so the plan at the least budget "exceeded" it
+    sizes = [1376 * 1024 / 10] * 10 + [5120], [3152 * 1024 / 10] * 10
+    chain = [0.9e-3] * 10, [1.9e-3] * 10, *sizes
+    least = least_budget(chain)
+    for budget in (least, least * (1 + 1e-15), least * 1.02):
+        plan = optimal_chain_plan(*chain, budget)
+        assert plan.peak_bytes <= budget
+        assert simulate(plan.forward, plan.backward, *chain).peak_bytes == plan.peak_bytes
+    assert optimal_chain_plan(*chain, least).peak_bytes == least
+    with pytest.raises(ValueError, match="no plan fits"):
+        optimal_chain_plan(*chain, least * (1 - 1e-12))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Bad input
 

@@ -102,6 +102,12 @@ def test_the_peak_is_the_largest_total_and_splits_into_the_categories_then() -> 
     # gradients zero_grad() released
     assert timeline.peak >= timeline.baseline - PARAMETERS + SAVED + LOSS_AND_SEED
     assert np.all(np.diff(timeline.times) >= 0) and timeline.times[0] == 0
+    # held(...) is the sum of the categories it names, at every sample
+    held = timeline.held("activations", "temporaries", "inputs")
+    assert held.shape == timeline.times.shape
+    assert np.array_equal(held, timeline.series["activations"] + timeline.series["temporaries"] + timeline.series["inputs"])
+    assert np.array_equal(timeline.held(*CATEGORIES), timeline.total)
+    assert held[0] == BATCH_BYTES  # at the start: the batch, and none of the parameters' bytes
 
 
 def test_a_first_step_and_a_steady_step_differ_by_the_gradients_and_state_the_first_allocates() -> None:
@@ -223,6 +229,10 @@ def test_bad_arguments_are_refused_naming_the_argument() -> None:
         timeline.phase("sideways")
     with pytest.raises(ValueError, match="no occurrence 0"):
         timeline.phase("backward")
+    with pytest.raises(ValueError, match="categories must be among.*'weights'"):
+        timeline.held("activations", "weights")
+    with pytest.raises(ValueError, match="at least one category"):
+        timeline.held()
 
 
 def test_a_failing_call_leaves_no_hook_and_no_profiler_running() -> None:

@@ -169,8 +169,8 @@ class _Chain:
 
     f: tuple[float, ...]  # forward times f_0 … f_N (f_N = 0)
     b: tuple[float, ...]  # backward times b_0 … b_N (b_N = 0)
-    a: tuple[float, ...]  # input sizes a_0 … a_N, then a_{N+1} = 0 (the loss's output gradient)
-    g: tuple[float, ...]  # graph sizes g_0 … g_N (g_N = 0)
+    a: tuple[int | Fraction, ...]  # input sizes a_0 … a_N, then a_{N+1} = 0 (the loss's output gradient), exact
+    g: tuple[int | Fraction, ...]  # graph sizes g_0 … g_N (g_N = 0), exact
 
     @property
     def steps(self) -> int:
@@ -192,7 +192,7 @@ def _start(chain: _Chain) -> _State:
     return _State(frozenset(), frozenset(), 0, chain.steps + 1)
 
 
-def _held(state: _State, chain: _Chain) -> float:
+def _held(state: _State, chain: _Chain) -> int | Fraction:
     """M(K, R, c, L) = Σ_{i ∈ K ∪ R ∪ (R+1) ∪ {c}} a_i + Σ_{i ∈ R} g_i + a_L."""
     outputs = frozenset(i + 1 for i in state.recorded)  # a recorded graph holds its output as well as its input
     live = state.kept | state.recorded | outputs | ({state.current} if state.current is not None else frozenset())
@@ -203,7 +203,7 @@ class _InvalidAction(ValueError):
     """An action the state does not allow."""
 
 
-def _step(state: _State, action: Action, chain: _Chain) -> tuple[_State, float, float]:
+def _step(state: _State, action: Action, chain: _Chain) -> tuple[_State, float, int | Fraction]:
     """One action: the state after it, its time, and the most bytes held while it runs."""
     name, i = action
     kept, recorded, current, left = state.kept, state.recorded, state.current, state.left
@@ -304,10 +304,10 @@ def simulate(
         time, peak = time + cost, max(peak, during)
     if state.left:
         raise ValueError(f"the backward pass ends before turning blocks {list(range(state.left))}")
-    return Simulation(time, peak)
+    return Simulation(time, float(peak))
 
 
-def _checked_step(state: _State, action: Action, chain: _Chain, where: str) -> tuple[_State, float, float]:
+def _checked_step(state: _State, action: Action, chain: _Chain, where: str) -> tuple[_State, float, int | Fraction]:
     if not (isinstance(action, tuple) and len(action) == 2 and isinstance(action[0], str) and isinstance(action[1], int)):
         raise ValueError(f"{where}: an action is a pair (name, block index), got {action!r}")
     try:
@@ -383,7 +383,7 @@ def optimal_chain_plan(
         predicted = None
     loss_turn = actions.index(("turn", chain.steps))
     forward, backward = tuple(actions[:loss_turn]), tuple(actions[loss_turn + 1 :])
-    simulated = simulate(forward, backward, chain.f[:-1], chain.b[:-1], chain.a[:-1], chain.g[:-1])
+    simulated = simulate(forward, backward, forward_time, backward_time, input_bytes, activation_bytes)
     assert simulated.peak_bytes <= budget, "the plan exceeds its budget: the rounding should prevent this"
     assert predicted is None or math.isclose(simulated.time, predicted, rel_tol=1e-9, abs_tol=1e-12), "the table and the plan disagree"
     return ChainPlan(forward, backward, simulated.time, simulated.peak_bytes, float(budget), float(unit))
@@ -477,15 +477,16 @@ def _least_peak(chain: _Chain, allow_record: bool) -> tuple[float, dict[tuple[in
     """The least peak of any plan of the recurrence's family, in bytes, exactly: the recurrence with
     max(peak) in place of the sum of times (ties broken by time), and the choices that reach it."""
     a, g, f, b = chain.a, chain.g, chain.f, chain.b
-    best: dict[tuple[int, int], tuple[float, float]] = {}  # (s, t) → (peak, time)
+    best: dict[tuple[int, int], tuple[int | Fraction, float]] = {}  # (s, t) → (peak, time)
     choice: dict[tuple[int, int], int] = {}
     for s in range(chain.steps + 1):
         best[s, s + 1] = (2 * a[s] + g[s] + 2 * a[s + 1], f[s] + b[s])
     for length in range(2, chain.steps + 2):
         for s in range(chain.steps + 2 - length):
             t = s + length
-            options: list[tuple[tuple[float, float], int]] = []
-            advances, elapsed = 0.0, 0.0
+            options: list[tuple[tuple[int | Fraction, float], int]] = []
+            advances: int | Fraction = 0
+            elapsed = 0.0
             for j in range(s + 1, t):
                 advances = max(advances, (a[j - 1] if j - 1 > s else 0) + a[j])
                 elapsed += f[j - 1]
@@ -497,7 +498,7 @@ def _least_peak(chain: _Chain, allow_record: bool) -> tuple[float, dict[tuple[in
                 peak = max(a[s] + g[s] + a[s + 1] + max(a[t], a[s] + a[s + 1]), a[s] + g[s] + rest[0])
                 options.append(((peak, f[s] + rest[1] + b[s]), _RECORD))
             best[s, t], choice[s, t] = min(options)
-    return best[0, chain.steps + 1][0], choice
+    return float(best[0, chain.steps + 1][0]), choice
 
 
 def _in_units(sizes: Sequence[float], unit: Fraction) -> list[int]:
@@ -535,9 +536,16 @@ def _validated_chain(forward_time: Sequence[float], backward_time: Sequence[floa
     return _Chain(
         f=checked["forward_time"] + (0,),
         b=checked["backward_time"] + (0,),
-        a=checked["input_bytes"] + (0,),
-        g=checked["activation_bytes"] + (0,),
+        a=tuple(map(_exact, checked["input_bytes"])) + (0,),
+        g=tuple(map(_exact, checked["activation_bytes"])) + (0,),
     )
+
+
+def _exact(size: float) -> int | Fraction:
+    """A size as an exact number (an int when whole), so that a peak, a sum of sizes, does not depend on the
+    order of its terms: the least peak and a plan's simulated peak then agree to the byte, and a plan at the
+    least budget fits it, whatever fractions of a byte the sizes have."""
+    return int(size) if float(size).is_integer() else Fraction(size)
 
 
 def checkpoint_plan_actions(plan: object) -> tuple[tuple[Action, ...], tuple[Action, ...]]:

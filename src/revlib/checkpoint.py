@@ -305,6 +305,32 @@ class BlockCosts:
                    if self.simulate(checkpoint_plan(self.steps, "revolve", slots)).peak_bytes <= budget]
         return max(fitting, default=None)
 
+    def averaged(self) -> BlockCosts:
+        r"""The same chain made of alike blocks: each takes the blocks' mean times :math:`\bar f`, :math:`\bar b`,
+        each input :math:`x_0, \dots, x_{N-1}` their mean size and each graph their mean graph size; the output
+        :math:`x_N` keeps its size. The sums over the blocks stay the same, so a comparison made on both costs
+        shows what the blocks' differences change, and nothing else (e.g. revolve against ``"optimal"``)."""
+        steps = self.steps
+
+        def alike(values: tuple[float, ...]) -> tuple[float, ...]:
+            return (sum(values) / steps,) * steps
+
+        return BlockCosts(alike(self.forward_time), alike(self.backward_time),
+                          alike(self.input_bytes[:steps]) + self.input_bytes[steps:], alike(self.activation_bytes))
+
+    def forward_work(self, plan: CheckpointPlan) -> float:
+        r"""The forward work of one step under ``plan``, in forward passes of the chain:
+        :math:`\sum_i f_i \,\text{runs}_i / \sum_i f_i` with :attr:`CheckpointPlan.runs` (plain backprop: 1;
+        every block checkpointed: 2). Blocks without cost (all :math:`f_i = 0`) count by their evaluations.
+
+        Raises:
+            ValueError: the plan is for another number of blocks.
+        """
+        if plan.steps != self.steps:
+            raise ValueError(f"plan is for {plan.steps} blocks, the costs for {self.steps}")
+        weights = self.forward_time if sum(self.forward_time) > 0 else (1.0,) * self.steps
+        return sum(weight * runs for weight, runs in zip(weights, plan.runs)) / sum(weights)
+
     def simulate(self, plan: CheckpointPlan) -> Simulation:
         """What any ``plan`` for these blocks costs under the ``"optimal"`` schedule's model: a record with
         ``time``, the :math:`\\sum` of its actions' costs, and ``peak_bytes``, its peak :math:`\\max M`

@@ -26,7 +26,7 @@ from revlib.training import History
 if TYPE_CHECKING:
     from revlib.checkpoint import CheckpointPlan
 
-__all__ = ["BOOK_STYLE", "PALETTE", "draw_graph", "label_points", "plot_history", "plot_points", "plot_schedule", "plot_timeline", "show_images", "use_book_style"]
+__all__ = ["BOOK_STYLE", "KEPT_COLOURS", "PALETTE", "draw_graph", "label_points", "plot_history", "plot_plan_runs", "plot_points", "plot_schedule", "plot_timeline", "show_images", "use_book_style"]
 
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000")
 """The Okabe–Ito colours, distinguishable under every common form of colour blindness."""
@@ -244,6 +244,53 @@ def plot_schedule(plan: CheckpointPlan, *, ax: plt.Axes | None = None, title: st
     ax.legend(legend, ["forward", "advance", "turn", "input kept"], loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set(xlabel="block evaluations", ylabel="state $x_i$", xlim=(0, time), ylim=(-0.5, steps + 0.5),
            title=title or f"{plan.schedule}: {plan.evaluations} evaluations, at most {plan.most_stored} inputs kept")
+    return ax.figure
+
+
+#: The colour of each entry of :attr:`~revlib.checkpoint.CheckpointPlan.kept` in :func:`plot_plan_runs`.
+KEPT_COLOURS = {"graph": PALETTE[2], "input": PALETTE[0], "-": "0.75"}
+_HATCHES = ("", "//", "..", "xx", "\\\\", "++")
+
+
+def plot_plan_runs(plans: Mapping[str, CheckpointPlan], *, block_names: Sequence[str] | None = None,
+                   ax: plt.Axes | None = None, title: str | None = None) -> Figure:
+    """Draw how often each block runs under each plan: one group of bars per block, one bar per plan (each
+    plan its own hatching, named in the legend), its height :attr:`~revlib.checkpoint.CheckpointPlan.runs`
+    and its colour what the plan's forward pass keeps of the block
+    (:attr:`~revlib.checkpoint.CheckpointPlan.kept`, :data:`KEPT_COLOURS`): its graph (green; it then runs
+    once), its input (blue) or nothing (grey; rebuilt from an earlier input).
+
+    Args:
+        plans: name → plan, all for the same number of blocks (at most six plans).
+        block_names: a label per block for the horizontal axis (default: the block indices).
+
+    Raises:
+        ValueError: no plans or more than six, plans for different numbers of blocks, or ``block_names`` of
+            another length.
+    """
+    if not 0 < len(plans) <= len(_HATCHES):
+        raise ValueError(f"plans must name between 1 and {len(_HATCHES)} plans, got {len(plans)}")
+    steps = {plan.steps for plan in plans.values()}
+    if len(steps) != 1:
+        raise ValueError(f"plans must be for the same number of blocks, got {sorted(steps)}")
+    (blocks,) = steps
+    if block_names is not None and len(block_names) != blocks:
+        raise ValueError(f"block_names must name the {blocks} blocks, got {len(block_names)} names")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(max(6.4, 0.6 * blocks * len(plans)), 3.2))
+    width = 0.8 / len(plans)
+    for number, (hatch, plan) in enumerate(zip(_HATCHES, plans.values())):
+        bars = ax.bar([block - 0.4 + (number + 0.5) * width for block in range(blocks)], plan.runs, width=width,
+                      color=[KEPT_COLOURS[kept] for kept in plan.kept], hatch=hatch, edgecolor="white")
+        ax.bar_label(bars, fontsize=7)
+    kept_names = {"graph": "graph kept", "input": "input kept", "-": "nothing kept"}
+    handles = [mpl.patches.Patch(color=colour, label=kept_names[kept]) for kept, colour in KEPT_COLOURS.items()]
+    handles += [mpl.patches.Patch(facecolor="white", edgecolor="0.3", hatch=hatch, label=name)
+                for hatch, name in zip(_HATCHES, plans)]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    ax.set_xticks(range(blocks), list(block_names) if block_names is not None else [str(b) for b in range(blocks)])
+    most = max(max(plan.runs) for plan in plans.values())
+    ax.set(ylabel="evaluations", ylim=(0, 1.2 * most), title=title)
     return ax.figure
 
 

@@ -211,7 +211,7 @@ class CheckpointSettings(ImageSettings):
     memory_depths: tuple[int, ...] = (8, 16, 32, 64)
     frontier_depth: int = 32
     budgets: tuple[int, ...] = (1, 2, 3, 4, 6, 8)
-    timing_repeats: int = 15
+    timing_repeats: int = 7
     train_channels: int = 16
     train_blocks: int = 8
     train_slots: int = 2

@@ -147,6 +147,21 @@ class MemoryTimeline:
         """What the call adds at its peak to what was live before it, :attr:`peak` − :attr:`baseline`."""
         return self.peak - self.baseline
 
+    def held(self, *categories: str) -> np.ndarray:
+        """``(T,)`` bytes held in the given ``categories`` together (of :data:`CATEGORIES`), e.g.
+        ``timeline.held("activations", "temporaries", "inputs").max()``: the most that the step's own tensors
+        occupied at once, its parameters and gradients left out.
+
+        Raises:
+            ValueError: no category, or one not in :data:`CATEGORIES`.
+        """
+        if not categories:
+            raise ValueError(f"name at least one category of {CATEGORIES}")
+        unknown = [name for name in categories if name not in CATEGORIES]
+        if unknown:
+            raise ValueError(f"categories must be among {CATEGORIES}, got {unknown!r}")
+        return np.sum([self.series[name] for name in categories], axis=0)
+
     def at(self, time: float) -> dict[str, int]:
         """Bytes per category held at ``time`` seconds since the start, after every event up to then (e.g. at
         ``timeline.phase("forward").end``)."""
