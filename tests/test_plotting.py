@@ -89,7 +89,7 @@ def test_plot_plan_runs_draws_each_plan_s_runs_coloured_by_what_it_keeps() -> No
     from revlib.checkpoint import BlockCosts, checkpoint_plan
 
     costs = BlockCosts((1.0, 4.0, 1.0, 1.0), (2.0,) * 4, (8, 32, 8, 8, 8), (4, 64, 4, 4))
-    plans = {"optimal": checkpoint_plan(4, "optimal", costs=costs, budget=0.8 * costs.backprop.peak_bytes),
+    plans = {"optimal": checkpoint_plan(4, "optimal", costs=costs, budget=costs.least_budget),
              "revolve-1": checkpoint_plan(4, "revolve", 1)}
     axis = plotting.plot_plan_runs(plans, block_names=["a", "b", "c", "d"]).axes[0]
     bars = axis.patches

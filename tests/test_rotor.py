@@ -19,6 +19,7 @@ from revlib._rotor import (
     _step,
     _validated_chain,
     checkpoint_plan_actions,
+    least_peak_bytes,
     optimal_chain_plan,
     simulate,
 )
@@ -314,7 +315,7 @@ def test_sizes_with_fractions_of_a_byte_fit_the_least_budget_exactly() -> None:
     # disagreed in the last bit, so the plan at the least budget "exceeded" it
     sizes = [1376 * 1024 / 10] * 10 + [5120], [3152 * 1024 / 10] * 10
     chain = [0.9e-3] * 10, [1.9e-3] * 10, *sizes
-    least = least_budget(chain)
+    least = least_peak_bytes(*chain)
     for budget in (least, least * (1 + 1e-15), least * 1.02):
         plan = optimal_chain_plan(*chain, budget)
         assert plan.peak_bytes <= budget

@@ -304,7 +304,7 @@ def simulate(
         time, peak = time + cost, max(peak, during)
     if state.left:
         raise ValueError(f"the backward pass ends before turning blocks {list(range(state.left))}")
-    return Simulation(time, float(peak))
+    return Simulation(time, _plain(peak))
 
 
 def _checked_step(state: _State, action: Action, chain: _Chain, where: str) -> tuple[_State, float, int | Fraction]:
@@ -498,7 +498,7 @@ def _least_peak(chain: _Chain, allow_record: bool) -> tuple[float, dict[tuple[in
                 peak = max(a[s] + g[s] + a[s + 1] + max(a[t], a[s] + a[s + 1]), a[s] + g[s] + rest[0])
                 options.append(((peak, f[s] + rest[1] + b[s]), _RECORD))
             best[s, t], choice[s, t] = min(options)
-    return float(best[0, chain.steps + 1][0]), choice
+    return _plain(best[0, chain.steps + 1][0]), choice
 
 
 def _in_units(sizes: Sequence[float], unit: Fraction) -> list[int]:
@@ -546,6 +546,12 @@ def _exact(size: float) -> int | Fraction:
     order of its terms: the least peak and a plan's simulated peak then agree to the byte, and a plan at the
     least budget fits it, whatever fractions of a byte the sizes have."""
     return int(size) if float(size).is_integer() else Fraction(size)
+
+
+def _plain(size: int | Fraction) -> float:
+    """An exact size as the library reports it: an int when whole, else the nearest float. Rounding is monotone,
+    so comparing reported sizes orders them as the exact ones (ties aside)."""
+    return size if isinstance(size, int) else float(size)
 
 
 def checkpoint_plan_actions(plan: object) -> tuple[tuple[Action, ...], tuple[Action, ...]]:

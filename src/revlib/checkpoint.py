@@ -292,7 +292,7 @@ class BlockCosts:
         return simulate(forward, backward, self.forward_time, self.backward_time, self.input_bytes, self.activation_bytes)
 
     def most_revolve_slots(self, budget: float) -> int | None:
-        """The most slots :math:`s \le N` whose revolve plan fits in ``budget`` bytes under this model
+        r"""The most slots :math:`s \le N` whose revolve plan fits in ``budget`` bytes under this model
         (:meth:`simulate`), or ``None`` when not even one slot does: revolve's best within the budget that
         ``"optimal"`` is given, for comparing the two on equal terms.
 
