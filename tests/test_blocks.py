@@ -39,12 +39,13 @@ def test_attention_is_causal_multi_head_attention_written_out() -> None:
 
 
 def test_a_token_does_not_see_later_tokens() -> None:
-    """Changing the last token changes only the last output (a mask on the wrong side would change all)."""
+    """Changing the last token changes only the last output (a mask on the wrong side would change all). One
+    feature changes: LayerNorm would undo a shift of all of them."""
     torch.manual_seed(0)
     attention = attention_residual(8, 2)
     x = torch.randn(1, 4, 8)
     changed = x.clone()
-    changed[:, -1] += 1.0
+    changed[:, -1, 0] += 1.0
     before, after = attention(x), attention(changed)
     assert torch.allclose(before[:, :-1], after[:, :-1], atol=1e-6) and not torch.allclose(before[:, -1], after[:, -1])
 

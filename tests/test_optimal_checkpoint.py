@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from allocations import added_peak
-from revlib._rotor import Simulation, checkpoint_plan_actions, simulate
+from revlib._rotor import Simulation, checkpoint_plan_actions, exhaustive_fastest, simulate
 from revlib.checkpoint import BlockCosts, CheckpointedSequence, check_plan, checkpoint_plan, measure_block_costs, optimal_recomputations
 from revlib.measure import count_calls
 from revlib.verify import relative_error
