@@ -74,6 +74,26 @@ def test_format_table_has_a_line_per_method(rows: dict[str, FrontierRow]) -> Non
     assert len(table) == len(rows) + 1 and "grad err" in table[0]
 
 
+def test_transformer_family_trains_gpt2_blocks_on_rows_of_digits() -> None:
+    """The GPT-2 family: every method runs on eight row tokens; the exact ones give backprop's gradient (the
+    reversible coupling split along the features, the last dimension), the adjoint does not; the reversible
+    network's feed-forward halves widen to four times the width as GPT-2's do, so only the attention weights
+    differ: two half-width attentions hold half of one full-width attention's."""
+    depth, width = 2, 8
+    rows = {row.method: row for row in frontier("transformer", depth=depth, width=width, batch=8, device="cpu", repeats=1,
+                                                progress=False)}
+    exact = ["backprop", "checkpoint every", "checkpoint sqrt", "revolve-2", "reversible", "momentum"]
+    assert max(rows[name].gradient_error for name in exact) < 1e-5
+    assert rows["adjoint euler"].gradient_error > 1e-4
+    def attention(d: int) -> int:  # LayerNorm, the query-key-value map and the output map
+        return 2 * d + (d * 3 * d + 3 * d) + (d * d + d)
+    def feedforward(d: int, hidden: int) -> int:
+        return 2 * d + (d * hidden + hidden) + (hidden * d + d)
+    plain = attention(width) + feedforward(width, 4 * width)
+    coupling = 2 * (attention(width // 2) + feedforward(width // 2, 4 * width))
+    assert rows["reversible"].memory.parameters - rows["backprop"].memory.parameters == FLOAT32 * depth * (coupling - plain)
+
+
 def test_optimizer_state_sizes() -> None:
     weight = torch.zeros(10, requires_grad=True)
     for name, buffers in (("sgd", 0), ("momentum", 1), ("adam", 2)):

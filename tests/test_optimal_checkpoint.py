@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from allocations import added_peak
-from revlib._rotor import Simulation, checkpoint_plan_actions, simulate
+from revlib._rotor import Simulation, checkpoint_plan_actions, exhaustive_fastest, simulate
 from revlib.checkpoint import BlockCosts, CheckpointedSequence, check_plan, checkpoint_plan, measure_block_costs, optimal_recomputations
 from revlib.measure import count_calls
 from revlib.verify import relative_error
-from test_rotor import exhaustive_fastest, random_chain
+from test_rotor import random_chain
 
 
 def gradients(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:

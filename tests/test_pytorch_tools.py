@@ -1,6 +1,7 @@
 """PyTorch's memory tools as revlib modules: same function, the gradient of plain backprop where they should
 give it, bounded differences where they should not, and the frontier's rows for them."""
 
+import collections
 import math
 import pickle
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 import torch.utils.checkpoint
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from allocations import added_peak
 from revlib.blocks import ResidualBlock
@@ -38,11 +40,11 @@ def gradients(model: nn.Module, inputs: torch.Tensor) -> list[torch.Tensor]:
 
 
 def inputs_for(family: str, width: int = 4) -> torch.Tensor:
-    shape = (6, width) if family == "mlp" else (6, width, 5, 5)
+    shape = {"mlp": (6, width), "conv": (6, width, 5, 5), "transformer": (6, 5, width)}[family]
     return torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("family", ["mlp", "conv"])
+@pytest.mark.parametrize("family", ["mlp", "conv", "transformer"])
 @pytest.mark.parametrize("wrap", [
     lambda b: TorchCheckpointed(*b),
     lambda b: TorchCheckpointed(*b, segments=2),
@@ -155,6 +157,31 @@ def test_selective_checkpointing_on_a_transformer_block() -> None:
     expected = gradients(nn.Sequential(layer), x)
     for policy in POLICIES:
         assert relative_error(gradients(SelectiveCheckpointed(layer, policy=policy), x), expected) < 1e-13, policy
+
+
+class OperatorCounter(TorchDispatchMode):
+    """Counts the ATen operators that run while it is active (the backward pass's included)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_selective_checkpointing_keeps_attention_on_the_cpu() -> None:
+    """On the CPU attention is one operator of its own; "matmuls" keeps its output, so a step runs it once per
+    block, where per-block checkpointing runs it again in the backward pass (the control: twice)."""
+    torch.manual_seed(0)
+    stack = [ResidualBlock(residual_function("transformer", 16)) for _ in range(2)]
+    x = torch.randn(4, 6, 16)
+    attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+    for model, calls in ((SelectiveCheckpointed(*stack, policy="matmuls"), 2), (TorchCheckpointed(*stack), 4)):
+        with OperatorCounter() as counter:
+            model(x).sum().backward()
+        assert counter.counts[attention] == calls, (type(model).__name__, counter.counts[attention])
 
 
 def test_checkpointing_keeps_less_and_selective_keeps_the_products() -> None:

@@ -3,74 +3,26 @@ plan, against revolve, and its simulator and arguments."""
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import math
 import random
+from fractions import Fraction
 
 import pytest
 
 from revlib._rotor import (
     ChainPlan,
     Simulation,
-    _held,
-    _start,
-    _State,
-    _step,
+    _in_units,
+    _time_table,
     _validated_chain,
     checkpoint_plan_actions,
+    exhaustive_fastest,
     least_peak_bytes,
     optimal_chain_plan,
     simulate,
 )
 from revlib.checkpoint import checkpoint_plan, griewank_steps, optimal_recomputations
-
-
-def exhaustive_fastest(forward_time, backward_time, input_bytes, activation_bytes, budget: float, allow_record: bool = True, persistent: bool = False) -> float:
-    """The least time over *all* plans within ``budget``: a shortest path over every state of the model.
-
-    A state is (kept inputs, recorded blocks, current input, blocks left to turn); the moves are every
-    action of the module's ``_step`` (the simulator's own transitions) whose peak fits the budget. Two
-    reductions lose nothing: a kept input no remaining turn needs is dropped at once (it only holds memory),
-    and no action makes an input that no remaining turn needs (advancing or recording past the next turn's
-    input; recording the next block to turn is its turn, which is offered as such). ``persistent``: only
-    the plans that keep every stored input until its block is turned (no other drop).
-    """
-    chain = _validated_chain(forward_time, backward_time, input_bytes, activation_bytes)
-    start = _start(chain)
-    if _held(start, chain) > budget:
-        return math.inf
-    queue, counter, seen = [(0.0, 0, start)], itertools.count(1), set()
-    while queue:
-        time, _, state = heapq.heappop(queue)
-        if state.left == 0:
-            return time
-        if state in seen:
-            continue
-        seen.add(state)
-        for action in moves(state, allow_record, persistent):
-            try:
-                after, cost, peak = _step(state, action, chain)
-            except ValueError:
-                continue
-            if peak <= budget:
-                after = _State(frozenset(i for i in after.kept if i < after.left), after.recorded, after.current, after.left)
-                heapq.heappush(queue, (time + cost, next(counter), after))
-    return math.inf
-
-
-def moves(state: _State, allow_record: bool, persistent: bool = False) -> list[tuple[str, int]]:
-    current, left = state.current, state.left
-    found = [("turn", left - 1)] + [("restore", i) for i in state.kept if i != current]
-    if not persistent:
-        found += [("drop", i) for i in state.kept]
-    if current is not None and current not in state.kept:
-        found.append(("store", current))
-    if current is not None and current + 1 < left:
-        found.append(("advance", current))
-        if allow_record and current not in state.recorded:
-            found.append(("record", current))
-    return found
 
 
 def random_chain(rng: random.Random, steps: int) -> tuple[list[int], list[int], list[int], list[int]]:
@@ -307,6 +259,37 @@ def test_rounding_that_leaves_no_plan_falls_back_to_the_least_peak() -> None:
     plan = optimal_chain_plan(*chain, least, units=7)  # units of about 600 bytes: every size rounds up a lot
     assert plan.peak_bytes == least
     assert isinstance(plan, ChainPlan) and plan.steps == 3
+
+
+@pytest.mark.parametrize("allow_record", [True, False])
+def test_plain_backprop_is_the_plan_wherever_it_fits(allow_record: bool) -> None:
+    """Every block runs at least once and is turned once, so the plan that runs nothing again (recording every
+    block; without records, storing every input) is the fastest there is. At its own peak, with sizes that no
+    unit divides, the rounded table alone misses it (the control: it finds a slower plan), so the programme
+    must return it before the table."""
+    rng = random.Random(7)
+    steps = 10
+    chain = (
+        [rng.uniform(0.5, 2.0) for _ in range(steps)],
+        [rng.uniform(1.0, 4.0) for _ in range(steps)],
+        [rng.uniform(1e5, 3e5) for _ in range(steps + 1)],
+        [rng.uniform(1e5, 9e5) for _ in range(steps)],
+    )
+    if allow_record:
+        passes = tuple(("record", i) for i in range(steps)), tuple(("turn", i) for i in reversed(range(steps)))
+    else:
+        forward = tuple(action for i in range(steps) for action in (("store", i), ("advance", i)))
+        passes = forward, tuple(action for i in reversed(range(steps)) for action in (("restore", i), ("turn", i), ("drop", i)))
+    fastest = simulate(*passes, *chain)
+    assert fastest.time == pytest.approx(sum(chain[0]) * (1 if allow_record else 2) + sum(chain[1]))
+    plan = optimal_chain_plan(*chain, fastest.peak_bytes, allow_record=allow_record)
+    assert (plan.forward, plan.backward) == passes and plan.time == fastest.time
+    # the control: the table on the rounded sizes, at the same budget, finds only slower plans
+    unit = Fraction(fastest.peak_bytes) / 500
+    validated = _validated_chain(*chain)
+    sizes = _in_units(validated.a, unit), _in_units(validated.g, unit)
+    cost, _ = _time_table(validated, *sizes, 500, allow_record)
+    assert cost[0, steps + 1, 500] > fastest.time * 1.001
 
 
 def test_sizes_with_fractions_of_a_byte_fit_the_least_budget_exactly() -> None:

@@ -7,64 +7,65 @@ a Transformer alternates attention and MLP sub-blocks. Beaumont, Eyraud-Dubois, 
 memory", arXiv:1911.13214) solve the unequal chain by a dynamic programme over segments of the chain and a
 memory budget; this module writes it for revlib's execution model. It needs no torch.
 
-**The chain and its plan.** :math:`x_{i+1} = F_i(x_i)`, :math:`i = 0, \dots, N-1`. Block :math:`i` costs
-:math:`f_i` to run without a graph and :math:`b_i` to back-propagate through its recorded graph; its input
-:math:`x_i` has :math:`a_i` bytes (:math:`a_N`: the chain's output) and its recorded graph holds
-:math:`g_i` bytes besides its input :math:`x_i` and its output :math:`x_{i+1}` (which it keeps alive: the
-backward through it starts from the output tensor). A plan is two lists of ``(action, i)`` pairs:
+**The chain and its plan.** :math:`x_{i+1} = F_i(x_i)`, :math:`i = 0, \dots, N-1` (the notation of the
+book's checkpointing chapter). Block :math:`i` costs :math:`\phi_i` to run without a graph and
+:math:`\psi_i` to back-propagate through its recorded graph; its input :math:`x_i` has :math:`a_i` bytes
+(:math:`a_N`: the chain's output) and its recorded graph holds :math:`g_i` bytes besides its input
+:math:`x_i` and its output :math:`x_{i+1}` (which it keeps alive: the backward through it starts from the
+output tensor). A plan is two lists of ``(action, i)`` pairs:
 
 * the forward pass, from :math:`x_0` to :math:`x_N`: ``("store", i)`` keeps the current :math:`x_i`;
-  ``("advance", i)`` runs block :math:`i` without a graph (:math:`x_i \to x_{i+1}`, cost :math:`f_i`);
-  ``("record", i)`` runs it with its graph and keeps the graph (cost :math:`f_i`);
-* the backward pass, from :math:`\delta_N = \partial\ell/\partial x_N`: the same three and
-  ``("restore", i)`` (make a kept :math:`x_i` current), ``("drop", i)`` (release a kept :math:`x_i`) and
-  ``("turn", i)``, which turns :math:`\delta_{i+1}` into :math:`\delta_i`: through the recorded graph
-  (cost :math:`b_i`) or by running block :math:`i` with its graph on the current :math:`x_i` and
-  back-propagating at once (cost :math:`f_i + b_i`). Blocks are turned once each, :math:`N-1` first.
+  ``("advance", i)`` runs block :math:`i` without a graph (:math:`x_i \to x_{i+1}`, cost :math:`\phi_i`);
+  ``("record", i)`` runs it with its graph and keeps the graph (cost :math:`\phi_i`);
+* the backward pass, from the loss's gradient :math:`\bar x_N`: the same three and ``("restore", i)``
+  (make a kept :math:`x_i` current), ``("drop", i)`` (release a kept :math:`x_i`) and ``("turn", i)``,
+  which turns :math:`\bar x_{i+1}` into :math:`\bar x_i`: through the recorded graph (cost
+  :math:`\psi_i`) or by running block :math:`i` with its graph on the current :math:`x_i` and
+  back-propagating at once (cost :math:`\phi_i + \psi_i`). Blocks are turned once each, :math:`N-1` first.
 
-**The memory model.** The loss is appended as block :math:`N` (:math:`f_N = b_N = g_N = 0`, its output
-gradient of size :math:`a_{N+1} = 0`): turning it needs :math:`x_N` current and creates :math:`\delta_N`;
-it is the moment between the two passes. A state is the set :math:`K` of kept inputs, the set :math:`R` of
-recorded blocks, the current input :math:`x_c` (or none: a turn consumes it) and the number :math:`L` of
-blocks not yet turned (:math:`N+1` during the forward pass). An input is counted once however many roles it
-has (kept, current, input or output of recorded graphs: making :math:`x_{i+1}` while it is held replaces
-the held copy), and the one gradient alive is :math:`\delta_L`:
+**The memory model.** The loss is appended as block :math:`N` (:math:`\phi_N = \psi_N = g_N = 0`, its
+output gradient of size :math:`a_{N+1} = 0`): turning it needs :math:`x_N` current and creates
+:math:`\bar x_N`; it is the moment between the two passes. A state is the set :math:`K` of kept inputs, the
+set :math:`R` of recorded blocks, the current input :math:`x_c` (or none: a turn consumes it) and the
+number :math:`\nu` of blocks not yet turned (:math:`N+1` during the forward pass). An input is counted once
+however many roles it has (kept, current, input or output of recorded graphs: making :math:`x_{i+1}`
+while it is held replaces the held copy), and the one gradient alive is :math:`\bar x_\nu`:
 
-.. math:: M(K, R, c, L) = \sum_{i \in K \cup R \cup (R + 1) \cup \{c\}} a_i + \sum_{i \in R} g_i + a_L ,
+.. math:: H(K, R, c, \nu) = \sum_{i \in K \cup R \cup (R + 1) \cup \{c\}} a_i + \sum_{i \in R} g_i + a_\nu ,
     \qquad R + 1 = \{ i + 1 : i \in R \} .
 
 During an action the new tensors add to it:
 
 .. math::
-    \text{advance } i:\ M + a_{i+1}, \qquad \text{record } i:\ M + g_i + a_{i+1}, \qquad
-    \text{turn } i:\ \begin{cases} M + a_i & \text{recorded,} \\ M + g_i + a_{i+1} + a_i & \text{not} \end{cases}
+    \text{advance } i:\ H + a_{i+1}, \qquad \text{record } i:\ H + g_i + a_{i+1}, \qquad
+    \text{turn } i:\ \begin{cases} H + a_i & \text{recorded,} \\ H + g_i + a_{i+1} + a_i & \text{not} \end{cases}
 
-(a turn holds :math:`\delta_{i+1}` and makes :math:`\delta_i`; without a recorded graph it also makes the
+(a turn holds :math:`\bar x_{i+1}` and makes :math:`\bar x_i`; without a recorded graph it also makes the
 graph and the output :math:`x_{i+1}`, just as recording block :math:`i` and turning it at once would). A
-plan's peak is the largest of these over its actions, :math:`M` before the first one (:math:`a_0`)
-included; it fits a budget :math:`B` when the peak is at most :math:`B`. :func:`simulate` computes the
+plan's peak is the largest of these over its actions, :math:`H` before the first one (:math:`a_0`)
+included; it fits a budget :math:`M` when the peak is at most :math:`M`. :func:`simulate` computes the
 peak and the time of any plan under this model, the dynamic programme optimises over it, and
 ``tests/test_rotor.py`` searches every plan built from the same transitions (``_step``).
 
-**The dynamic programme.** Let :math:`C(s, t, m)` be the least time to turn blocks :math:`t-1, \dots, s`
-starting from :math:`x_s` current (and kept) and :math:`\delta_t`, within :math:`m` bytes that include
-:math:`x_s` and :math:`\delta_t` (whatever enclosing segments hold is already subtracted). One block is one
-turn:
+**The dynamic programme.** Let :math:`\tau(i, j, m)` be the least time to turn blocks
+:math:`j-1, \dots, i` starting from :math:`x_i` current (and kept) and :math:`\bar x_j`, within :math:`m`
+bytes that include :math:`x_i` and :math:`\bar x_j` (whatever enclosing segments hold is already
+subtracted). One block is one turn:
 
-.. math:: C(s, s+1, m) = f_s + b_s \quad\text{if } m \ge 2a_s + g_s + 2a_{s+1}.
+.. math:: \tau(i, i+1, m) = \phi_i + \psi_i \quad\text{if } m \ge 2a_i + g_i + 2a_{i+1}.
 
-A longer segment either *records* block :math:`s` and keeps its graph while it solves the rest, or keeps
-:math:`x_s`, *advances* to some :math:`x_j`, solves :math:`[j, t)` while :math:`x_s` is kept, then
-restores :math:`x_s` and solves :math:`[s, j)` with the memory :math:`[j, t)` gave back:
+A longer segment either *records* block :math:`i` and keeps its graph while it solves the rest, or keeps
+:math:`x_i`, *advances* to some :math:`x_k`, solves :math:`[k, j)` while :math:`x_i` is kept, then
+restores :math:`x_i` and solves :math:`[i, k)` with the memory :math:`[k, j)` gave back:
 
 .. math::
-    C(s, t, m) = \min\Big( f_s + C(s+1, t, m - a_s - g_s) + b_s ,\;
-        \min_{s < j < t} \sum_{k=s}^{j-1} f_k + C(j, t, m - a_s) + C(s, j, m) \Big)
+    \tau(i, j, m) = \min\Big( \phi_i + \tau(i+1, j, m - a_i - g_i) + \psi_i ,\;
+        \min_{i < k < j} \sum_{p=i}^{k-1} \phi_p + \tau(k, j, m - a_i) + \tau(i, k, m) \Big)
 
-where the first term needs :math:`m \ge a_s + g_s + a_{s+1} + \max(a_t, a_s + a_{s+1})` (the record,
-and the final turn of block :math:`s` beside its graph's output and :math:`\delta_{s+1}`), the
-:math:`j`-th needs :math:`m \ge a_s + a_t + \max_{s \le k < j} ([k > s]\,a_k + a_{k+1})` (the
-advances), and an infeasible term is :math:`+\infty`. The answer is :math:`C(0, N+1, B)`; its forward
+where the first term needs :math:`m \ge a_i + g_i + a_{i+1} + \max(a_j, a_i + a_{i+1})` (the record,
+and the final turn of block :math:`i` beside its graph's output and :math:`\bar x_{i+1}`), the
+:math:`k`-th needs :math:`m \ge a_i + a_j + \max_{i \le p < k} ([p > i]\,a_p + a_{p+1})` (the
+advances), and an infeasible term is :math:`+\infty`. The answer is :math:`\tau(0, N+1, M)`; its forward
 pass is everything before the loss's turn.
 
 **Which plans it optimises over.** A segment's input stays kept until the segment's first block is
@@ -73,21 +74,21 @@ checks it against a search over every persistent plan of small chains, at every 
 kept input *before* its block is turned and rebuild it later can be faster when memory is tighter at some
 turns than at others (unequal turns and gradients make it so): an input kept while memory is plentiful
 (the forward pass) is used once and dropped to make room for a large turn. The tests give a four-block
-chain where such a plan takes 53 and the best persistent one 57. Over 680 random chains of two to four
-blocks, at every budget from the least to plain backprop's, 14 of the 8,554 (chain, budget) pairs had a
-faster non-persistent plan (by 11 % at most); the least budget was the same for both families in all.
+chain where such a plan takes 53 and the best persistent one 57, and ``benchmarks/persistent_plans.py``
+counts how often it happens on random small chains.
 
 **Discretisation and cost.** The memory axis is discretised into at most ``units`` units of
-:math:`u = \max(B / \text{units}, 1)` bytes: every size is rounded *up* to whole units and the budget
+:math:`u = \max(M / \text{units}, 1)` bytes: every size is rounded *up* to whole units and the budget
 *down*, so a plan that fits in units fits in bytes. The plan is optimal for the discretised problem (for
-the real one when the sizes are whole multiples of :math:`u`, e.g. integers with :math:`B \le`
-``units``). The table has :math:`O(N^2 U)` entries and costs :math:`O(N^3 U)` operations, vectorised over
-the split :math:`j` and the memory :math:`m` with NumPy (N = 64 blocks and 500 units: about a tenth of a
+the real one when the sizes are whole multiples of :math:`u`, e.g. integers with :math:`M \le`
+``units``), and plain backprop, the fastest of all plans, is returned whenever it fits the budget in bytes.
+With :math:`U` = ``units``, the table has :math:`O(N^2 U)` entries and costs :math:`O(N^3 U)` operations, vectorised over
+the split :math:`k` and the memory :math:`m` with NumPy (N = 64 blocks and 500 units: about a tenth of a
 second). The least budget any plan fits is found exactly in bytes by the same recursion with the peak as
 its objective (:math:`O(N^3)`).
 
 **Revolve as a special case.** With equal blocks (:math:`a_i = a`, :math:`g_i = g`), no records and
-:math:`B = (s + 4)\,a + g` (a turn holds its input, its output, two gradients and the graph), every turn
+:math:`M = (s + 4)\,a + g` (a turn holds its input, its output, two gradients and the graph), every turn
 allows :math:`s` kept inputs besides the current one, as revolve with ``slots`` :math:`= s` does. The one
 difference is the moment between the passes, which holds no graph and one gradient: there the forward
 pass can keep :math:`x_{N-1}` as well and turn block :math:`N-1` without rebuilding its input. The plan
@@ -101,6 +102,8 @@ heterogeneous chains: how to train deep neural networks with limited memory", ar
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -120,7 +123,7 @@ class ChainPlan:
 
     Attributes:
         forward: the forward pass's actions, ``("store" | "advance" | "record", i)``.
-        backward: the backward pass's actions, from :math:`\\delta_N` to :math:`\\delta_0`.
+        backward: the backward pass's actions, from :math:`\\bar x_N` to :math:`\\bar x_0`.
         time: the predicted time of both passes, :math:`\\sum` of the actions' costs.
         peak_bytes: the predicted peak (the module documentation's :math:`M` and its transients).
         budget: the budget the plan was made for (``peak_bytes <= budget``).
@@ -167,8 +170,8 @@ class Simulation:
 class _Chain:
     """The validated chain, extended by the loss as block N: f, b, g have N + 1 entries, a has N + 2."""
 
-    f: tuple[float, ...]  # forward times f_0 … f_N (f_N = 0)
-    b: tuple[float, ...]  # backward times b_0 … b_N (b_N = 0)
+    f: tuple[float, ...]  # forward times φ_0 … φ_N (φ_N = 0)
+    b: tuple[float, ...]  # backward times ψ_0 … ψ_N (ψ_N = 0)
     a: tuple[int | Fraction, ...]  # input sizes a_0 … a_N, then a_{N+1} = 0 (the loss's output gradient), exact
     g: tuple[int | Fraction, ...]  # graph sizes g_0 … g_N (g_N = 0), exact
 
@@ -179,7 +182,7 @@ class _Chain:
 
 @dataclass(frozen=True)
 class _State:
-    """Kept inputs K, recorded blocks R, the current input c (None after a turn), blocks left to turn L."""
+    """Kept inputs K, recorded blocks R, the current input c (None after a turn), blocks left to turn ν."""
 
     kept: frozenset[int]
     recorded: frozenset[int]
@@ -193,7 +196,7 @@ def _start(chain: _Chain) -> _State:
 
 
 def _held(state: _State, chain: _Chain) -> int | Fraction:
-    """M(K, R, c, L) = Σ_{i ∈ K ∪ R ∪ (R+1) ∪ {c}} a_i + Σ_{i ∈ R} g_i + a_L."""
+    """H(K, R, c, ν) = Σ_{i ∈ K ∪ R ∪ (R+1) ∪ {c}} a_i + Σ_{i ∈ R} g_i + a_ν."""
     outputs = frozenset(i + 1 for i in state.recorded)  # a recorded graph holds its output as well as its input
     live = state.kept | state.recorded | outputs | ({state.current} if state.current is not None else frozenset())
     return sum(chain.a[i] for i in live) + sum(chain.g[i] for i in state.recorded) + chain.a[state.left]
@@ -270,9 +273,9 @@ def simulate(
     Args:
         forward: the forward pass's actions (``"store"``, ``"advance"``, ``"record"``), ending with
             :math:`x_N` current.
-        backward: the backward pass's actions, starting from :math:`\delta_N` with nothing current.
-        forward_time: :math:`f_i`, the time of block :math:`i` without its graph, :math:`N` entries.
-        backward_time: :math:`b_i`, the time of the backward through block :math:`i`'s graph, :math:`N`.
+        backward: the backward pass's actions, starting from :math:`\bar x_N` with nothing current.
+        forward_time: :math:`\phi_i`, the time of block :math:`i` without its graph, :math:`N` entries.
+        backward_time: :math:`\psi_i`, the time of the backward through block :math:`i`'s graph, :math:`N`.
         input_bytes: :math:`a_i`, the size of :math:`x_i`, :math:`N + 1` entries (:math:`x_N` the output).
         activation_bytes: :math:`g_i`, what block :math:`i`'s recorded graph holds besides its input and
             output, :math:`N` entries.
@@ -331,27 +334,29 @@ def optimal_chain_plan(
     units: int = 500,
 ) -> ChainPlan:
     r"""The fastest plan within ``budget`` bytes for a chain of unequal blocks:
-    :math:`C(0, N+1, B)` of the module's recurrence.
+    :math:`\tau(0, N+1, M)` of the module's recurrence.
 
-    .. math:: C(s, t, m) = \min\Big( f_s + C(s+1, t, m - a_s - g_s) + b_s ,\;
-        \min_{s < j < t} \sum_{k=s}^{j-1} f_k + C(j, t, m - a_s) + C(s, j, m) \Big)
+    .. math:: \tau(i, j, m) = \min\Big( \phi_i + \tau(i+1, j, m - a_i - g_i) + \psi_i ,\;
+        \min_{i < k < j} \sum_{p=i}^{k-1} \phi_p + \tau(k, j, m - a_i) + \tau(i, k, m) \Big)
 
     Args:
-        forward_time: :math:`f_i`, block :math:`i`'s time without a graph, :math:`N \ge 1` entries.
-        backward_time: :math:`b_i`, the backward through block :math:`i`'s recorded graph, :math:`N`.
+        forward_time: :math:`\phi_i`, block :math:`i`'s time without a graph, :math:`N \ge 1` entries.
+        backward_time: :math:`\psi_i`, the backward through block :math:`i`'s recorded graph, :math:`N`.
         input_bytes: :math:`a_i`, the bytes of :math:`x_i`, :math:`N + 1` entries (:math:`a_N`: the output).
         activation_bytes: :math:`g_i`, what block :math:`i`'s recorded graph holds besides its input
             :math:`x_i` and its output :math:`x_{i+1}` (the model counts those as kept by the graph), :math:`N`.
-        budget: :math:`B`, the most bytes the plan may hold at once (module documentation: :math:`M`).
+        budget: :math:`M`, the most bytes the plan may hold at once.
         allow_record: whether blocks may be recorded; ``False`` gives pure checkpointing (revolve's actions).
         units: the number of memory units the budget is divided into (sizes rounded up to whole units of
-            :math:`\max(B/\text{units}, 1)` bytes); more is finer and slower, :math:`O(N^3\,\text{units})`.
+            :math:`\max(M/\text{units}, 1)` bytes); more is finer and slower, :math:`O(N^3\,\text{units})`.
 
     Returns:
         :class:`ChainPlan`: the two passes' actions, the predicted time, the predicted peak (at most
-        ``budget``, measured on the real sizes), the budget and the unit. When the rounding leaves no plan
-        at a budget just above the least feasible one, a plan of least peak is returned: it fits, but may
-        not be the fastest at this budget; more ``units`` finds the fastest.
+        ``budget``, measured on the real sizes), the budget and the unit. Where plain backprop fits the
+        budget (every block recorded; without records, every input stored) it is the plan: no plan is
+        faster. When the rounding leaves no plan at a budget just above the least feasible one, a plan of
+        least peak is returned: it fits, but may not be the fastest at this budget; more ``units`` finds
+        the fastest.
 
     Raises:
         ValueError: lengths that disagree, a negative or non-finite time or size, a budget that is not
@@ -374,19 +379,31 @@ def optimal_chain_plan(
     unit = max(Fraction(budget) / units, Fraction(1))
     sizes = _in_units(chain.a, unit), _in_units(chain.g, unit)
     memory = math.floor(Fraction(budget) / unit)
-    cost, choice = _time_table(chain, *sizes, memory, allow_record)
-    if math.isfinite(cost[0, chain.steps + 1, memory]):
-        actions = _emit(chain, sizes, lambda s, t, m: int(choice[s, t, m]), memory)
-        predicted = float(cost[0, chain.steps + 1, memory])
-    else:  # the rounding cost the last units: fall back to the least peak, which fits by the check above
-        actions = _emit(chain, sizes, lambda s, t, m: least_choice[s, t], memory)
-        predicted = None
-    loss_turn = actions.index(("turn", chain.steps))
-    forward, backward = tuple(actions[:loss_turn]), tuple(actions[loss_turn + 1 :])
+    # Every block runs at least once and is turned once, so the plan that runs nothing again (recording every
+    # block; without records, storing every input) is the fastest of all: where it fits, it is the answer,
+    # whatever the rounding would have made of its sizes.
+    actions = _emit(chain, sizes, lambda s, t, m: _RECORD if allow_record else s + 1, memory)
+    predicted = None
+    forward, backward = _passes(actions, chain)
     simulated = simulate(forward, backward, forward_time, backward_time, input_bytes, activation_bytes)
+    if simulated.peak_bytes > budget:
+        cost, choice = _time_table(chain, *sizes, memory, allow_record)
+        if math.isfinite(cost[0, chain.steps + 1, memory]):
+            actions = _emit(chain, sizes, lambda s, t, m: int(choice[s, t, m]), memory)
+            predicted = float(cost[0, chain.steps + 1, memory])
+        else:  # the rounding cost the last units: fall back to the least peak, which fits by the check above
+            actions = _emit(chain, sizes, lambda s, t, m: least_choice[s, t], memory)
+        forward, backward = _passes(actions, chain)
+        simulated = simulate(forward, backward, forward_time, backward_time, input_bytes, activation_bytes)
     assert simulated.peak_bytes <= budget, "the plan exceeds its budget: the rounding should prevent this"
     assert predicted is None or math.isclose(simulated.time, predicted, rel_tol=1e-9, abs_tol=1e-12), "the table and the plan disagree"
     return ChainPlan(forward, backward, simulated.time, simulated.peak_bytes, float(budget), float(unit))
+
+
+def _passes(actions: list[Action], chain: _Chain) -> tuple[tuple[Action, ...], tuple[Action, ...]]:
+    """The actions before the loss's turn (the forward pass) and after it (the backward pass)."""
+    loss_turn = actions.index(("turn", chain.steps))
+    return tuple(actions[:loss_turn]), tuple(actions[loss_turn + 1 :])
 
 
 def least_peak_bytes(
@@ -408,8 +425,9 @@ def least_peak_bytes(
 
 
 def _time_table(chain: _Chain, a: list[int], g: list[int], memory: int, allow_record: bool) -> tuple[np.ndarray, np.ndarray]:
-    """C(s, t, m) for 0 ≤ s < t ≤ N + 1 and m = 0 … memory units, and the choice that reaches it
-    (_RECORD, or the split j); sizes in units. Segments by increasing length: both sides of a split and
+    """τ(s, t, m) for 0 ≤ s < t ≤ N + 1 and m = 0 … memory units, and the choice that reaches it
+    (_RECORD, or the split j); sizes in units. (The module documentation's τ(i, j, m), split at k: here s, t
+    and j, the code's names.) Segments by increasing length: both sides of a split and
     the rest after a record are shorter."""
     positions = chain.steps + 2
     m = np.arange(memory + 1)  # (U,)
@@ -446,7 +464,7 @@ def _less_memory(row: np.ndarray, held: int) -> np.ndarray:
 
 
 def _emit(chain: _Chain, sizes: tuple[list[int], list[int]], decide: Callable[[int, int, int], int], memory: int) -> list[Action]:
-    """The actions of the choices, from C(0, N+1, memory) down: both passes, the loss's turn between them."""
+    """The actions of the choices, from τ(0, N+1, memory) down: both passes, the loss's turn between them."""
     a, g = sizes
     actions: list[Action] = []
 
@@ -504,6 +522,67 @@ def _least_peak(chain: _Chain, allow_record: bool) -> tuple[float, dict[tuple[in
 def _in_units(sizes: Sequence[float], unit: Fraction) -> list[int]:
     """Each size rounded up to whole units, exactly (Fractions: no floating-point rounding at the edge)."""
     return [math.ceil(Fraction(size) / unit) for size in sizes]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The check: a search over every plan
+
+
+def exhaustive_fastest(
+    forward_time: Sequence[float],
+    backward_time: Sequence[float],
+    input_bytes: Sequence[float],
+    activation_bytes: Sequence[float],
+    budget: float,
+    allow_record: bool = True,
+    persistent: bool = False,
+) -> float:
+    """The least time over *all* plans within ``budget``: a shortest path over every state of the model, the
+    check of :func:`optimal_chain_plan` on small chains (exponential in :math:`N`).
+
+    A state is (kept inputs, recorded blocks, current input, blocks left to turn); the moves are every
+    action of the module's ``_step`` (the simulator's own transitions) whose peak fits the budget. Two
+    reductions lose nothing: a kept input no remaining turn needs is dropped at once (it only holds memory),
+    and no action makes an input that no remaining turn needs (advancing or recording past the next turn's
+    input; recording the next block to turn is its turn, which is offered as such). ``persistent``: only
+    the plans that keep every stored input until its block is turned (no other drop).
+    """
+    chain = _validated_chain(forward_time, backward_time, input_bytes, activation_bytes)
+    start = _start(chain)
+    if _held(start, chain) > budget:
+        return math.inf
+    queue, counter, seen = [(0.0, 0, start)], itertools.count(1), set()
+    while queue:
+        time, _, state = heapq.heappop(queue)
+        if state.left == 0:
+            return time
+        if state in seen:
+            continue
+        seen.add(state)
+        for action in _moves(state, allow_record, persistent):
+            try:
+                after, cost, peak = _step(state, action, chain)
+            except ValueError:
+                continue
+            if peak <= budget:
+                after = _State(frozenset(i for i in after.kept if i < after.left), after.recorded, after.current, after.left)
+                heapq.heappush(queue, (time + cost, next(counter), after))
+    return math.inf
+
+
+def _moves(state: _State, allow_record: bool, persistent: bool = False) -> list[Action]:
+    """The actions worth trying in ``state`` (the reductions of :func:`exhaustive_fastest`)."""
+    current, left = state.current, state.left
+    found = [("turn", left - 1)] + [("restore", i) for i in state.kept if i != current]
+    if not persistent:
+        found += [("drop", i) for i in state.kept]
+    if current is not None and current not in state.kept:
+        found.append(("store", current))
+    if current is not None and current + 1 < left:
+        found.append(("advance", current))
+        if allow_record and current not in state.recorded:
+            found.append(("record", current))
+    return found
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -5,7 +5,10 @@ r"""The building blocks several chapters share: activations, residual functions,
   :func:`make_activation` makes a fresh module by name.
 * Residual functions :math:`\mathcal F` that preserve their input's shape: :func:`mlp_residual`
   (linear → σ → linear, the ODE and frontier chapters), :func:`pre_activation_residual` and its
-  convolutional case :func:`conv_residual` (He et al. 2016b: [norm →] σ → layer → [norm →] σ → layer).
+  convolutional case :func:`conv_residual` (He et al. 2016b: [norm →] σ → layer → [norm →] σ → layer);
+  for token sequences, GPT-2's two sublayers, :func:`attention_residual` (causal self-attention,
+  :class:`CausalSelfAttention`) and :func:`feedforward_residual`, and a whole GPT-2 block as one residual
+  function, :func:`transformer_residual`.
 * :class:`ResidualBlock`, :math:`x \mapsto x + \mathcal F(x)`.
 * :func:`small_cnn` and :func:`mlp`, the plain networks of the first chapters; :func:`staged_resnet`, a
   pre-activation ResNet whose stages halve the resolution, as a chain of blocks of unequal sizes.
@@ -19,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from revlib._checks import positive_integers
@@ -27,14 +31,19 @@ from revlib.runtime import resolve_device
 __all__ = [
     "ACTIVATIONS",
     "Activation",
+    "CausalSelfAttention",
     "ResidualBlock",
+    "TransformerResidual",
+    "attention_residual",
     "make_activation",
     "conv_residual",
+    "feedforward_residual",
     "mlp",
     "mlp_residual",
     "pre_activation_residual",
     "small_cnn",
     "staged_resnet",
+    "transformer_residual",
 ]
 
 
@@ -142,6 +151,82 @@ def conv_residual(channels: int, hidden: int | None = None) -> nn.Sequential:
         nn.BatchNorm2d(channels), make_activation("relu"), nn.Conv2d(channels, hidden, 3, padding=1, bias=False),
         nn.BatchNorm2d(hidden), make_activation("relu"), nn.Conv2d(hidden, channels, 3, padding=1, bias=False),
     )
+
+
+class CausalSelfAttention(nn.Module):
+    r"""Multi-head causal self-attention on token sequences ``(B, T, width)``, as in GPT-2 (Radford et al. 2019):
+    one linear map to queries, keys and values, scaled dot-product attention in ``heads`` heads in which token
+    :math:`t` attends to tokens :math:`\le t`, and a linear map back.
+
+    Raises:
+        ValueError: ``width`` or ``heads`` is not a positive integer, or ``heads`` does not divide ``width``.
+    """
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        positive_integers(width=width, heads=heads)
+        if width % heads:
+            raise ValueError(f"heads must divide width, got width={width} and heads={heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, tokens, width = x.shape
+        # (3, B, heads, T, width / heads): queries, keys and values
+        q, k, v = self.qkv(x).view(batch, tokens, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, heads, T, width / heads)
+        return self.out(attended.transpose(1, 2).reshape(batch, tokens, width))
+
+
+def attention_residual(width: int, heads: int) -> nn.Sequential:
+    """GPT-2's first sublayer as a residual function on ``(B, T, width)``: LayerNorm → causal self-attention.
+
+    Raises:
+        ValueError: as :class:`CausalSelfAttention`.
+    """
+    return nn.Sequential(nn.LayerNorm(width), CausalSelfAttention(width, heads))
+
+
+def feedforward_residual(width: int, hidden: int | None = None) -> nn.Sequential:
+    """GPT-2's second sublayer as a residual function on ``(B, T, width)``: LayerNorm → linear to ``hidden``
+    features → GELU → linear back (``hidden=None``: ``4 * width``, GPT-2's).
+
+    Raises:
+        ValueError: ``width`` or ``hidden`` is not a positive integer.
+    """
+    hidden = 4 * width if hidden is None else hidden
+    positive_integers(width=width, hidden=hidden)
+    return nn.Sequential(nn.LayerNorm(width), nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+
+
+class TransformerResidual(nn.Module):
+    r"""A GPT-2 block as one residual function: :math:`\mathcal F(x) = a + m(x + a)` with
+    :math:`a = \mathcal A(x)` the attention sublayer and :math:`m` the feed-forward one, so that
+    :math:`x + \mathcal F(x)` is the block, :math:`y = x + \mathcal A(x)`, then :math:`y + m(y)`.
+
+    Args:
+        attention: :math:`\mathcal A`, e.g. :func:`attention_residual`.
+        feedforward: :math:`m`, e.g. :func:`feedforward_residual`.
+    """
+
+    def __init__(self, attention: nn.Module, feedforward: nn.Module) -> None:
+        super().__init__()
+        self.attention, self.feedforward = attention, feedforward
+
+    def forward(self, x: Tensor) -> Tensor:
+        attended = self.attention(x)
+        return attended + self.feedforward(x + attended)
+
+
+def transformer_residual(width: int, heads: int, hidden: int | None = None) -> TransformerResidual:
+    """One GPT-2 block on ``(B, T, width)`` as a residual function (:class:`TransformerResidual`):
+    :func:`attention_residual` with ``heads`` heads and :func:`feedforward_residual` with ``hidden`` features.
+
+    Raises:
+        ValueError: as :func:`attention_residual` and :func:`feedforward_residual`.
+    """
+    return TransformerResidual(attention_residual(width, heads), feedforward_residual(width, hidden))
 
 
 class ResidualBlock(nn.Module):

@@ -250,8 +250,8 @@ class BlockCosts:
     them; they can also be written by hand (e.g. counted FLOPs and shapes).
 
     Attributes:
-        forward_time: :math:`f_i`, block :math:`i`'s forward pass without a graph, :math:`N` entries.
-        backward_time: :math:`b_i`, the backward pass through block :math:`i`'s recorded graph (the
+        forward_time: :math:`\phi_i`, block :math:`i`'s forward pass without a graph, :math:`N` entries.
+        backward_time: :math:`\psi_i`, the backward pass through block :math:`i`'s recorded graph (the
             vector-Jacobian product alone), :math:`N` entries.
         input_bytes: :math:`a_i`, the bytes of :math:`x_i`, :math:`N + 1` entries (the last: the output
             :math:`x_N`).
@@ -285,7 +285,7 @@ class BlockCosts:
     @property
     def backprop(self) -> Simulation:
         r"""Plain backprop under the ``"optimal"`` schedule's model, every block recorded in the forward pass
-        and turned through its graph (time :math:`\sum_i f_i + b_i`); its peak is the budget above which no
+        and turned through its graph (time :math:`\sum_i \phi_i + \psi_i`); its peak is the budget above which no
         block need be recomputed."""
         forward = tuple(("record", index) for index in range(self.steps))
         backward = tuple(("turn", index) for index in reversed(range(self.steps)))
@@ -320,8 +320,8 @@ class BlockCosts:
 
     def forward_work(self, plan: CheckpointPlan) -> float:
         r"""The forward work of one step under ``plan``, in forward passes of the chain:
-        :math:`\sum_i f_i \,\text{runs}_i / \sum_i f_i` with :attr:`CheckpointPlan.runs` (plain backprop: 1;
-        every block checkpointed: 2). Blocks without cost (all :math:`f_i = 0`) count by their evaluations.
+        :math:`\sum_i \phi_i \,\text{runs}_i / \sum_i \phi_i` with :attr:`CheckpointPlan.runs` (plain backprop: 1;
+        every block checkpointed: 2). Blocks without cost (all :math:`\phi_i = 0`) count by their evaluations.
 
         Raises:
             ValueError: the plan is for another number of blocks.
@@ -351,8 +351,8 @@ def measure_block_costs(blocks: Sequence[nn.Module], example_input: Tensor, *, r
     r"""Measure the :class:`BlockCosts` of a chain on an example input: each block is run on its own input
     :math:`x_i` (the chain run once on ``example_input``).
 
-    * :math:`f_i`: the median time of ``block(x_i)`` without a graph (:func:`revlib.measure.time_call`);
-    * :math:`b_i`: the median time of the block run with its graph and back-propagated (to its input when it
+    * :math:`\phi_i`: the median time of ``block(x_i)`` without a graph (:func:`revlib.measure.time_call`);
+    * :math:`\psi_i`: the median time of the block run with its graph and back-propagated (to its input when it
       is floating point, and to its parameters), less that of the run with its graph alone (at least 0);
     * :math:`a_i`: the bytes of the storage :math:`x_i` lives in;
     * :math:`g_i`: the bytes of the distinct storages autograd saves for block :math:`i`'s backward pass
@@ -466,13 +466,13 @@ def checkpoint_plan(
 
     Every plan releases each kept input once the backward pass has turned the last block that needs it.
 
-    **The budget of** ``"optimal"`` bounds the memory model's :math:`M` (``revlib._rotor``): the block inputs
+    **The budget of** ``"optimal"`` bounds the memory model's held bytes :math:`H` (``revlib._rotor``): the block inputs
     :math:`x_i` kept or current, every recorded graph (:math:`g_i` with its input and output), the one
-    output gradient :math:`\delta_L` alive, and what an action creates while it runs (an advance its output
-    :math:`a_{i+1}`; a turn :math:`\delta_i`, and without a recorded graph the graph and output as well):
+    output gradient :math:`\bar x_\nu` alive (:math:`\nu` blocks not yet turned), and what an action creates while it runs (an advance its output
+    :math:`a_{i+1}`; a turn :math:`\bar x_i`, and without a recorded graph the graph and output as well):
 
     .. math:: \max_{\text{moments}} \Big(\sum_{i \in K \cup R \cup (R+1) \cup \{c\}} a_i + \sum_{i \in R} g_i
-        + a_L + \text{the action's new tensors}\Big) \le B .
+        + a_\nu + \text{the action's new tensors}\Big) \le M .
 
     It counts the input :math:`x_0` while it is needed, and not the parameters' gradients, nor the
     temporaries inside a block (a block's intermediate results while it runs, the gradients of its internal
@@ -483,7 +483,7 @@ def checkpoint_plan(
         schedule: ``"every"``, ``"sqrt"``, ``"revolve"`` or ``"optimal"``.
         slots: for ``"revolve"``, the most block inputs kept at once.
         costs: for ``"optimal"``, the :class:`BlockCosts` of the ``steps`` blocks.
-        budget: for ``"optimal"``, :math:`B` in bytes (see above).
+        budget: for ``"optimal"``, :math:`M` in bytes (see above).
 
     Returns:
         The :class:`CheckpointPlan`, checked by :func:`check_plan`; for ``"optimal"`` with the model's

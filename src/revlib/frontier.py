@@ -2,8 +2,9 @@ r"""Every way of paying the memory bill, measured on one training step: the memo
 
 For one family of residual functions :math:`f_n` (``"mlp"``: Linear → tanh → Linear on ``width``
 features; ``"conv"``: the pre-activation convolutions of :func:`revlib.blocks.conv_residual` on
-``width`` channels of 8×8 images), :func:`frontier` builds one network per method, each a stem, a stack
-of ``depth`` blocks and a linear head, and runs one training step (cross-entropy on the digits, then one
+``width`` channels of 8×8 images; ``"transformer"``: a GPT-2 block, :func:`revlib.blocks.transformer_residual`,
+on the digits' eight rows as a sequence of eight tokens of ``width`` features, heads of 16 features),
+:func:`frontier` builds one network per method, each a stem, a stack of ``depth`` blocks and a linear head, and runs one training step (cross-entropy on the digits, then one
 optimiser step) under each:
 
 * ``backprop`` — residual blocks :math:`x + f_n(x)` with ordinary autograd;
@@ -12,7 +13,9 @@ optimiser step) under each:
 * ``offload`` — the same blocks, saved tensors in host memory (CUDA only);
 * ``reversible`` — additive coupling of two functions on half the width each, widening to ``width``
   inside (:class:`~revlib.reversible.ReversibleSequence`), so that a block has the weights and
-  multiply-adds of one residual function (its hidden biases aside);
+  multiply-adds of one residual function (its hidden biases aside; for the transformer, the feed-forward
+  halves widen to ``4 * width`` as GPT-2's does, and the two attention halves have half the weights of one
+  on the whole width);
 * ``momentum`` — :class:`~revlib.momentum.MomentumSequence` over the functions;
 * ``adjoint euler``, ``adjoint heun`` — :class:`~revlib.adjoint.ODEResNet` with the adjoint backward pass;
 * ``reversible heun`` — :class:`~revlib.reversible_heun.ReversibleHeunResNet` over the same ``depth``
@@ -54,7 +57,7 @@ from tqdm import tqdm
 
 from revlib._checks import positive_integers
 from revlib.adjoint import ODEResNet
-from revlib.blocks import ResidualBlock, conv_residual, mlp_residual
+from revlib.blocks import ResidualBlock, conv_residual, mlp_residual, transformer_residual
 from revlib.checkpoint import CheckpointedSequence
 from revlib.data import load_digits
 from revlib.measure import StepMemory, compare_times, count_calls, step_memory
@@ -68,7 +71,7 @@ from revlib.verify import relative_error
 
 __all__ = ["FAMILIES", "FrontierRow", "MethodNetwork", "format_ratios", "format_table", "frontier", "methods", "residual_function"]
 
-FAMILIES = ("mlp", "conv")
+FAMILIES = ("mlp", "conv", "transformer")
 
 
 @dataclass(frozen=True)
@@ -112,20 +115,40 @@ class MethodNetwork:
 
 def residual_function(family: str, width: int, hidden: int | None = None) -> nn.Module:
     """One shape-preserving residual function of ``family`` on ``width`` features or channels, with ``hidden``
-    features or channels between its two layers (``width`` when ``None``).
+    features or channels between its two layers (``width`` when ``None``; for ``"transformer"`` the
+    feed-forward sublayer's, ``4 * width`` when ``None``, with one attention head per 16 features).
 
     Raises:
         ValueError: an unknown family or a width that is not a positive integer.
     """
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    if family == "transformer":
+        return transformer_residual(width, max(1, width // 16), hidden)
     return mlp_residual(width, hidden) if family == "mlp" else conv_residual(width, hidden)
 
 
+class _RowTokens(nn.Module):
+    """Images ``(B, 1, H, W)`` as sequences of ``H`` tokens, one row of ``W`` pixels each: ``(B, H, W)``."""
+
+    def forward(self, images: Tensor) -> Tensor:
+        return images.flatten(1, 2)
+
+
+class _TokenMean(nn.Module):
+    """The mean over the tokens of ``(B, T, D)``: ``(B, D)``."""
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return tokens.mean(dim=1)
+
+
 def _classifier(family: str, width: int, stack: nn.Module, inputs: int, classes: int) -> nn.Sequential:
-    """stem → stack → head: ``inputs`` features (``inputs`` image channels for ``"conv"``) to ``classes``."""
+    """stem → stack → head: ``inputs`` features (image channels for ``"conv"``, pixels per row for
+    ``"transformer"``) to ``classes``."""
     if family == "mlp":
         return nn.Sequential(nn.Linear(inputs, width), stack, nn.Linear(width, classes))
+    if family == "transformer":
+        return nn.Sequential(_RowTokens(), nn.Linear(inputs, width), stack, nn.LayerNorm(width), _TokenMean(), nn.Linear(width, classes))
     return nn.Sequential(nn.Conv2d(inputs, width, 3, padding=1), stack, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, classes))
 
 
@@ -133,19 +156,22 @@ def methods(family: str, depth: int, width: int, device: torch.device | str | No
             classes: int = 10, pytorch: bool = False, budgets: Sequence[float] = ()) -> dict[str, Callable[[], MethodNetwork]]:
     """The methods, by name, each a builder of its :class:`MethodNetwork` (initialised from the current seed).
 
-    The classifiers take ``inputs`` features (``"mlp"``; 64 by default, the flat digits) or image channels
-    (``"conv"``; 1 by default) and give ``classes`` scores. ``offload`` is among them only on CUDA.
+    The classifiers take ``inputs`` features (``"mlp"``; 64 by default, the flat digits), image channels
+    (``"conv"``; 1 by default) or pixels per row (``"transformer"``; 8 by default) and give ``classes``
+    scores. ``offload`` is among them only on CUDA.
     ``device=None`` means :func:`revlib.runtime.default_device`. ``pytorch=True`` adds PyTorch's tools
     (the module's docstring lists them), ``budgets`` the compiled classifiers, one per activation memory
     budget in [0, 1].
 
     Raises:
-        ValueError: a budget outside [0, 1].
+        ValueError: an unknown family or a budget outside [0, 1].
     """
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     for budget in budgets:
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget <= 1:
             raise ValueError(f"every budget must be a number in [0, 1], got {budget!r}")
-    inputs = (64 if family == "mlp" else 1) if inputs is None else inputs
+    inputs = {"mlp": 64, "conv": 1, "transformer": 8}[family] if inputs is None else inputs
     device = resolve_device(device)
 
     def residual_blocks() -> tuple[list[nn.Module], list[nn.Module]]:
@@ -161,7 +187,9 @@ def methods(family: str, depth: int, width: int, device: torch.device | str | No
     def reversible() -> MethodNetwork:
         # F and G on the halves, widening to ``width`` inside: together the weights and multiply-adds of one
         # residual function on the whole width (the biases of the hidden layer aside)
-        blocks = [ReversibleBlock(residual_function(family, width // 2, width), residual_function(family, width // 2, width))
+        hidden = 4 * width if family == "transformer" else width
+        dim = -1 if family == "transformer" else 1  # the features of (B, T, D) tokens, the channels or features else
+        blocks = [ReversibleBlock(residual_function(family, width // 2, hidden), residual_function(family, width // 2, hidden), dim=dim)
                   for _ in range(depth)]
         return MethodNetwork(ReversibleSequence(*blocks), nn.Sequential(*blocks), [f for block in blocks for f in (block.f, block.g)])
 
@@ -241,9 +269,10 @@ def frontier(family: str = "conv", depth: int = 16, width: int = 32, batch: int 
     how much rounding the rebuilt activations carry), so their own errors would depend on ``repeats``.
 
     Args:
-        family: ``"mlp"`` or ``"conv"`` residual functions.
+        family: ``"mlp"``, ``"conv"`` or ``"transformer"`` residual functions.
         depth: blocks in the stack.
-        width: features (mlp) or channels (conv) inside the stack; even, so that the reversible halves exist.
+        width: features (mlp, transformer) or channels (conv) inside the stack; even, so that the reversible
+            halves exist.
         batch: digits in the step.
         optimizer: ``"sgd"``, ``"momentum"`` or ``"adam"``.
         device: where to run (``None``: :func:`revlib.runtime.default_device`).

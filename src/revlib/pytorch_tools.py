@@ -43,8 +43,10 @@ __all__ = ["POLICIES", "Autocast", "BudgetCompiled", "Offloaded", "SelectiveChec
 POLICIES = ("matmuls", "matmuls and norms")
 
 _aten = torch.ops.aten
+# the products, and attention under each of its kernels (the CPU's own, flash, memory-efficient, cuDNN)
 _MATMULS = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default, _aten.convolution.default,
-            _aten._scaled_dot_product_flash_attention.default, _aten._scaled_dot_product_efficient_attention.default}
+            _aten._scaled_dot_product_flash_attention_for_cpu.default, _aten._scaled_dot_product_flash_attention.default,
+            _aten._scaled_dot_product_efficient_attention.default, _aten._scaled_dot_product_cudnn_attention.default}
 _NORMS = {_aten.native_batch_norm.default, _aten._native_batch_norm_legit.default,
           _aten._native_batch_norm_legit_no_training.default, _aten.native_layer_norm.default}
 _KEPT = {"matmuls": frozenset(_MATMULS), "matmuls and norms": frozenset(_MATMULS | _NORMS)}
