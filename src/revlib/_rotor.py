@@ -1,8 +1,9 @@
 r"""Optimal checkpointing of a chain of *unequal* blocks: the "rotor" dynamic programme.
 
-Griewank's revolve (:mod:`revlib.checkpoint`) is optimal when every block costs the same and every block
-input has the same size. Real networks are not like that: a ResNet halves its activations at each stage,
-a Transformer alternates attention and MLP sub-blocks. Beaumont, Eyraud-Dubois, Herrmann, Joly and Shilova
+Griewank's revolve (:mod:`revlib.checkpoint`) makes the fewest advances for a number of stored block
+inputs, which is the right count when every block costs the same and every block input has the same size.
+Real networks are not like that: a ResNet halves its activations at each stage, a Transformer alternates
+attention and MLP sub-blocks. Beaumont, Eyraud-Dubois, Herrmann, Joly and Shilova
 (2019, "Optimal checkpointing for heterogeneous chains: how to train deep neural networks with limited
 memory", arXiv:1911.13214) solve the unequal chain by a dynamic programme over segments of the chain and a
 memory budget; this module writes it for revlib's execution model. It needs no torch.
@@ -21,7 +22,8 @@ output tensor). A plan is two lists of ``(action, i)`` pairs:
   (make a kept :math:`x_i` current), ``("drop", i)`` (release a kept :math:`x_i`) and ``("turn", i)``,
   which turns :math:`\bar x_{i+1}` into :math:`\bar x_i`: through the recorded graph (cost
   :math:`\psi_i`) or by running block :math:`i` with its graph on the current :math:`x_i` and
-  back-propagating at once (cost :math:`\phi_i + \psi_i`). Blocks are turned once each, :math:`N-1` first.
+  back-propagating at once (cost :math:`\phi_i + \psi_i`). Blocks are turned once each, from the last: the loss (block :math:`N`, below) first, then
+  :math:`N-1`.
 
 **The memory model.** The loss is appended as block :math:`N` (:math:`\phi_N = \psi_N = g_N = 0`, its
 output gradient of size :math:`a_{N+1} = 0`): turning it needs :math:`x_N` current and creates
@@ -78,9 +80,9 @@ chain where such a plan takes 53 and the best persistent one 57, and ``benchmark
 counts how often it happens on random small chains.
 
 **Discretisation and cost.** The memory axis is discretised into at most ``units`` units of
-:math:`u = \max(M / \text{units}, 1)` bytes: every size is rounded *up* to whole units and the budget
+``unit_bytes`` :math:`= \max(M / \text{units}, 1)` bytes: every size is rounded *up* to whole units and the budget
 *down*, so a plan that fits in units fits in bytes. The plan is optimal for the discretised problem (for
-the real one when the sizes are whole multiples of :math:`u`, e.g. integers with :math:`M \le`
+the real one when the sizes are whole multiples of ``unit_bytes``, e.g. integers with :math:`M \le`
 ``units``), and plain backprop, the fastest of all plans, is returned whenever it fits the budget in bytes.
 With :math:`U` = ``units``, the table has :math:`O(N^2 U)` entries and costs :math:`O(N^3 U)` operations, vectorised over
 the split :math:`k` and the memory :math:`m` with NumPy (N = 64 blocks and 500 units: about a tenth of a
@@ -125,7 +127,7 @@ class ChainPlan:
         forward: the forward pass's actions, ``("store" | "advance" | "record", i)``.
         backward: the backward pass's actions, from :math:`\\bar x_N` to :math:`\\bar x_0`.
         time: the predicted time of both passes, :math:`\\sum` of the actions' costs.
-        peak_bytes: the predicted peak (the module documentation's :math:`M` and its transients).
+        peak_bytes: the predicted peak (the module documentation's :math:`H` and its transients).
         budget: the budget the plan was made for (``peak_bytes <= budget``).
         unit_bytes: the size of one memory unit of the dynamic programme.
     """
@@ -267,7 +269,7 @@ def simulate(
     input_bytes: Sequence[float],
     activation_bytes: Sequence[float],
 ) -> Simulation:
-    r"""The time :math:`\sum` of the actions' costs and the peak :math:`\max M` of any plan under the
+    r"""The time :math:`\sum` of the actions' costs and the peak :math:`\max H` of any plan under the
     memory model of this module, and a check that the plan is valid.
 
     Args:

@@ -1,4 +1,4 @@
-r"""Gradient checkpointing of a sequence of blocks, from every block to the optimal binomial schedule.
+r"""Gradient checkpointing of a sequence of blocks, from every block to revolve and the optimal plan.
 
 A network :math:`x_{i+1} = F_i(x_i)`, :math:`i = 0, \dots, N-1`, is run forward without keeping any block's
 internal activations; only some block *inputs* :math:`x_i` are kept (the checkpoints). The backward pass
@@ -14,12 +14,13 @@ schedules differ in how many advances they add and how many inputs they hold:
   segment at a time and keeps its inputs while it reverses it: about :math:`2\sqrt N` stored inputs and
   :math:`N - k` advances (Chen et al. 2016);
 * ``"revolve"`` keeps at most ``slots`` inputs at any time (the input :math:`x_0` among them) and makes the
-  fewest advances any schedule can with that budget (Griewank 1992; Griewank and Walther 2000);
+  fewest advances any schedule can that holds that many block inputs (Griewank 1992; Griewank and Walther
+  2000); in bytes, for unequal blocks, ``"optimal"`` can do better;
 * ``"optimal"`` is the fastest plan within a budget in *bytes* for blocks of unequal costs and sizes
   (:class:`BlockCosts`, measured by :func:`measure_block_costs`): the dynamic programme of Beaumont et al.
   (2019) in ``revlib._rotor``, which may also *record* a block (keep its graph instead of running it again).
 
-**The optimum.** Let :math:`t(l, s)` be the fewest forward steps that reverse :math:`l` steps with
+**Revolve's count.** Let :math:`t(l, s)` be the fewest forward steps that reverse :math:`l` steps with
 :math:`s` checkpoints in Griewank's setting (the first sweep included, the state it ends on in hand). With
 :math:`\beta(s, r) = \binom{s + r}{s}` and the repetition number :math:`r` defined by
 :math:`\beta(s, r - 1) < l \le \beta(s, r)`,
@@ -118,7 +119,7 @@ def optimal_recomputations(steps: int, slots: int) -> int:
 
 @lru_cache(maxsize=None)
 def _griewank_split(steps: int, checkpoints: int) -> int:
-    """Where Griewank's optimal schedule places its next checkpoint: argmin_j j + t(l−j, s−1) + t(j, s)."""
+    """Where Griewank's schedule places its next checkpoint: argmin_j j + t(l−j, s−1) + t(j, s)."""
     return min(range(1, steps), key=lambda j: j + griewank_steps(steps - j, checkpoints - 1) + griewank_steps(j, checkpoints))
 
 
@@ -306,7 +307,8 @@ class BlockCosts:
         return max(fitting, default=None)
 
     def averaged(self) -> BlockCosts:
-        r"""The same chain made of alike blocks: each takes the blocks' mean times :math:`\bar f`, :math:`\bar b`,
+        r"""The same chain made of alike blocks: each takes the blocks' mean times (the means of :math:`\phi_i`
+        and of :math:`\psi_i`),
         each input :math:`x_0, \dots, x_{N-1}` their mean size and each graph their mean graph size; the output
         :math:`x_N` keeps its size. The sums over the blocks stay the same, so a comparison made on both costs
         shows what the blocks' differences change, and nothing else (e.g. revolve against ``"optimal"``)."""
@@ -333,7 +335,7 @@ class BlockCosts:
 
     def simulate(self, plan: CheckpointPlan) -> Simulation:
         """What any ``plan`` for these blocks costs under the ``"optimal"`` schedule's model: a record with
-        ``time``, the :math:`\\sum` of its actions' costs, and ``peak_bytes``, its peak :math:`\\max M`
+        ``time``, the :math:`\\sum` of its actions' costs, and ``peak_bytes``, its peak :math:`\\max H`
         (:func:`checkpoint_plan` gives the model).
 
         Compares schedules on equal terms, e.g. revolve's plan for unequal blocks against the optimal one.
@@ -553,7 +555,7 @@ def _sqrt_plan(steps: int) -> CheckpointPlan:
 
 
 def _revolve_plan(steps: int, slots: int) -> CheckpointPlan:
-    """The optimal schedule: checkpoints placed by the forward pass, then Griewank's reversal of each segment."""
+    """Revolve's schedule: checkpoints placed by the forward pass, then Griewank's reversal of each segment."""
     checkpoints, segments = [0], []
     start, remaining, budget = 0, steps, slots
     while remaining > 1 and budget > 1:  # place checkpoints during the (free) forward sweep
