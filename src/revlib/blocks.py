@@ -154,9 +154,10 @@ def conv_residual(channels: int, hidden: int | None = None) -> nn.Sequential:
 
 
 class CausalSelfAttention(nn.Module):
-    r"""Multi-head causal self-attention on token sequences ``(B, T, width)``, as in GPT-2 (Radford et al. 2019):
-    one linear map to queries, keys and values, scaled dot-product attention in ``heads`` heads in which token
-    :math:`t` attends to tokens :math:`\le t`, and a linear map back.
+    r"""Multi-head causal self-attention on token sequences ``(B, T, width)``, as in GPT-2 (Radford et al. 2019).
+
+    One linear map to queries, keys and values, scaled dot-product attention in ``heads`` heads in which
+    token :math:`t` attends to tokens :math:`\le t`, and a linear map back.
 
     Raises:
         ValueError: ``width`` or ``heads`` is not a positive integer, or ``heads`` does not divide ``width``.
@@ -180,7 +181,7 @@ class CausalSelfAttention(nn.Module):
 
 
 def attention_residual(width: int, heads: int) -> nn.Sequential:
-    """GPT-2's first sublayer as a residual function on ``(B, T, width)``: LayerNorm → causal self-attention.
+    """GPT-2's first sublayer as a residual function on ``(B, T, width)``, LayerNorm then causal self-attention.
 
     Raises:
         ValueError: as :class:`CausalSelfAttention`.
@@ -189,8 +190,8 @@ def attention_residual(width: int, heads: int) -> nn.Sequential:
 
 
 def feedforward_residual(width: int, hidden: int | None = None) -> nn.Sequential:
-    """GPT-2's second sublayer as a residual function on ``(B, T, width)``: LayerNorm → linear to ``hidden``
-    features → GELU → linear back (``hidden=None``: ``4 * width``, GPT-2's).
+    """GPT-2's second sublayer as a residual function on ``(B, T, width)``, LayerNorm → linear to ``hidden``
+    features → GELU → linear back (``hidden=None`` gives ``4 * width``, GPT-2's).
 
     Raises:
         ValueError: ``width`` or ``hidden`` is not a positive integer.
@@ -201,7 +202,7 @@ def feedforward_residual(width: int, hidden: int | None = None) -> nn.Sequential
 
 
 class TransformerResidual(nn.Module):
-    r"""A GPT-2 block as one residual function: :math:`\mathcal F(x) = a + m(x + a)` with
+    r"""A GPT-2 block as one residual function, :math:`\mathcal F(x) = a + m(x + a)` with
     :math:`a = \mathcal A(x)` the attention sublayer and :math:`m` the feed-forward one, so that
     :math:`x + \mathcal F(x)` is the block, :math:`y = x + \mathcal A(x)`, then :math:`y + m(y)`.
 
@@ -220,7 +221,7 @@ class TransformerResidual(nn.Module):
 
 
 def transformer_residual(width: int, heads: int, hidden: int | None = None) -> TransformerResidual:
-    """One GPT-2 block on ``(B, T, width)`` as a residual function (:class:`TransformerResidual`):
+    """One GPT-2 block on ``(B, T, width)`` as a residual function, a :class:`TransformerResidual` of
     :func:`attention_residual` with ``heads`` heads and :func:`feedforward_residual` with ``hidden`` features.
 
     Raises:
