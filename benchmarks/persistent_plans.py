@@ -19,7 +19,8 @@ import argparse
 import math
 import random
 
-from revlib._rotor import exhaustive_fastest, least_peak_bytes, optimal_chain_plan, simulate
+from revlib._rotor import exhaustive_fastest, least_peak_bytes, optimal_chain_plan
+from revlib.checkpoint import BlockCosts
 
 
 def random_chain(rng: random.Random, blocks: int) -> tuple[list[int], list[int], list[int], list[int]]:
@@ -37,8 +38,7 @@ def survey(blocks: int, chains: int, rng: random.Random) -> dict[str, float]:
     largest = 0.0
     for _ in range(chains):
         chain = random_chain(rng, blocks)
-        recorded = tuple(("record", i) for i in range(blocks)), tuple(("turn", i) for i in reversed(range(blocks)))
-        top = int(simulate(*recorded, *chain).peak_bytes)  # plain backprop's peak
+        top = int(BlockCosts(*chain).backprop.peak_bytes)
         least = int(least_peak_bytes(*chain))
         least_agree += math.isinf(exhaustive_fastest(*chain, least - 1))
         for budget in range(least, top + 1):
