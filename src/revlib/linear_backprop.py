@@ -381,7 +381,7 @@ def train_full_batch(
         raise ValueError(f"targets must have shape ({inputs.shape[0]}, {first.sizes[-1]}), got {tuple(targets.shape)}")
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tensors of a few hundred numbers: threads only add synchronisation
+    torch.set_num_threads(1)  # tensors of a few thousand numbers: threads only add synchronisation
     try:
         return _train_full_batch(networks, inputs, targets, int(steps), update, learning_rate, optimizer)
     finally:
@@ -394,35 +394,46 @@ def _train_full_batch(
 ) -> FullBatchRun:
     first = networks[0]
     depth, batch = first.depth, inputs.shape[0]
-    parameters = [torch.stack([n.tensors()[i] for n in networks]) for i in range(2 * depth)]  # (K, ...) each
-    adam = torch.optim.Adam(parameters, lr=learning_rate) if optimizer == "adam" else None
-    losses, descents, layer_cosines, scales = [], [], [], []
-    x = inputs.to(parameters[0].dtype).expand(len(networks), *inputs.shape)  # (K, B, n_0)
-    y = targets.to(parameters[0].dtype)
-    for step in range(steps + 1):
-        cache, h = [], x
-        for layer in range(depth):
-            cache.append(h)  # h_{l-1}
-            z = h @ parameters[2 * layer].transpose(1, 2) + parameters[2 * layer + 1].unsqueeze(1)
-            h = z if layer == depth - 1 else first.activation.forward(z)
-        residual = h - y  # (K, B, n_L)
-        losses.append(0.5 * residual.pow(2).sum(dim=(1, 2)) / batch)
-        if step == steps:
-            break
-        delta = residual / batch  # δ_L = ∂L/∂o
-        exact = _stacked_backward(parameters[0::2], cache, delta, first.activation.derivative_from_output)
-        linear = _stacked_backward(parameters[0::2], cache, delta, None)
-        scale = torch.stack([_ratio(_pair_norm(linear, layer), _pair_norm(exact, layer)) for layer in range(depth)], dim=1)
-        if update == "backprop":
-            direction = exact
-        elif update == "linear":
-            direction = linear
-        else:  # the gradient, each layer (weights and bias) stretched by linear backprop's length ratio
-            direction = [g * _broadcast(scale[:, i // 2], g) for i, g in enumerate(exact)]
-        descents.append(_cosine_per_network(direction, exact))
-        layer_cosines.append(torch.stack([_cosine_per_network([a], [b]) for a, b in zip(linear[0::2], exact[0::2])], dim=1))
-        scales.append(scale)
-        with torch.no_grad():
+    with torch.inference_mode():  # tensors of a few hundred numbers: the per-operation overhead is the cost
+        parameters = [torch.stack([n.tensors()[i] for n in networks]) for i in range(2 * depth)]  # (K, ...) each
+        adam = torch.optim.Adam(parameters, lr=learning_rate) if optimizer == "adam" else None
+        segments = _layer_segments(parameters, depth)
+        losses, descents, layer_cosines, scales = [], [], [], []
+        x = inputs.to(parameters[0].dtype).expand(len(networks), *inputs.shape)  # (K, B, n_0)
+        y = targets.to(parameters[0].dtype)
+        for step in range(steps + 1):
+            cache, h = [], x
+            for layer in range(depth):
+                cache.append(h)  # h_{l-1}
+                z = h @ parameters[2 * layer].transpose(1, 2) + parameters[2 * layer + 1].unsqueeze(1)
+                h = z if layer == depth - 1 else first.activation.forward(z)
+            residual = h - y  # (K, B, n_L)
+            losses.append(0.5 * residual.pow(2).sum(dim=(1, 2)) / batch)
+            if step == steps:
+                break
+            delta = residual / batch  # δ_L = ∂L/∂o
+            exact = _stacked_backward(parameters[0::2], cache, delta, first.activation.derivative_from_output)
+            linear = _stacked_backward(parameters[0::2], cache, delta, None)
+            # per network and layer ⟨G̃, G⟩, ‖G̃‖², ‖G‖²: columns :L over (W_l, b_l), L: over W_l alone
+            flat_linear = torch.cat([g.flatten(1) for g in linear], dim=1)
+            flat_exact = torch.cat([g.flatten(1) for g in exact], dim=1)
+            both, linear_squared, exact_squared = (
+                torch.stack([flat_linear * flat_exact, flat_linear.square(), flat_exact.square()]) @ segments
+            )
+            scale = _ratio(linear_squared[:, :depth].sqrt(), exact_squared[:, :depth].sqrt())
+            pair_squared = exact_squared[:, :depth]
+            if update == "backprop":
+                direction = exact
+                inner, length_squared = pair_squared.sum(dim=1), pair_squared.sum(dim=1)
+            elif update == "linear":
+                direction = linear
+                inner, length_squared = both[:, :depth].sum(dim=1), linear_squared[:, :depth].sum(dim=1)
+            else:  # the gradient, each layer (weights and bias) stretched by linear backprop's length ratio
+                direction = [g * _broadcast(scale[:, i // 2], g) for i, g in enumerate(exact)]
+                inner, length_squared = (scale * pair_squared).sum(dim=1), (scale.square() * pair_squared).sum(dim=1)
+            descents.append(_cosine(inner, length_squared, pair_squared.sum(dim=1)))
+            layer_cosines.append(_cosine(both[:, depth:], linear_squared[:, depth:], exact_squared[:, depth:]))
+            scales.append(scale)
             if adam is None:
                 for parameter, u in zip(parameters, direction):
                     parameter.sub_(learning_rate * u)
@@ -434,13 +445,22 @@ def _train_full_batch(
         for k, network in enumerate(networks):
             for tensor, stacked in zip(network.tensors(), parameters):
                 tensor.copy_(stacked[k])
-    return FullBatchRun(torch.stack(losses), torch.stack(descents), torch.stack(layer_cosines), torch.stack(scales))
+    # clones outside inference mode: ordinary tensors for the caller
+    return FullBatchRun(*(torch.stack(record).clone() for record in (losses, descents, layer_cosines, scales)))
 
 
-def _pair_norm(gradients: list[Tensor], layer: int) -> Tensor:
-    """‖(∂/∂W_l, ∂/∂b_l)‖ per network, (K,)."""
-    weight, bias = gradients[2 * layer], gradients[2 * layer + 1]
-    return (weight.pow(2).sum(dim=(1, 2)) + bias.pow(2).sum(dim=1)).sqrt()
+def _layer_segments(parameters: list[Tensor], depth: int) -> Tensor:
+    """``(P, 2L)`` indicator of the flattened ``[W_1, b_1, ...]`` of one network: column :math:`l` marks
+    :math:`W_l` and :math:`b_l`, column :math:`L + l` marks :math:`W_l` alone; a product with it sums per layer."""
+    sizes = [tensor[0].numel() for tensor in parameters]
+    segments = torch.zeros(sum(sizes), 2 * depth, dtype=parameters[0].dtype, device=parameters[0].device)
+    start = 0
+    for i, size in enumerate(sizes):
+        segments[start : start + size, i // 2] = 1
+        if i % 2 == 0:
+            segments[start : start + size, depth + i // 2] = 1
+        start += size
+    return segments
 
 
 def _ratio(numerator: Tensor, denominator: Tensor) -> Tensor:
@@ -452,10 +472,7 @@ def _broadcast(per_network: Tensor, like: Tensor) -> Tensor:
     return per_network.reshape(-1, *[1] * (like.dim() - 1))
 
 
-def _cosine_per_network(a: list[Tensor], b: list[Tensor]) -> Tensor:
-    """cos∠(a, b) over all parameters of each network, (K,)."""
-    inner = sum((u * v).flatten(1).sum(dim=1) for u, v in zip(a, b))
-    norm_a = sum(u.pow(2).flatten(1).sum(dim=1) for u in a).sqrt()
-    norm_b = sum(v.pow(2).flatten(1).sum(dim=1) for v in b).sqrt()
-    norms = norm_a * norm_b
+def _cosine(inner: Tensor, squared_a: Tensor, squared_b: Tensor) -> Tensor:
+    """cos∠(a, b) from ⟨a, b⟩, ‖a‖² and ‖b‖²; NaN where either vector vanishes."""
+    norms = (squared_a * squared_b).sqrt()
     return torch.where(norms > 0, inner / norms.clamp_min(torch.finfo(norms.dtype).tiny), float("nan"))
