@@ -94,6 +94,30 @@ def test_transformer_family_trains_gpt2_blocks_on_rows_of_digits() -> None:
     assert rows["reversible"].memory.parameters - rows["backprop"].memory.parameters == FLOAT32 * depth * (coupling - plain)
 
 
+def test_only_measures_the_named_methods_in_order_and_combinations_stack_on_revlibs() -> None:
+    """bf16 and micro-batching on top of a checkpointed or reversible stack: the stack's recomputation, the
+    combination's gradient (micro-batches exact without BatchNorm, bf16 off by its rounding), the stack's
+    memory saving on top of the combination's."""
+    names = ["checkpoint every + micro-batch 4", "backprop", "checkpoint every + bf16", "bf16 autocast", "micro-batch 4",
+             "reversible + micro-batch 4"]
+    found = frontier("mlp", depth=DEPTH, width=64, batch=32, device="cpu", repeats=1, progress=False, pytorch=True,
+                     combined=True, only=names)
+    assert [row.method for row in found] == names
+    rows = {row.method: row for row in found}
+    assert rows["checkpoint every + micro-batch 4"].recomputations == 1 == rows["checkpoint every + bf16"].recomputations
+    assert rows["reversible + micro-batch 4"].recomputations == 1 and rows["micro-batch 4"].recomputations == 0
+    assert rows["checkpoint every + micro-batch 4"].gradient_error < 1e-5 and rows["checkpoint every + bf16"].gradient_error > 1e-3
+    assert rows["checkpoint every + micro-batch 4"].memory.activations < rows["micro-batch 4"].memory.activations
+    assert rows["checkpoint every + bf16"].memory.activations < rows["bf16 autocast"].memory.activations
+
+
+def test_only_refuses_unknown_names_and_lists_the_known() -> None:
+    with pytest.raises(ValueError, match=r"only must name methods among \['backprop', .*'reversible heun'\], got \['SAC matmuls'\]"):
+        frontier("mlp", depth=2, width=4, batch=4, only=["SAC matmuls"])  # PyTorch's tools only with pytorch=True
+    with pytest.raises(ValueError, match="only must name methods"):
+        frontier("mlp", depth=2, width=4, batch=4, only="backprop")
+
+
 def test_optimizer_state_sizes() -> None:
     weight = torch.zeros(10, requires_grad=True)
     for name, buffers in (("sgd", 0), ("momentum", 1), ("adam", 2)):

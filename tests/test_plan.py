@@ -11,7 +11,8 @@ from torch import nn
 import revlib
 from allocations import added_peak
 from revlib.checkpoint import CheckpointedSequence
-from revlib.planner import PlanReport, plan
+from revlib.planner import PlanReport, _inverted_runs, plan
+from revlib.reversible import ReversibleBlock, ReversibleSequence
 from revlib.verify import relative_error
 
 
@@ -83,6 +84,53 @@ def test_the_report_is_a_table() -> None:
     assert len(text.splitlines()) == 2 + len(blocks) + 2
     assert report.predicted_time >= report.backprop_time and report.measured_peak < report.backprop_peak
     assert sum(report.runs) == report.plan.evaluations
+
+
+def coupled_chain(couplings: int, width: int = 128) -> list[nn.Module]:
+    """A stem, ``couplings`` reversible couplings on ``width`` features and a head, float64."""
+    torch.manual_seed(0)
+
+    def half() -> nn.Module:
+        return nn.Sequential(nn.Linear(width // 2, 2 * width), nn.Tanh(), nn.Linear(2 * width, width // 2))
+
+    stem = nn.Sequential(nn.Linear(16, width), nn.Tanh())
+    return [stem, *(ReversibleBlock(half(), half()) for _ in range(couplings)), nn.Linear(width, 16)]
+
+
+def test_at_a_tight_budget_inverting_the_reversible_run_beats_checkpointing_it() -> None:
+    blocks = [block.double() for block in coupled_chain(12)]
+    x = torch.randn(BATCH, 16, dtype=torch.float64, requires_grad=True)
+    # control: the same couplings, each wrapped so that it is not recognised, can only be checkpointed
+    hidden = [nn.Sequential(block) if isinstance(block, ReversibleBlock) else block for block in blocks]
+    least = plan(hidden, x, budget=10**10, repeats=1).report.least_budget  # type: ignore[union-attr]
+    budget = int(1.02 * least)  # the checkpointing plan recomputes much of the chain
+    checkpointed = plan(hidden, x, budget=budget, repeats=3).report  # type: ignore[union-attr]
+    assert checkpointed.strategy == "optimal checkpointing"
+    module = plan(blocks, x, budget=budget, repeats=3)
+    report = module.report  # type: ignore[union-attr]
+    assert report.strategy.endswith("reversible runs inverted") and report.units[1] == (1, 13, True), (str(report), str(checkpointed))
+    assert report.predicted_time < checkpointed.predicted_time, (report.predicted_time, checkpointed.predicted_time)
+    units = list(module)
+    assert [type(unit) for unit in units] == [nn.Sequential, ReversibleSequence, nn.Linear]
+    assert list(units[1]) == blocks[1:13], "the same coupling objects, nothing copied"
+    assert added_peak(step_with_gradients(module, x)) <= budget
+    plain = nn.Sequential(*blocks)
+
+    def gradients(model: nn.Module) -> list[torch.Tensor]:
+        return list(torch.autograd.grad(model(x).pow(2).sum(), [x, *model.parameters()]))
+
+    assert relative_error(gradients(module), gradients(plain)) < 1e-10, "backprop's, up to the rebuilt inputs' rounding"
+    assert len(str(report).splitlines()) == 2 + len(report.units) + 2 and " 1-12 inv" in str(report)
+
+
+def test_consecutive_couplings_of_different_dimensions_are_separate_runs() -> None:
+    def coupling(dim: int) -> ReversibleBlock:
+        return ReversibleBlock(nn.Linear(2, 2), nn.Linear(2, 2), dim=dim)
+
+    a, b, c, d = coupling(1), coupling(1), coupling(-1), coupling(-1)
+    units = _inverted_runs([a, b, nn.Identity(), c, d, coupling(1)])
+    assert units is not None and [len(u) if isinstance(u, ReversibleSequence) else 0 for u in units] == [2, 0, 2, 1]
+    assert _inverted_runs([nn.Linear(2, 2)]) is None
 
 
 def test_revlib_plan_is_callable_from_the_facade() -> None:

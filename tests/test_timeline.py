@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from revlib import memory_timeline, saved_tensor_bytes
+from revlib import added_peak, forward_backward, memory_timeline, saved_tensor_bytes
+from revlib.checkpoint import CheckpointedSequence
 from revlib.timeline import CATEGORIES, MemoryTimeline
 
 FLOAT32, INT64 = 4, 8
@@ -108,6 +109,25 @@ def test_the_peak_is_the_largest_total_and_splits_into_the_categories_then() -> 
     assert np.array_equal(held, timeline.series["activations"] + timeline.series["temporaries"] + timeline.series["inputs"])
     assert np.array_equal(timeline.held(*CATEGORIES), timeline.total)
     assert held[0] == BATCH_BYTES  # at the start: the batch, and none of the parameters' bytes
+
+
+def test_added_peak_is_the_timelines_without_the_analysis() -> None:
+    """The peak alone, summed from the allocations, is the timeline's to the byte: for a training step that
+    releases and re-creates its gradients, a forward and backward pass, and a checkpointed one."""
+    model, (inputs, targets) = mlp(), batch()
+    optimizer = OPTIMIZERS["adam"](model.parameters())
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Linear(FEATURES, FEATURES), nn.Tanh()) for _ in range(6)]
+    calls = [
+        (step, (model, inputs, targets, optimizer)),
+        (forward_backward, (model, inputs)),
+        (forward_backward, (CheckpointedSequence(*blocks, schedule="sqrt"), inputs)),
+    ]
+    for fn, args in calls:
+        expected = memory_timeline(fn, *args).added_peak
+        assert added_peak(fn, *args) == expected > 0
+    with pytest.raises(TypeError, match="fn must be callable"):
+        added_peak(model(inputs))
 
 
 def test_a_first_step_and_a_steady_step_differ_by_the_gradients_and_state_the_first_allocates() -> None:

@@ -80,6 +80,7 @@ _EXPORTS = {  # name → the module that defines it
     "step_memory": "measure",
     "time_call": "measure",
     "MemoryTimeline": "timeline",
+    "added_peak": "timeline",
     "memory_timeline": "timeline",
     "LineFit": "analysis",
     "fit_line": "analysis",
@@ -114,7 +115,7 @@ if TYPE_CHECKING:  # what static tools see; at run time the names are looked up 
     from revlib.reversible import ResNet, ReversibleBlock, ReversibleSequence, ReversibleTransformer, RevNet
     from revlib.runtime import book_scale, book_seed, default_device, evaluation_mode, resolve_device, seed_everything
     from revlib.settings import chapter_settings
-    from revlib.timeline import MemoryTimeline, memory_timeline
+    from revlib.timeline import MemoryTimeline, added_peak, memory_timeline
     from revlib.training import History, evaluate, fit, gradient_descent_, make_optimizer, training_step
     from revlib.verify import relative_error
 

@@ -33,6 +33,10 @@ With ``pytorch=True``, PyTorch's own tools (:mod:`revlib.pytorch_tools`) on the 
 * ``bf16 autocast`` — the plain classifier under bfloat16 autocast;
 * ``micro-batch 4`` — the plain classifier, the batch in four parts with the gradients accumulated.
 
+With ``combined=True``, the two that change the step rather than the stack on top of three of revlib's
+methods: ``checkpoint every + bf16``, ``checkpoint sqrt + bf16``, ``reversible + bf16`` (the method's
+classifier under bfloat16 autocast) and the same three ``+ micro-batch 4``.
+
 Each row gives the memory of a steady-state step by category, measured by PyTorch's memory profiler
 (:func:`revlib.measure.step_memory`: parameters, gradients, optimiser state, activations, the temporaries
 at the peak, and the peak), the median time of the step
@@ -153,15 +157,17 @@ def _classifier(family: str, width: int, stack: nn.Module, inputs: int, classes:
 
 
 def methods(family: str, depth: int, width: int, device: torch.device | str | None = None, *, inputs: int | None = None,
-            classes: int = 10, pytorch: bool = False, budgets: Sequence[float] = ()) -> dict[str, Callable[[], MethodNetwork]]:
+            classes: int = 10, pytorch: bool = False, combined: bool = False,
+            budgets: Sequence[float] = ()) -> dict[str, Callable[[], MethodNetwork]]:
     """The methods, by name, each a builder of its :class:`MethodNetwork` (initialised from the current seed).
 
     The classifiers take ``inputs`` features (``"mlp"``; 64 by default, the flat digits), image channels
     (``"conv"``; 1 by default) or pixels per row (``"transformer"``; 8 by default) and give ``classes``
     scores. ``offload`` is among them only on CUDA.
     ``device=None`` means :func:`revlib.runtime.default_device`. ``pytorch=True`` adds PyTorch's tools
-    (the module's docstring lists them), ``budgets`` the compiled classifiers, one per activation memory
-    budget in [0, 1].
+    (the module's docstring lists them), ``combined=True`` bfloat16 autocast and micro-batching on top of
+    revlib's checkpointing and reversible stacks, ``budgets`` the compiled classifiers, one per activation
+    memory budget in [0, 1].
 
     Raises:
         ValueError: an unknown family or a budget outside [0, 1].
@@ -249,6 +255,18 @@ def methods(family: str, depth: int, width: int, device: torch.device | str | No
         built["micro-batch 4"] = whole(lambda model: model, micro_batches=4)
     for budget in budgets:
         built[f"compile {budget:g}"] = whole(lambda model, budget=budget: BudgetCompiled(model, budget), counted=False)
+
+    def on_top(name: str, *, autocast: bool = False, micro_batches: int = 1) -> Callable[[], MethodNetwork]:
+        def build_combined() -> MethodNetwork:
+            network = built[name]()
+            model = Autocast(network.model) if autocast else network.model
+            return MethodNetwork(model, network.exact, network.functions, micro_batches)
+        return build_combined
+
+    if combined:
+        for name in ("checkpoint every", "checkpoint sqrt", "reversible"):
+            built[f"{name} + bf16"] = on_top(name, autocast=True)
+            built[f"{name} + micro-batch 4"] = on_top(name, micro_batches=4)
     return built
 
 
@@ -261,7 +279,8 @@ def _gradients(model: nn.Module, inputs: Tensor, targets: Tensor, micro_batches:
 
 def frontier(family: str = "conv", depth: int = 16, width: int = 32, batch: int = 64, *, optimizer: str = "adam",
              device: torch.device | str | None = None, repeats: int = 3, seed: int = 0, progress: bool = True,
-             pytorch: bool = False, budgets: Sequence[float] = ()) -> list[FrontierRow]:
+             pytorch: bool = False, combined: bool = False, budgets: Sequence[float] = (),
+             only: Sequence[str] | None = None) -> list[FrontierRow]:
     """One training step of every method on ``batch`` digits; a :class:`FrontierRow` per method.
 
     The gradient error is measured first, at the weights every method starts from; the timing and the
@@ -280,23 +299,33 @@ def frontier(family: str = "conv", depth: int = 16, width: int = 32, batch: int 
         seed: initialises every method's network alike.
         progress: show a progress bar over the methods.
         pytorch: add PyTorch's tools on the same blocks (:func:`methods`).
+        combined: add bfloat16 autocast and micro-batching on top of revlib's stacks (:func:`methods`).
         budgets: activation memory budgets of ``torch.compile``'s partitioner, one compiled row each (its
             recomputation is not counted: ``nan``).
+        only: the methods to measure, by name and in this order (``None``: all that the options above
+            build); the rows then hold only these.
 
     Raises:
-        ValueError: an unknown family or optimiser, a size that is not positive, an odd width, or a budget
-            outside [0, 1].
+        ValueError: an unknown family or optimiser, a size that is not positive, an odd width, a budget
+            outside [0, 1], or a name in ``only`` that the options do not build (the message lists those
+            they do).
     """
     positive_integers(depth=depth, width=width, batch=batch, repeats=repeats)
     if width % 2:
         raise ValueError(f"width must be even (the reversible blocks split it in halves), got {width}")
     make_optimizer(optimizer, [torch.zeros(1, requires_grad=True)])  # checks the name
     device = resolve_device(device)
+    builders = methods(family, depth, width, device, pytorch=pytorch, combined=combined, budgets=budgets)
+    if only is not None:
+        unknown = [name for name in only if name not in builders]
+        if unknown or isinstance(only, str):
+            raise ValueError(f"only must name methods among {list(builders)}, got {only!r}")
+        builders = {name: builders[name] for name in only}
     digits = load_digits(flat=family == "mlp", device=device)
     inputs, targets = digits.x_train[:batch].clone(), digits.y_train[:batch].clone()
     networks = {}
     with torch.random.fork_rng(devices=[]):  # the networks are built on the CPU; the caller's stream is left alone
-        for name, build in methods(family, depth, width, device, pytorch=pytorch, budgets=budgets).items():
+        for name, build in builders.items():
             torch.default_generator.manual_seed(seed)
             networks[name] = build()
     errors = {name: network.gradient_error(inputs, targets) for name, network in networks.items()}  # before the timed steps train them

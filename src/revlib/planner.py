@@ -27,10 +27,12 @@ when one block runs at a time (the plan's actions do); the module is then measur
 measurement exceeds :math:`B` after all (e.g. the random states the recomputation keeps, a few KiB), the
 chain budget is lowered by the excess and the plan made again.
 
-**Not done yet.** Blocks that are :class:`~revlib.reversible.ReversibleBlock` couplings are planned like any
-other block (stored, recorded or recomputed); running maximal runs of consecutive reversible blocks as a
-:class:`~revlib.reversible.ReversibleSequence` (nearly no activation memory for about one extra forward
-pass) is a further choice the planner does not make yet.
+**Reversible couplings.** A maximal run of consecutive :class:`~revlib.reversible.ReversibleBlock` couplings
+(splitting one dimension) can also run as one :class:`~revlib.reversible.ReversibleSequence`: its recorded
+graph then keeps only its output, and its backward pass rebuilds the run's inputs by inversion, evaluating
+each coupling's :math:`\mathcal F` and :math:`\mathcal G` once more. When plain backprop does not fit,
+:func:`plan` measures the chain both ways, with each such run as one unit and block by block, plans each, and
+returns the faster plan that fits; the gradients are backprop's up to the rounding of the rebuilt inputs.
 """
 
 from __future__ import annotations
@@ -42,16 +44,14 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.profiler import record_function
-from torch.profiler import ProfilerActivity, profile
 
 from revlib._checks import positive_integers
 from revlib.checkpoint import BlockCosts, CheckpointedSequence, CheckpointPlan, _measuring, checkpoint_plan, measure_block_costs
-from revlib.timeline import _chatter_dropped
+from revlib.reversible import ReversibleBlock, ReversibleSequence
+from revlib.timeline import _segments
 
 __all__ = ["PlanReport", "plan"]
 
-_MARK = "revlib.plan segment"  # the profiler label that separates two measured segments
 _ATTEMPTS = 4  # plans made at most: each measured overshoot lowers the chain budget once
 
 
@@ -59,8 +59,13 @@ _ATTEMPTS = 4  # plans made at most: each measured overshoot lowers the chain bu
 class PlanReport:
     """What :func:`plan` chose, what it predicts and what it measured; ``str()`` gives a table.
 
+    The plan is made over *units*: the blocks themselves, or, where :func:`plan` inverts reversible couplings,
+    each maximal run of them as one :class:`~revlib.reversible.ReversibleSequence`; the per-unit attributes
+    follow :attr:`units`.
+
     Attributes:
-        strategy: ``"store everything"`` (plain backprop) or ``"optimal checkpointing"``.
+        strategy: ``"store everything"`` (plain backprop) or ``"optimal checkpointing"``, followed by
+            ``", reversible runs inverted"`` when the units include inverted runs.
         budget: the budget given, in bytes.
         least_budget: the least budget any plan fits in (predicted), in bytes.
         predicted_peak: the most the step adds, predicted (bytes): measured for plain backprop; for
@@ -69,14 +74,18 @@ class PlanReport:
         predicted_time: the step's predicted time in seconds (:math:`\\sum` of the plan's actions' costs).
         backprop_peak: plain backprop's step, measured, in bytes.
         backprop_time: plain backprop's step, predicted: :math:`\\sum_i f_i + b_i` seconds.
-        kept: per block, what the forward pass keeps for the backward pass: ``"graph"`` (recorded),
-            ``"input"`` (its input stored) or ``"-"`` (nothing: rebuilt when needed).
-        runs: per block, how many times one step evaluates it (2 for a block stored as an input and turned
-            once; 1 for a recorded block).
-        costs: the measured :class:`~revlib.checkpoint.BlockCosts` (the activation bytes the larger of the
-            saved-tensor count and the profiler's).
+        kept: per unit, what the forward pass keeps for the backward pass: ``"graph"`` (recorded; for an
+            inverted run, its output alone), ``"input"`` (its input stored) or ``"-"`` (nothing: rebuilt when
+            needed).
+        runs: per unit, how many times one step runs its forward pass (2 for a unit stored as an input and
+            turned once; 1 for a recorded unit; an inverted run's backward pass evaluates its couplings once
+            more on top).
+        costs: the measured :class:`~revlib.checkpoint.BlockCosts` of the units (the activation bytes the
+            larger of the saved-tensor count and the profiler's).
         reserve: :math:`P + W - a_0`, the bytes added to the model's peak.
         plan: the :class:`~revlib.checkpoint.CheckpointPlan` when checkpointing, else ``None``.
+        units: per unit, the indices ``(start, stop)`` of the blocks it runs and whether it is an inverted
+            run of reversible couplings.
     """
 
     strategy: str
@@ -92,16 +101,18 @@ class PlanReport:
     costs: BlockCosts
     reserve: int
     plan: CheckpointPlan | None
+    units: tuple[tuple[int, int, bool], ...]
 
     def __str__(self) -> str:
         c = self.costs
         lines = [
             f"{self.strategy} within {_size(self.budget)} (least feasible {_size(self.least_budget)})",
-            f"{'block':>5}  {'input':>10}  {'graph':>10}  {'forward':>10}  {'backward':>10}  {'kept':>5}  {'runs':>4}",
+            f"{'block':>9}  {'input':>10}  {'graph':>10}  {'forward':>10}  {'backward':>10}  {'kept':>5}  {'runs':>4}",
         ]
-        for i in range(c.steps):
+        for i, (start, stop, inverted) in enumerate(self.units):
+            label = (f"{start}-{stop - 1}" if stop - start > 1 else f"{start}") + (" inv" if inverted else "")
             lines.append(
-                f"{i:>5}  {_size(c.input_bytes[i]):>10}  {_size(c.activation_bytes[i]):>10}  {c.forward_time[i] * 1e3:>8.3f}ms"
+                f"{label:>9}  {_size(c.input_bytes[i]):>10}  {_size(c.activation_bytes[i]):>10}  {c.forward_time[i] * 1e3:>8.3f}ms"
                 f"  {c.backward_time[i] * 1e3:>8.3f}ms  {self.kept[i]:>5}  {self.runs[i]:>4}"
             )
         lines += [
@@ -126,8 +137,11 @@ def plan(blocks: Iterable[nn.Module], example: Tensor, *, budget: int, repeats: 
     .. math:: \min_{\text{plans}} \sum_{\text{actions}} \text{cost} \quad\text{subject to}\quad
         \max_{\text{moments}} M + P + W - a_0 \le B .
 
+    Where the chain holds runs of reversible couplings, the plans over the blocks and over the chain with
+    each run inverted as one unit (module documentation) compete, and the faster that fits is returned.
+
     The module holds the same block objects (the same parameters, nothing copied); its gradients equal plain
-    backprop's. Measuring runs every block a few times: the caller's random stream and the blocks' buffers
+    backprop's (up to the rounding of the rebuilt inputs where runs are inverted). Measuring runs every block a few times: the caller's random stream and the blocks' buffers
     (BatchNorm's statistics) are left as they were, and no ``.grad`` is touched.
 
     Args:
@@ -140,7 +154,9 @@ def plan(blocks: Iterable[nn.Module], example: Tensor, *, budget: int, repeats: 
 
     Returns:
         An ``nn.Sequential`` (everything stored) or a :class:`~revlib.checkpoint.CheckpointedSequence`
-        (``schedule="optimal"``), with a :class:`PlanReport` as its ``report`` attribute.
+        (``schedule="optimal"``) over the units — the blocks, or inverted runs of them as
+        :class:`~revlib.reversible.ReversibleSequence` objects — with a :class:`PlanReport` as its ``report``
+        attribute.
 
     Raises:
         TypeError: ``blocks`` is not an iterable of ``nn.Module`` objects, ``example`` is not a tensor, or
@@ -157,46 +173,112 @@ def plan(blocks: Iterable[nn.Module], example: Tensor, *, budget: int, repeats: 
         raise ValueError(f"budget must be a positive, finite number of bytes, got {budget!r}")
     positive_integers(repeats=repeats)
     x = example.detach().requires_grad_(example.requires_grad)
-    costs = measure_block_costs(blocks, x, repeats=repeats)
-    temporaries, held_graphs = _block_temporaries(blocks, x)
+    chains = [_measure_chain(blocks, x, repeats)]
+    backprop = chains[0]  # plain backprop over the blocks themselves: the reference of the report
+    if backprop.plain_peak > budget and (grouped := _inverted_runs(blocks)) is not None:
+        chains.append(_measure_chain(grouped, x, repeats))
+    fits = [(chain, fit) for chain in chains if (fit := _fit(chain, x, int(budget))) is not None]
+    least = min(chain.least for chain in chains)
+    if not fits:
+        lowest = min(chains, key=lambda chain: chain.least)
+        raise ValueError(
+            f"no plan fits in budget={budget!r} bytes: the least feasible budget is {least} bytes (the dynamic "
+            f"programme's least peak {_size(lowest.costs.least_budget)} plus the reserve for parameter gradients "
+            f"and temporaries {_size(lowest.reserve)}; plain backprop needs {backprop.plain_peak} bytes)"
+        )
+    chain, fit = min(fits, key=lambda pair: pair[1].predicted_time)  # a tie goes to the blocks as they are
+    inverted = any(isinstance(unit, ReversibleSequence) for unit in chain.units)
+    strategy = ("store everything" if fit.schedule is None else "optimal checkpointing") + (
+        ", reversible runs inverted" if inverted else "")
+    steps = chain.costs.steps
+    fit.module.report = PlanReport(  # type: ignore[assignment]
+        strategy=strategy, budget=int(budget), least_budget=least, predicted_peak=fit.predicted_peak,
+        measured_peak=fit.measured_peak, predicted_time=fit.predicted_time, backprop_peak=backprop.plain_peak,
+        backprop_time=backprop.plain_time, kept=fit.schedule.kept if fit.schedule else ("graph",) * steps,
+        runs=fit.schedule.runs if fit.schedule else (1,) * steps, costs=chain.costs,
+        reserve=int(chain.reserve) if fit.schedule else 0, plan=fit.schedule, units=chain.spans,
+    )
+    return fit.module
+
+
+@dataclass
+class _Chain:
+    """The blocks cut into planning units (blocks, or inverted runs of couplings), measured."""
+
+    units: list[nn.Module]
+    spans: tuple[tuple[int, int, bool], ...]  # per unit: (first block, last block + 1, inverted)
+    costs: BlockCosts
+    reserve: float  # P + W − a_0, raised by each measured overshoot
+    plain_peak: int  # nn.Sequential(*units), measured
+    plain_time: float  # Σ φ_i + ψ_i
+    least: int  # the least feasible budget, predicted, raised by each measured overshoot
+
+
+@dataclass(frozen=True)
+class _Fit:
+    module: nn.Module
+    schedule: CheckpointPlan | None  # None: every unit recorded, nothing recomputed
+    predicted_peak: int
+    measured_peak: int
+    predicted_time: float
+
+
+def _measure_chain(units: list[nn.Module], x: Tensor, repeats: int) -> _Chain:
+    costs = measure_block_costs(units, x, repeats=repeats)
+    temporaries, held_graphs = _block_temporaries(units, x)
     costs = BlockCosts(costs.forward_time, costs.backward_time, costs.input_bytes,
                        tuple(max(g, held) for g, held in zip(costs.activation_bytes, held_graphs)))
-    gradients = sum(p.numel() * p.element_size() for p in {id(p): p for block in blocks for p in block.parameters()}.values() if p.requires_grad)
+    parameters = {id(p): p for unit in units for p in unit.parameters()}.values()
+    gradients = sum(p.numel() * p.element_size() for p in parameters if p.requires_grad)
     reserve = gradients + max(temporaries) - costs.input_bytes[0]
-    plain = nn.Sequential(*blocks)
-    backprop_peak = _step_peak(plain, x)
-    backprop_time = sum(costs.forward_time) + sum(costs.backward_time)
-    least = int(math.ceil(min(costs.least_budget + reserve, backprop_peak)))
-    common = dict(budget=int(budget), backprop_peak=backprop_peak, backprop_time=backprop_time, costs=costs)
-    if backprop_peak <= budget:
-        plain.report = PlanReport(  # type: ignore[assignment]
-            strategy="store everything", least_budget=least, predicted_peak=backprop_peak, measured_peak=backprop_peak,
-            predicted_time=backprop_time, kept=("graph",) * costs.steps, runs=(1,) * costs.steps, reserve=0, plan=None,
-            **common,  # type: ignore[arg-type]
-        )
-        return plain
-    chain_budget = budget - reserve
+    plain_peak = _step_peak(nn.Sequential(*units), x)
+    spans, start = [], 0
+    for unit in units:
+        size = len(unit) if isinstance(unit, ReversibleSequence) else 1
+        spans.append((start, start + size, isinstance(unit, ReversibleSequence)))
+        start += size
+    least = int(math.ceil(min(costs.least_budget + reserve, plain_peak)))
+    return _Chain(units, tuple(spans), costs, reserve, plain_peak, sum(costs.forward_time) + sum(costs.backward_time), least)
+
+
+def _fit(chain: _Chain, x: Tensor, budget: int) -> _Fit | None:
+    """The chain's fastest plan whose measured step fits in ``budget``, or ``None``."""
+    if chain.plain_peak <= budget:
+        return _Fit(nn.Sequential(*chain.units), None, chain.plain_peak, chain.plain_peak, chain.plain_time)
+    chain_budget = budget - chain.reserve
     for _ in range(_ATTEMPTS):
-        if chain_budget < costs.least_budget:
+        if chain_budget < chain.costs.least_budget:
             break
-        schedule = checkpoint_plan(costs.steps, "optimal", costs=costs, budget=chain_budget)
-        module = CheckpointedSequence(*blocks, schedule="optimal", costs=costs, budget=chain_budget)
+        schedule = checkpoint_plan(chain.costs.steps, "optimal", costs=chain.costs, budget=chain_budget)
+        module = CheckpointedSequence(*chain.units, schedule="optimal", costs=chain.costs, budget=chain_budget)
         measured = _step_peak(module, x)
         if measured <= budget:
-            module.report = PlanReport(  # type: ignore[assignment]
-                strategy="optimal checkpointing", least_budget=least, predicted_peak=int(schedule.predicted_peak + reserve),  # type: ignore[operator]
-                measured_peak=measured, predicted_time=float(schedule.predicted_time), kept=schedule.kept,  # type: ignore[arg-type]
-                runs=schedule.runs, reserve=int(reserve), plan=schedule, **common,  # type: ignore[arg-type]
-            )
-            return module
+            return _Fit(module, schedule, int(schedule.predicted_peak + chain.reserve), measured,  # type: ignore[operator]
+                        float(schedule.predicted_time))  # type: ignore[arg-type]
         excess = measured - budget  # what the reserve missed: lower the chain's budget by it, plan again
-        reserve, least = reserve + excess, least + excess
+        chain.reserve += excess
+        chain.least += excess
         chain_budget -= excess
-    raise ValueError(
-        f"no plan fits in budget={budget!r} bytes: the least feasible budget is {least} bytes (the dynamic "
-        f"programme's least peak {_size(costs.least_budget)} plus the reserve for parameter gradients and "
-        f"temporaries {_size(reserve)}; plain backprop needs {backprop_peak} bytes)"
-    )
+    return None
+
+
+def _inverted_runs(blocks: list[nn.Module]) -> list[nn.Module] | None:
+    """``blocks`` with each maximal run of consecutive reversible couplings that split one dimension as one
+    :class:`~revlib.reversible.ReversibleSequence`; ``None`` when there is none."""
+    units: list[nn.Module] = []
+    run: list[ReversibleBlock] = []
+    for block in [*blocks, None]:
+        if isinstance(block, ReversibleBlock) and (not run or block.dim == run[0].dim):
+            run.append(block)
+            continue
+        if run:
+            units.append(ReversibleSequence(*run))
+            run = []
+        if isinstance(block, ReversibleBlock):
+            run.append(block)
+        elif block is not None:
+            units.append(block)
+    return units if any(isinstance(unit, ReversibleSequence) for unit in units) else None
 
 
 def _checked_blocks(blocks: Iterable[nn.Module]) -> list[nn.Module]:
@@ -211,44 +293,6 @@ def _checked_blocks(blocks: Iterable[nn.Module]) -> list[nn.Module]:
     for index, block in enumerate(found):
         if not isinstance(block, nn.Module):
             raise TypeError(f"blocks[{index}] must be an nn.Module, got {type(block).__name__}")
-    return found
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Measuring what the code holds: segments of a computation, each its peak and its end above its start
-
-
-def _segments(steps: list[Callable[[], None]], device: torch.device) -> list[tuple[int, int]]:
-    """Run ``steps`` twice (the first a warm-up) and return, for each step of the second run, the most bytes
-    allocated during it and the bytes allocated at its end, both above those at its start."""
-    for step in steps:
-        step()
-    if device.type == "cuda":
-        found = []
-        for step in steps:
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            before = torch.cuda.memory_allocated(device)
-            step()
-            torch.cuda.synchronize(device)
-            found.append((torch.cuda.max_memory_allocated(device) - before, torch.cuda.memory_allocated(device) - before))
-        return found
-    with _chatter_dropped(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiled:
-        for step in steps:
-            with record_function(_MARK):
-                pass
-            step()
-    events = sorted(profiled.profiler.kineto_results.events(), key=lambda event: event.start_ns())  # type: ignore[union-attr]
-    found, total, start, peak = [], 0, None, 0
-    for event in events:
-        if event.name() == _MARK:
-            if start is not None:
-                found.append((peak - start, total - start))
-            start = peak = total
-        elif event.name() == "[memory]":
-            total += event.nbytes()
-            peak = max(peak, total)
-    found.append((peak - start, total - start))  # type: ignore[operator]
     return found
 
 

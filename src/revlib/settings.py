@@ -194,9 +194,6 @@ class LinearBackpropSettings(ImageSettings):
     binary_epochs: int = 10
     timing_width: int = 1024
     timing_batch: int = 512
-    sweep_learning_rates: tuple[float, ...] = (0.05, 0.1, 0.2, 0.4)
-    sweep_inits: int = 10
-    cosine_inits: int = 10
     gelu_width: int = 256
     gelu_blocks: int = 4
 
@@ -286,7 +283,7 @@ CHAPTER_SETTINGS: dict[str, dict[str, Settings]] = {
         "small": LinearBackpropSettings(),
         "large": LinearBackpropSettings(image_data="cifar10", five_point_inits=200, mlp_width=512, mlp_epochs=40, cnn_channels=64,
                                         cnn_blocks=6, cnn_epochs=30, binary_width=1024, binary_epochs=30, timing_width=4096,
-                                        timing_batch=4096, sweep_inits=50, cosine_inits=50, gelu_width=1024, gelu_blocks=12),
+                                        timing_batch=4096, gelu_width=1024, gelu_blocks=12),
     },
     "checkpointing": {
         "small": CheckpointSettings(),

@@ -12,7 +12,8 @@ input tensors — and lets the inference classify the rest; what it leaves uncla
 it lives within one phase of the call (forward, backward, optimiser step), else "other".
 
 The chapters use it to draw a training step's memory (:func:`revlib.plotting.plot_timeline`) and to read
-its peak off by category.
+its peak off by category; :func:`added_peak` gives the peak alone, from the allocations without the
+analysis, at a small fraction of the cost.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from torch.profiler._memory_profiler import Action, Category, MemoryProfile, OpT
 
 from revlib.runtime import resolve_device
 
-__all__ = ["CATEGORIES", "PHASES", "MemoryTimeline", "Phase", "memory_timeline"]
+__all__ = ["CATEGORIES", "PHASES", "MemoryTimeline", "Phase", "added_peak", "memory_timeline"]
 
 CATEGORIES = ("parameters", "optimizer_state", "gradients", "inputs", "activations", "temporaries", "other")
 """The categories of a :class:`MemoryTimeline`, in the order they are stacked in a plot."""
@@ -51,6 +52,7 @@ PHASES = ("forward", "backward", "optimizer step")
 """The kinds of :class:`Phase`."""
 
 _CALL = "revlib.timeline call"  # the record_function label around the measured call
+_SEGMENT = "revlib.timeline segment"  # the label that separates the segments of a measured computation
 _MARK = "revlib.timeline mark: "  # label of a mark: the profiler Category's name, then the storage's bytes
 _ENGINE = "autograd::engine::evaluate_function"  # the autograd engine's label around each node it runs
 
@@ -299,6 +301,76 @@ def memory_timeline(
         finally:
             measured.stop()
     return _timeline(_AttributedProfile(measured.profiler.kineto_results), device)
+
+
+def added_peak(
+    fn: Callable[..., Any], *args: Any, device: torch.device | str | None = None, **kwargs: Any
+) -> int:
+    r"""The most bytes one call of ``fn(*args, **kwargs)`` adds at once to what was allocated before it: the
+    :attr:`MemoryTimeline.added_peak` of :func:`memory_timeline`, without the categories.
+
+    ``fn`` runs twice, a warm-up and the measured call, as for :func:`memory_timeline`. On the CPU the measured
+    call's allocations and frees are summed in the order the profiler recorded them; no analysis of the
+    profile is made, so the measurement costs little more than the call itself (where a timeline costs some
+    25 calls). On CUDA the allocator's peak statistics are read (blocks of 512 bytes). Unlike
+    :func:`revlib.measure.peak_memory`, which reads a fresh process's resident memory, it counts what
+    PyTorch's allocator hands out, as :func:`memory_timeline` does.
+
+    Args:
+        fn: the call to measure, e.g. :func:`revlib.measure.forward_backward` of a model and a batch.
+        *args: its positional arguments.
+        device: the device whose memory is measured; ``None`` takes it from the arguments as
+            :func:`memory_timeline` does.
+        **kwargs: its keyword arguments (other than ``device``).
+
+    Raises:
+        TypeError: ``fn`` is not callable.
+    """
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    found = [value for value in _leaves([*_arguments_of(fn), *args, *kwargs.values()]) if isinstance(value, (nn.Module, Optimizer))]
+    inputs = [value for value in _leaves([*args, *kwargs.values()]) if isinstance(value, Tensor)]
+    device = _device_of(inputs, found) if device is None else resolve_device(device)
+    ((peak, _),) = _segments([functools.partial(fn, *args, **kwargs)], device)
+    return peak
+
+
+def _segments(steps: list[Callable[[], Any]], device: torch.device) -> list[tuple[int, int]]:
+    """Run ``steps`` twice (the first a warm-up) and return, for each step of the second run, the most bytes
+    allocated during it and the bytes allocated at its end, both above those at its start."""
+    if device.type == "cuda":
+        for step in steps:
+            step()
+        found = []
+        for step in steps:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+            step()
+            torch.cuda.synchronize(device)
+            found.append((torch.cuda.max_memory_allocated(device) - before, torch.cuda.memory_allocated(device) - before))
+        return found
+    with _chatter_dropped(), profile(activities=[ProfilerActivity.CPU], profile_memory=True):
+        for step in steps:  # warm-up, profiled so that the allocator can report freeing what it allocates
+            step()
+    with _chatter_dropped(), _garbage_collection_paused(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiled:
+        for step in steps:
+            with record_function(_SEGMENT):
+                pass
+            step()
+    events = sorted(profiled.profiler.kineto_results.events(), key=lambda event: event.start_ns())  # type: ignore[union-attr]
+    found: list[tuple[int, int]] = []
+    total, start, peak = 0, None, 0
+    for event in events:
+        if event.name() == _SEGMENT:
+            if start is not None:
+                found.append((peak - start, total - start))
+            start = peak = total
+        elif event.name() == "[memory]":
+            total += event.nbytes()
+            peak = max(peak, total)
+    found.append((peak - start, total - start))  # type: ignore[operator]
+    return found
 
 
 # --- what is known by identity: marks the profiler records ----------------------------------------------
