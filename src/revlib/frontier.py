@@ -347,13 +347,14 @@ def frontier(family: str = "conv", depth: int = 16, width: int = 32, batch: int 
 def format_table(rows: list[FrontierRow]) -> str:
     """The rows as a text table: MiB (each category at its most; temporaries at the peak), milliseconds,
     errors and recomputations per function."""
-    lines = [f"{'method':>16} {'params':>8} {'grads':>8} {'optim':>8} {'activ':>8} {'temps':>8} {'peak':>8} {'ms':>8} "
+    width = max([16, *(len(row.method) for row in rows)])  # the longest method's name
+    lines = [f"{'method':>{width}} {'params':>8} {'grads':>8} {'optim':>8} {'activ':>8} {'temps':>8} {'peak':>8} {'ms':>8} "
              f"{'grad err':>9} {'recomp':>7}"]
     for row in rows:
         memory = row.memory
         categories = (memory.parameters, memory.gradients, memory.optimizer_state, memory.activations, memory.at_peak["temporaries"], memory.peak)
         mib = [value / 2**20 for value in categories]
-        lines.append(f"{row.method:>16} " + " ".join(f"{value:8.2f}" for value in mib)
+        lines.append(f"{row.method:>{width}} " + " ".join(f"{value:8.2f}" for value in mib)
                      + f" {row.seconds * 1e3:8.1f} {row.gradient_error:9.1e} {row.recomputations:7.2f}")
     return "\n".join(lines)
 
@@ -369,8 +370,9 @@ def format_ratios(rows: list[FrontierRow], reference: str = "backprop") -> str:
     if reference not in found:
         raise ValueError(f"reference must name one of the rows {sorted(found)}, got {reference!r}")
     base = found[reference]
-    lines = [f"{'method':>16} {'peak MiB':>9} {'peak ×':>7} {'time ×':>7} {'grad err':>9} {'recomp':>7}"]
+    width = max([16, *(len(row.method) for row in rows)])
+    lines = [f"{'method':>{width}} {'peak MiB':>9} {'peak ×':>7} {'time ×':>7} {'grad err':>9} {'recomp':>7}"]
     for row in rows:
-        lines.append(f"{row.method:>16} {row.memory.peak / 2**20:9.2f} {row.memory.peak / base.memory.peak:7.2f} "
+        lines.append(f"{row.method:>{width}} {row.memory.peak / 2**20:9.2f} {row.memory.peak / base.memory.peak:7.2f} "
                      f"{row.seconds / base.seconds:7.2f} {row.gradient_error:9.1e} {row.recomputations:7.2f}")
     return "\n".join(lines)
