@@ -381,7 +381,7 @@ def train_full_batch(
         raise ValueError(f"targets must have shape ({inputs.shape[0]}, {first.sizes[-1]}), got {tuple(targets.shape)}")
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tensors of a few thousand numbers: threads only add synchronisation
+    torch.set_num_threads(1)  # small tensors: threads only add synchronisation
     try:
         return _train_full_batch(networks, inputs, targets, int(steps), update, learning_rate, optimizer)
     finally:
@@ -394,7 +394,7 @@ def _train_full_batch(
 ) -> FullBatchRun:
     first = networks[0]
     depth, batch = first.depth, inputs.shape[0]
-    with torch.inference_mode():  # tensors of a few hundred numbers: the per-operation overhead is the cost
+    with torch.inference_mode():  # small tensors: the per-operation overhead is the cost
         parameters = [torch.stack([n.tensors()[i] for n in networks]) for i in range(2 * depth)]  # (K, ...) each
         adam = torch.optim.Adam(parameters, lr=learning_rate) if optimizer == "adam" else None
         segments = _layer_segments(parameters, depth)
@@ -424,7 +424,7 @@ def _train_full_batch(
             pair_squared = exact_squared[:, :depth]
             if update == "backprop":
                 direction = exact
-                inner, length_squared = pair_squared.sum(dim=1), pair_squared.sum(dim=1)
+                inner = length_squared = pair_squared.sum(dim=1)
             elif update == "linear":
                 direction = linear
                 inner, length_squared = both[:, :depth].sum(dim=1), linear_squared[:, :depth].sum(dim=1)

@@ -141,8 +141,9 @@ def plan(blocks: Iterable[nn.Module], example: Tensor, *, budget: int, repeats: 
     each run inverted as one unit (module documentation) compete, and the faster that fits is returned.
 
     The module holds the same block objects (the same parameters, nothing copied); its gradients equal plain
-    backprop's (up to the rounding of the rebuilt inputs where runs are inverted). Measuring runs every block a few times: the caller's random stream and the blocks' buffers
-    (BatchNorm's statistics) are left as they were, and no ``.grad`` is touched.
+    backprop's (up to the rounding of the rebuilt inputs where runs are inverted). Measuring runs every block
+    a few times: the caller's random stream and the blocks' buffers (BatchNorm's statistics) are left as they
+    were, and no ``.grad`` is touched.
 
     Args:
         blocks: the chain's blocks, ``nn.Module`` objects in order (an ``nn.Sequential`` works).

@@ -281,9 +281,8 @@ def memory_timeline(
     for owner in tracked:
         if not isinstance(owner, (nn.Module, Optimizer)):
             raise TypeError(f"track must hold nn.Module and torch.optim.Optimizer objects, got a {type(owner).__name__}")
-    found = [value for value in _leaves([*_arguments_of(fn), *args, *kwargs.values()]) if isinstance(value, (nn.Module, Optimizer))]
+    found, inputs = _owners_and_inputs(fn, args, kwargs)
     owners = list(dict.fromkeys(tracked + found))
-    inputs = [value for value in _leaves([*args, *kwargs.values()]) if isinstance(value, Tensor)]
     device = _device_of(inputs, owners) if device is None else resolve_device(device)
     if device.type == "cuda" and device.index is None:  # the profiler names the device with its index
         device = torch.device("cuda", torch.cuda.current_device())
@@ -328,8 +327,7 @@ def added_peak(
     """
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
-    found = [value for value in _leaves([*_arguments_of(fn), *args, *kwargs.values()]) if isinstance(value, (nn.Module, Optimizer))]
-    inputs = [value for value in _leaves([*args, *kwargs.values()]) if isinstance(value, Tensor)]
+    found, inputs = _owners_and_inputs(fn, args, kwargs)
     device = _device_of(inputs, found) if device is None else resolve_device(device)
     ((peak, _),) = _segments([functools.partial(fn, *args, **kwargs)], device)
     return peak
@@ -603,6 +601,13 @@ def _phases(roots: Iterable[_ProfilerEvent]) -> list[Phase]:
 
 
 # --- arguments, devices and output ------------------------------------------------------------------------
+
+
+def _owners_and_inputs(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[Any], list[Tensor]]:
+    """The modules and optimisers found in ``fn`` and its arguments, and the tensors among the arguments."""
+    owners = [value for value in _leaves([*_arguments_of(fn), *args, *kwargs.values()]) if isinstance(value, (nn.Module, Optimizer))]
+    inputs = [value for value in _leaves([*args, *kwargs.values()]) if isinstance(value, Tensor)]
+    return owners, inputs
 
 
 def _arguments_of(fn: Callable[..., Any]) -> list[Any]:
