@@ -124,8 +124,8 @@ def test_added_peak_is_the_timelines_without_the_analysis() -> None:
         (forward_backward, (CheckpointedSequence(*blocks, schedule="sqrt"), inputs)),
     ]
     for fn, args in calls:
-        expected = memory_timeline(fn, *args).added_peak
-        assert added_peak(fn, *args) == expected > 0
+        measured = added_peak(fn, *args)  # first: its warm-up makes the step a steady one, as the timeline's does
+        assert measured == memory_timeline(fn, *args).added_peak > 0
     with pytest.raises(TypeError, match="fn must be callable"):
         added_peak(model(inputs))
 

@@ -309,7 +309,8 @@ def added_peak(
     :attr:`MemoryTimeline.added_peak` of :func:`memory_timeline`, without the categories.
 
     ``fn`` runs twice, a warm-up and the measured call, as for :func:`memory_timeline`. On the CPU the measured
-    call's allocations and frees are summed in the order the profiler recorded them; no analysis of the
+    call's allocations and frees are summed in the order the profiler recorded them (a call on the CPU alone:
+    the sum does not tell devices apart); no analysis of the
     profile is made, so the measurement costs little more than the call itself (where a timeline costs some
     25 calls). On CUDA the allocator's peak statistics are read (blocks of 512 bytes). Unlike
     :func:`revlib.measure.peak_memory`, which reads a fresh process's resident memory, it counts what
