@@ -11,7 +11,7 @@ from torch import nn
 import revlib
 from allocations import added_peak
 from revlib.checkpoint import CheckpointedSequence
-from revlib.planner import PlanReport, _inverted_runs, _measure_chain, plan
+from revlib.planner import BudgetTrials, Planner, PlanReport, _inverted_runs, _measure_chain, budget_trials, plan
 from revlib.reversible import ReversibleBlock, ReversibleSequence
 from revlib.verify import relative_error
 
@@ -141,6 +141,57 @@ def test_revlib_plan_is_callable_from_the_facade() -> None:
     module = revlib.plan(blocks, torch.randn(4, 8), budget=10**7, repeats=1)
     assert isinstance(module, nn.Sequential) and module.report.strategy == "store everything"  # type: ignore[union-attr]
     assert revlib.PlanReport is PlanReport
+
+
+def test_a_planner_measures_once_and_plans_as_plan_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    blocks = chain(UNEQUAL)
+    x = torch.randn(BATCH, UNEQUAL[0])
+    planner = Planner(blocks, x, repeats=1)
+    measured = []
+    monkeypatch.setattr("revlib.planner._measure_chain", lambda *args: measured.append(args))
+    budgets = (planner.backprop_peak, (planner.backprop_peak + planner.least_budget) // 2, planner.least_budget)
+    modules = [planner.plan(budget) for budget in budgets]
+    assert measured == [], "planning for a budget measures nothing again"
+    assert isinstance(modules[0], nn.Sequential) and all(isinstance(m, CheckpointedSequence) for m in modules[1:])
+    for module, budget in zip(modules, budgets):
+        assert list(module) == blocks and added_peak(step_with_gradients(module, x)) <= budget
+    kept = [m.report.kept for m in modules]  # type: ignore[union-attr]
+    assert kept[1] != kept[2], "a tighter budget keeps less"
+    monkeypatch.undo()
+    assert plan(blocks, x, budget=budgets[1], repeats=1).report.costs.steps == len(blocks)  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="no plan fits"):
+        planner.plan(planner.least_budget // 2)
+
+
+def test_budget_trials_measure_each_plan_and_revolve_on_the_same_budget() -> None:
+    blocks = [block.double() for block in chain(UNEQUAL)]
+    x = torch.randn(BATCH, UNEQUAL[0], dtype=torch.float64)
+    trials = budget_trials(Planner(blocks, x, repeats=1), repeats=1)
+    assert isinstance(trials, BudgetTrials) and list(trials.budgets) == ["backprop's peak", "halfway", "least + 5 %"]
+    assert {method for _, method in trials.trials} == {"plan", "revolve"}
+    for (name, method), trial in trials.trials.items():
+        assert trial.peak <= trials.budgets[name] or method == "revolve", (name, trial.peak)
+        assert trial.error < 1e-12 and trial.seconds > 0 and trial.predicted_seconds > 0
+        if method == "revolve":
+            assert trial.kept.startswith("revolve, ") and isinstance(trial.module, CheckpointedSequence)
+        else:
+            assert len(trial.kept) == len(blocks) and set(trial.kept) <= set("GI.")
+    assert trials.trials["backprop's peak", "plan"].kept == "G" * len(blocks)
+    assert trials.trials["backprop's peak", "plan"].peak == trials.backprop_peak
+    text = str(trials)
+    assert len(text.splitlines()) == 2 + len(trials.trials) and "least + 5 %" in text
+    with pytest.raises(TypeError, match="planner must be a revlib.planner.Planner, got list"):
+        budget_trials(blocks)  # type: ignore[arg-type]
+
+
+def test_budget_trials_mark_inverted_runs() -> None:
+    blocks = [block.double() for block in coupled_chain(12)]
+    x = torch.randn(BATCH, 16, dtype=torch.float64)
+    planner = Planner(blocks, x, repeats=1)
+    trials = budget_trials(planner, {"least": planner.least_budget}, revolve=False, repeats=1)
+    (trial,) = trials.trials.values()
+    assert trial.kept.count("R") == 1 and len(trial.kept) == 3, trial.kept
+    assert trial.peak <= planner.least_budget and trial.error < 1e-10
 
 
 @pytest.mark.parametrize("arguments, error, match", [

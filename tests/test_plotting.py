@@ -156,3 +156,21 @@ def test_label_points_rejects_bad_sizes() -> None:
     with pytest.raises(ValueError, match="marker_radius"):
         plotting.label_points(axes, {"a": (0.0, 0.0)}, marker_radius=-1)
     plt.close(figure)
+
+
+def test_plot_budget_trials_draws_budgets_peaks_and_time_ratios() -> None:
+    from torch import nn
+
+    from revlib.planner import BudgetTrial, BudgetTrials
+
+    def trial(peak: int, seconds: float) -> BudgetTrial:
+        return BudgetTrial(nn.Identity(), "G", peak, 0.0, seconds, seconds)
+
+    trials = BudgetTrials({"big": 4 * 2**20, "small": 2 * 2**20}, 4 * 2**20, 2**20, 2.0, 2.0,
+                          {("big", "plan"): trial(4 * 2**20, 2.0), ("big", "revolve"): trial(3 * 2**20, 3.0),
+                           ("small", "plan"): trial(2**20, 2.5)})
+    left, right = plotting.plot_budget_trials(trials, title="t").axes
+    assert sorted(bar.get_height() for bar in left.patches) == [1, 2, 3, 4, 4], "two budgets, three peaks (MiB)"
+    plan_line, revolve_line = right.lines[:2]
+    assert list(plan_line.get_ydata()) == [1.0, 1.25] and list(revolve_line.get_ydata()) == [1.5]
+    assert [label.get_text() for label in left.get_xticklabels()] == ["big", "small"]

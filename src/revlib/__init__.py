@@ -54,6 +54,7 @@ _EXPORTS = {  # name → the module that defines it
     "measure_block_costs": "checkpoint",
     "plan": "planner",
     "PlanReport": "planner",
+    "Planner": "planner",
     "MomentumSequence": "momentum",
     "MLP": "backprop",
     "ResidualBlock": "blocks",
@@ -111,7 +112,7 @@ if TYPE_CHECKING:  # what static tools see; at run time the names are looked up 
                                 forward_backward, peak_memory,
                                 saved_tensor_bytes, step_memory, time_call)
     from revlib.momentum import MomentumSequence
-    from revlib.planner import PlanReport, plan
+    from revlib.planner import PlanReport, Planner, plan
     from revlib.reversible import ResNet, ReversibleBlock, ReversibleSequence, ReversibleTransformer, RevNet
     from revlib.runtime import book_scale, book_seed, default_device, evaluation_mode, resolve_device, seed_everything
     from revlib.settings import chapter_settings

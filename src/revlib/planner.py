@@ -1,4 +1,6 @@
-r"""Fit a chain of blocks into a memory budget at the least predicted time: :func:`plan`.
+r"""Fit a chain of blocks into a memory budget at the least predicted time: :func:`plan`, or a
+:class:`Planner` that measures once and plans for many budgets, and :func:`budget_trials`, which checks the
+plans by measurement against revolve.
 
 A practitioner has a chain :math:`x_{i+1} = F_i(x_i)`, a batch and a number of bytes. :func:`plan` measures
 what each block costs (:func:`revlib.checkpoint.measure_block_costs`, and what the code really holds while
@@ -37,6 +39,7 @@ returns the faster plan that fits; the gradients are backprop's up to the roundi
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -47,10 +50,12 @@ from torch import Tensor, nn
 
 from revlib._checks import positive_integers
 from revlib.checkpoint import BlockCosts, CheckpointedSequence, CheckpointPlan, _measuring, checkpoint_plan, measure_block_costs
+from revlib.measure import compare_times
 from revlib.reversible import ReversibleBlock, ReversibleSequence
-from revlib.timeline import _segments
+from revlib.timeline import _segments, added_peak
+from revlib.verify import relative_error
 
-__all__ = ["PlanReport", "plan"]
+__all__ = ["BudgetTrial", "BudgetTrials", "PlanReport", "Planner", "budget_trials", "plan"]
 
 _ATTEMPTS = 4  # plans made at most: each measured overshoot lowers the chain budget once
 
@@ -165,41 +170,234 @@ def plan(blocks: Iterable[nn.Module], example: Tensor, *, budget: int, repeats: 
         ValueError: ``blocks`` is empty, ``budget`` is not positive and finite, ``repeats`` is not positive,
             or no plan fits in the budget (the message gives the least budget that does).
     """
-    blocks = _checked_blocks(blocks)
-    if not isinstance(example, Tensor):
-        raise TypeError(f"example must be a tensor (a batch x_0), got {type(example).__name__}")
+    _check_budget(budget)
+    return Planner(blocks, example, repeats=repeats).plan(budget)
+
+
+class Planner:
+    r"""A chain measured once and planned for any budget; ``Planner(blocks, x).plan(B)`` is ``plan(blocks, x, budget=B)``.
+
+    Measuring is the expensive part (every block timed and profiled, plain backprop's step profiled, and the
+    chain measured a second time with its reversible runs inverted where it has any); a planner does it once
+    and then fits the chain into as many budgets as asked. A measured overshoot (module documentation)
+    raises the reserve for the later plans too.
+
+    Args:
+        blocks: the chain's blocks, ``nn.Module`` objects in order (an ``nn.Sequential`` works).
+        example: a batch :math:`x_0` of the size the modules will train on, on the blocks' device; it
+            requires grad if the input's gradient will be wanted.
+        repeats: timed runs per block measurement.
+
+    Raises:
+        TypeError: ``blocks`` is not an iterable of ``nn.Module`` objects or ``example`` is not a tensor.
+        ValueError: ``blocks`` is empty or ``repeats`` is not positive.
+    """
+
+    def __init__(self, blocks: Iterable[nn.Module], example: Tensor, *, repeats: int = 5) -> None:
+        self.blocks = _checked_blocks(blocks)
+        if not isinstance(example, Tensor):
+            raise TypeError(f"example must be a tensor (a batch x_0), got {type(example).__name__}")
+        positive_integers(repeats=repeats)
+        self.example = example.detach().requires_grad_(example.requires_grad)
+        self._repeats = repeats
+        self._backprop = _measure_chain(self.blocks, self.example, repeats)  # the blocks as they are
+        self._grouped = _inverted_runs(self.blocks)
+        self._inverted: _Chain | None = None  # measured when first needed
+
+    @property
+    def backprop_peak(self) -> int:
+        """Plain backprop's step over the blocks, measured, in bytes (the least budget that stores everything)."""
+        return self._backprop.plain_peak
+
+    @property
+    def least_budget(self) -> int:
+        """The least budget any plan fits in (predicted, raised by measured overshoots), in bytes."""
+        return min(chain.least for chain in self._chains(everything=True))
+
+    @property
+    def backprop_time(self) -> float:
+        r"""Plain backprop's step under the cost model, :math:`\sum_i f_i + b_i` seconds."""
+        return self._backprop.plain_time
+
+    @property
+    def chain_reserve(self) -> int:
+        """What a plan's memory model leaves out, :math:`P + W - a_0` over the blocks as they are, in bytes."""
+        return int(self._backprop.reserve)
+
+    @property
+    def costs(self) -> BlockCosts:
+        """The blocks' measured :class:`~revlib.checkpoint.BlockCosts` (each block its own unit)."""
+        return self._backprop.costs
+
+    def _chains(self, *, everything: bool) -> list[_Chain]:
+        if self._grouped is not None and self._inverted is None and everything:
+            self._inverted = _measure_chain(self._grouped, self.example, self._repeats)
+        return [self._backprop] + ([self._inverted] if self._inverted is not None else [])
+
+    def plan(self, budget: int) -> nn.Module:
+        """A module over the blocks that trains within ``budget`` bytes at the least predicted time, as
+        :func:`plan` returns it (with its :class:`PlanReport` as ``report``).
+
+        Raises:
+            TypeError: ``budget`` is not a number.
+            ValueError: ``budget`` is not positive and finite, or no plan fits in it (the message gives the
+                least budget that does).
+        """
+        _check_budget(budget)
+        x, backprop = self.example, self._backprop
+        chains = self._chains(everything=backprop.plain_peak > budget)
+        fits = [(chain, fit) for chain in chains if (fit := _fit(chain, x, int(budget))) is not None]
+        least = min(chain.least for chain in chains)
+        if not fits:
+            lowest = min(chains, key=lambda chain: chain.least)
+            raise ValueError(
+                f"no plan fits in budget={budget!r} bytes: the least feasible budget is {least} bytes (the dynamic "
+                f"programme's least peak {_size(lowest.costs.least_budget)} plus the reserve for parameter gradients "
+                f"and temporaries {_size(lowest.reserve)}; plain backprop needs {backprop.plain_peak} bytes)"
+            )
+        chain, fit = min(fits, key=lambda pair: pair[1].predicted_time)  # a tie goes to the blocks as they are
+        inverted = any(isinstance(unit, ReversibleSequence) for unit in chain.units)
+        strategy = ("store everything" if fit.schedule is None else "optimal checkpointing") + (
+            ", reversible runs inverted" if inverted else "")
+        steps = chain.costs.steps
+        fit.module.report = PlanReport(  # type: ignore[assignment]
+            strategy=strategy, budget=int(budget), least_budget=least, predicted_peak=fit.predicted_peak,
+            measured_peak=fit.measured_peak, predicted_time=fit.predicted_time, backprop_peak=backprop.plain_peak,
+            backprop_time=backprop.plain_time, kept=fit.schedule.kept if fit.schedule else ("graph",) * steps,
+            runs=fit.schedule.runs if fit.schedule else (1,) * steps, costs=chain.costs,
+            reserve=int(chain.reserve) if fit.schedule else 0, plan=fit.schedule, units=chain.spans,
+        )
+        return fit.module
+
+
+def _check_budget(budget: Any) -> None:
     if isinstance(budget, bool) or not isinstance(budget, (int, float)):
         raise TypeError(f"budget must be a number of bytes, got {type(budget).__name__}")
     if not math.isfinite(budget) or budget <= 0:
         raise ValueError(f"budget must be a positive, finite number of bytes, got {budget!r}")
+
+
+@dataclass(frozen=True)
+class BudgetTrial:
+    """One module's step under one budget, measured, as :func:`budget_trials` reports it per budget and method.
+
+    Attributes:
+        module: the module (a planned one, or revolve's :class:`~revlib.checkpoint.CheckpointedSequence`).
+        kept: per unit what the plan keeps (``G`` its graph, ``I`` its input, ``.`` nothing, ``R`` an inverted
+            run of reversible couplings, which keeps its output), or ``"revolve, s slots"``.
+        peak: the most one step returning the parameters' gradients adds, measured
+            (:func:`revlib.timeline.added_peak`), in bytes.
+        error: relative error of those gradients against plain backprop's.
+        seconds: the step's median time, timed in turns with plain backprop's.
+        predicted_seconds: the step's time under the planner's cost model.
+    """
+
+    module: nn.Module
+    kept: str
+    peak: int
+    error: float
+    seconds: float
+    predicted_seconds: float
+
+
+@dataclass(frozen=True)
+class BudgetTrials:
+    """The plans (and revolve, where asked) for several budgets, measured; ``str()`` gives the table.
+
+    Attributes:
+        budgets: the budgets by name, in bytes.
+        backprop_peak: plain backprop's step, measured, in bytes.
+        least_budget: the least budget any plan fits in, in bytes.
+        backprop_seconds: plain backprop's median step time, timed in the same turns as the trials.
+        backprop_predicted: plain backprop's step time under the cost model.
+        trials: ``(budget name, "plan" or "revolve")`` → :class:`BudgetTrial`; revolve appears where asked
+            for and at least one slot fits the budget.
+    """
+
+    budgets: dict[str, int]
+    backprop_peak: int
+    least_budget: int
+    backprop_seconds: float
+    backprop_predicted: float
+    trials: dict[tuple[str, str], BudgetTrial]
+
+    def __str__(self) -> str:
+        width = max(len(trial.kept) for trial in self.trials.values())
+        lines = [
+            f"backprop's step adds {self.backprop_peak / 2**20:.2f} MiB; least budget "
+            f"{self.least_budget / 2**20:.2f} MiB ({self.least_budget / self.backprop_peak:.2f}x)",
+            f"{'budget':>16} {'MiB':>6} {'method':>8} {'kept per block':>{width}} {'peak':>7}"
+            f" {'x backprop':>10} {'time':>6} {'predicted':>9} {'grad err':>8}",
+        ]
+        for (name, method), trial in self.trials.items():
+            lines.append(
+                f"{name:>16} {self.budgets[name] / 2**20:6.2f} {method:>8} {trial.kept:>{width}} "
+                f"{trial.peak / 2**20:7.2f} {trial.peak / self.backprop_peak:10.2f} "
+                f"{trial.seconds / self.backprop_seconds:5.2f}x "
+                f"{trial.predicted_seconds / self.backprop_predicted:8.2f}x {trial.error:8.1e}"
+            )
+        return "\n".join(lines)
+
+
+def budget_trials(planner: Planner, budgets: dict[str, int] | None = None, *, revolve: bool = True,
+                  repeats: int = 15, device: torch.device | str | None = None) -> BudgetTrials:
+    r"""Plan the chain for each budget and measure what was promised, each module's peak (one step that
+    returns the parameters' gradients, :func:`revlib.timeline.added_peak`), its gradients against plain
+    backprop's and its time (all modules timed in turns with plain backprop, :func:`revlib.compare_times`).
+
+    With ``revolve``, each budget also gets Griewank's revolve over the same blocks with the most slots whose
+    plan fits under the same cost model (:meth:`~revlib.checkpoint.BlockCosts.most_revolve_slots` of the
+    budget less :attr:`Planner.chain_reserve`): the equal-block schedule on equal terms.
+
+    Args:
+        planner: the measured chain.
+        budgets: budgets by name, in bytes (``None``: backprop's peak, halfway between it and the least
+            budget, and 5 % above the least, named ``"backprop's peak"``, ``"halfway"``, ``"least + 5 %"``).
+        revolve: add revolve's trial for each budget.
+        repeats: timed rounds.
+        device: the device to synchronise when timing (``None``: the example's).
+
+    Raises:
+        TypeError: ``planner`` is not a :class:`Planner`.
+        ValueError: a budget no plan fits (as :meth:`Planner.plan`), or ``repeats`` is not positive.
+    """
+    if not isinstance(planner, Planner):
+        raise TypeError(f"planner must be a revlib.planner.Planner, got {type(planner).__name__}")
     positive_integers(repeats=repeats)
-    x = example.detach().requires_grad_(example.requires_grad)
-    chains = [_measure_chain(blocks, x, repeats)]
-    backprop = chains[0]  # plain backprop over the blocks themselves: the reference of the report
-    if backprop.plain_peak > budget and (grouped := _inverted_runs(blocks)) is not None:
-        chains.append(_measure_chain(grouped, x, repeats))
-    fits = [(chain, fit) for chain in chains if (fit := _fit(chain, x, int(budget))) is not None]
-    least = min(chain.least for chain in chains)
-    if not fits:
-        lowest = min(chains, key=lambda chain: chain.least)
-        raise ValueError(
-            f"no plan fits in budget={budget!r} bytes: the least feasible budget is {least} bytes (the dynamic "
-            f"programme's least peak {_size(lowest.costs.least_budget)} plus the reserve for parameter gradients "
-            f"and temporaries {_size(lowest.reserve)}; plain backprop needs {backprop.plain_peak} bytes)"
-        )
-    chain, fit = min(fits, key=lambda pair: pair[1].predicted_time)  # a tie goes to the blocks as they are
-    inverted = any(isinstance(unit, ReversibleSequence) for unit in chain.units)
-    strategy = ("store everything" if fit.schedule is None else "optimal checkpointing") + (
-        ", reversible runs inverted" if inverted else "")
-    steps = chain.costs.steps
-    fit.module.report = PlanReport(  # type: ignore[assignment]
-        strategy=strategy, budget=int(budget), least_budget=least, predicted_peak=fit.predicted_peak,
-        measured_peak=fit.measured_peak, predicted_time=fit.predicted_time, backprop_peak=backprop.plain_peak,
-        backprop_time=backprop.plain_time, kept=fit.schedule.kept if fit.schedule else ("graph",) * steps,
-        runs=fit.schedule.runs if fit.schedule else (1,) * steps, costs=chain.costs,
-        reserve=int(chain.reserve) if fit.schedule else 0, plan=fit.schedule, units=chain.spans,
-    )
-    return fit.module
+    backprop_peak, least = planner.backprop_peak, planner.least_budget
+    if budgets is None:
+        budgets = {"backprop's peak": backprop_peak, "halfway": (backprop_peak + least) // 2,
+                   "least + 5 %": int(1.05 * least)}
+    x, blocks, costs = planner.example, planner.blocks, planner.costs
+    plain = nn.Sequential(*blocks)
+    exact = _parameter_gradients(plain, x)
+    modules: dict[tuple[str, str], tuple[nn.Module, str, float]] = {}
+    for name, budget in budgets.items():
+        module = planner.plan(budget)
+        report: PlanReport = module.report  # type: ignore[assignment]
+        kept = "".join("R" if inverted else {"graph": "G", "input": "I", "-": "."}[what]
+                       for what, (_, _, inverted) in zip(report.kept, report.units))
+        modules[name, "plan"] = module, kept, report.predicted_time
+        room = budget - planner.chain_reserve  # the budget as the memory model counts it
+        slots = costs.most_revolve_slots(room) if revolve and room > 0 else None
+        if slots is not None:
+            sequence = CheckpointedSequence(*blocks, schedule="revolve", slots=slots)
+            modules[name, "revolve"] = sequence, f"revolve, {slots} slots", costs.simulate(sequence.plan).time
+    measured = {key: (added_peak(_parameter_gradients, module, x), relative_error(_parameter_gradients(module, x), exact))
+                for key, (module, _, _) in modules.items()}
+    calls = {"backprop": functools.partial(_parameter_gradients, plain, x)}
+    calls |= {f"{name}, {method}": functools.partial(_parameter_gradients, module, x)
+              for (name, method), (module, _, _) in modules.items()}
+    timings = compare_times(calls, warmup=2, repeats=repeats, device=device if device is not None else x.device)
+    trials = {key: BudgetTrial(module, kept, *measured[key], timings[f"{key[0]}, {key[1]}"].median, predicted)
+              for key, (module, kept, predicted) in modules.items()}
+    return BudgetTrials(dict(budgets), backprop_peak, planner.least_budget, timings["backprop"].median,
+                        planner.backprop_time, trials)
+
+
+def _parameter_gradients(module: nn.Module, x: Tensor) -> tuple[Tensor, ...]:
+    """One step's parameter gradients, returned (they are part of what a budget counts); ``.grad`` untouched."""
+    return torch.autograd.grad(module(x).sum(), [p for p in module.parameters() if p.requires_grad])
 
 
 @dataclass

@@ -25,8 +25,9 @@ from revlib.training import History
 
 if TYPE_CHECKING:
     from revlib.checkpoint import CheckpointPlan
+    from revlib.planner import BudgetTrials
 
-__all__ = ["BOOK_STYLE", "KEPT_COLOURS", "PALETTE", "draw_graph", "label_points", "plot_history", "plot_plan_runs", "plot_points", "plot_schedule", "plot_timeline", "show_images", "use_book_style"]
+__all__ = ["BOOK_STYLE", "KEPT_COLOURS", "PALETTE", "draw_graph", "label_points", "plot_budget_trials", "plot_history", "plot_plan_runs", "plot_points", "plot_schedule", "plot_timeline", "show_images", "use_book_style"]
 
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000")
 """The Okabe–Ito colours, distinguishable under every common form of colour blindness."""
@@ -292,6 +293,38 @@ def plot_plan_runs(plans: Mapping[str, CheckpointPlan], *, block_names: Sequence
     most = max(max(plan.runs) for plan in plans.values())
     ax.set(ylabel="evaluations", ylim=(0, 1.2 * most), title=title)
     return ax.figure
+
+
+def plot_budget_trials(trials: BudgetTrials, *, title: str | None = None) -> Figure:
+    """Draw :func:`revlib.planner.budget_trials` in two panels, per budget the budget and each method's
+    measured peak (left, bars), and each method's measured step time over plain backprop's (right).
+
+    Args:
+        trials: the measured plans (and revolve's trials, where present).
+        title: a title over both panels.
+    """
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 3.8))
+    names = list(trials.budgets)
+    methods = list(dict.fromkeys(method for _, method in trials.trials))
+    width = 0.8 / (1 + len(methods))
+    left.bar([n - 0.4 + width / 2 for n in range(len(names))], [trials.budgets[n] / 2**20 for n in names],
+             width=width, color="0.8", label="budget")
+    for number, method in enumerate(methods, start=1):
+        shown = [n for n in names if (n, method) in trials.trials]
+        left.bar([names.index(n) - 0.4 + (number + 0.5) * width for n in shown],
+                 [trials.trials[n, method].peak / 2**20 for n in shown], width=width,
+                 label=f"{method}, measured peak")
+        right.plot([names.index(n) for n in shown],
+                   [trials.trials[n, method].seconds / trials.backprop_seconds for n in shown],
+                   ("o-", "s--", "^:")[(number - 1) % 3], label=method)
+    left.set(xticks=range(len(names)), xticklabels=names, ylabel="MiB added by one step", title="peak against budget")
+    right.axhline(1, color="0.5", linestyle=":", label="backprop")
+    right.set(xticks=range(len(names)), xticklabels=names, ylabel="step time / backprop's", title="time, measured")
+    left.legend()
+    right.legend()
+    if title is not None:
+        figure.suptitle(title)
+    return figure
 
 
 #: Bytes per unit of the memory axis of :func:`plot_timeline`.

@@ -244,6 +244,8 @@ class FrontierSettings:
     plan_widths: tuple[int, ...] = (16, 32, 64)
     plan_blocks_per_stage: int = 3
     plan_batch: int = 256
+    gpt_depth: int = 8
+    gpt_width: int = 64
 
 
 Settings = IntroSettings | BackpropSettings | ResidualSettings | ReversibleSettings | ODESettings | LinearBackpropSettings | CheckpointSettings | FrontierSettings
@@ -298,7 +300,7 @@ CHAPTER_SETTINGS: dict[str, dict[str, Settings]] = {
         "large": FrontierSettings(depth=64, width=128, batch=256, timing_repeats=5, batch_sweep=(1, 4, 16, 64, 256, 1024),
                                   train_depth=32, train_width=256, epochs=20, adjoint_depths=(4, 8, 16, 32, 64, 128, 256),
                                   momentum_depth=64, rounding_depths=(16, 64, 256), plan_widths=(32, 64, 128),
-                                  plan_batch=1024),
+                                  plan_batch=1024, gpt_depth=12, gpt_width=256),
     },
 }
 
