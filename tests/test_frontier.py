@@ -77,8 +77,9 @@ def test_format_table_has_a_line_per_method(rows: dict[str, FrontierRow]) -> Non
 def test_transformer_family_trains_gpt2_blocks_on_rows_of_digits() -> None:
     """The GPT-2 family: every method runs on eight row tokens; the exact ones give backprop's gradient (the
     reversible coupling split along the features, the last dimension), the adjoint does not; the reversible
-    network's feed-forward halves widen to four times the width as GPT-2's do, so only the attention weights
-    differ: two half-width attentions hold half of one full-width attention's."""
+    network's two half-width attentions hold half of one full-width attention's weights, and its feed-forward
+    halves widen to five times the width to make up for it: the same weights as GPT-2's, biases and
+    LayerNorms aside."""
     depth, width = 2, 8
     rows = {row.method: row for row in frontier("transformer", depth=depth, width=width, batch=8, device="cpu", repeats=1,
                                                 progress=False)}
@@ -90,8 +91,11 @@ def test_transformer_family_trains_gpt2_blocks_on_rows_of_digits() -> None:
     def feedforward(d: int, hidden: int) -> int:
         return 2 * d + (d * hidden + hidden) + (hidden * d + d)
     plain = attention(width) + feedforward(width, 4 * width)
-    coupling = 2 * (attention(width // 2) + feedforward(width // 2, 4 * width))
+    coupling = 2 * (attention(width // 2) + feedforward(width // 2, 5 * width))
     assert rows["reversible"].memory.parameters - rows["backprop"].memory.parameters == FLOAT32 * depth * (coupling - plain)
+    biases_and_norms = 2 * (2 * (width // 2) + 3 * (width // 2) + (width // 2) + 2 * (width // 2) + 5 * width + width // 2)
+    biases_and_norms -= 2 * width + 3 * width + width + 2 * width + 4 * width + width
+    assert coupling - plain == biases_and_norms, "equal weights, biases and LayerNorms aside"
 
 
 def test_only_measures_the_named_methods_in_order_and_combinations_stack_on_revlibs() -> None:

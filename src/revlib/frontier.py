@@ -13,9 +13,9 @@ optimiser step) under each:
 * ``offload`` — the same blocks, saved tensors in host memory (CUDA only);
 * ``reversible`` — additive coupling of two functions on half the width each, widening to ``width``
   inside (:class:`~revlib.reversible.ReversibleSequence`), so that a block has the weights and
-  multiply-adds of one residual function (its hidden biases aside; for the transformer, the feed-forward
-  halves widen to ``4 * width`` as GPT-2's does, and the two attention halves have half the weights of one
-  on the whole width);
+  multiply-adds of one residual function (its hidden biases aside; for the transformer, the two attention
+  halves hold half the weights of one on the whole width, and the feed-forward halves widen to
+  ``5 * width`` to make up for it: :math:`12 d^2` weights per block, as GPT-2's);
 * ``momentum`` — :class:`~revlib.momentum.MomentumSequence` over the functions;
 * ``adjoint euler``, ``adjoint heun`` — :class:`~revlib.adjoint.ODEResNet` with the adjoint backward pass;
 * ``reversible heun`` — :class:`~revlib.reversible_heun.ReversibleHeunResNet` over the same ``depth``
@@ -191,9 +191,11 @@ def methods(family: str, depth: int, width: int, device: torch.device | str | No
         return build
 
     def reversible() -> MethodNetwork:
-        # F and G on the halves, widening to ``width`` inside: together the weights and multiply-adds of one
-        # residual function on the whole width (the biases of the hidden layer aside)
-        hidden = 4 * width if family == "transformer" else width
+        # F and G on the halves, widening inside: together the weights and multiply-adds of one residual
+        # function on the whole width (the biases of the hidden layer aside). For the transformer two
+        # half-width attentions hold 2 (d/2)^2 · 4 = 2d^2 weights against one's 4d^2, so the feed-forward
+        # halves widen to 5d (2 · d · 5d = 10d^2) for GPT-2's 12d^2 per block
+        hidden = 5 * width if family == "transformer" else width
         dim = -1 if family == "transformer" else 1  # the features of (B, T, D) tokens, the channels or features else
         blocks = [ReversibleBlock(residual_function(family, width // 2, hidden), residual_function(family, width // 2, hidden), dim=dim)
                   for _ in range(depth)]

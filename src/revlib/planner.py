@@ -343,7 +343,7 @@ def budget_trials(planner: Planner, budgets: dict[str, int] | None = None, *, re
                   repeats: int = 15, device: torch.device | str | None = None) -> BudgetTrials:
     r"""Plan the chain for each budget and measure what was promised, each module's peak (one step that
     returns the parameters' gradients, :func:`revlib.timeline.added_peak`), its gradients against plain
-    backprop's and its time (all modules timed in turns with plain backprop, :func:`revlib.compare_times`).
+    backprop's and its time (all modules timed in turns with plain backprop, :func:`revlib.measure.compare_times`).
 
     With ``revolve``, each budget also gets Griewank's revolve over the same blocks with the most slots whose
     plan fits under the same cost model (:meth:`~revlib.checkpoint.BlockCosts.most_revolve_slots` of the
