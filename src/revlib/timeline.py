@@ -39,8 +39,9 @@ from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.optim import Optimizer
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.profiler import ProfilerActivity, profile
-from torch.profiler._memory_profiler import Action, Category, MemoryProfile, OpTree, TensorKey
+from torch.profiler._memory_profiler import Action, Category
 
+from revlib._memory_flow import Flow, Key, analyse
 from revlib.runtime import resolve_device
 
 __all__ = ["CATEGORIES", "PHASES", "MemoryTimeline", "Phase", "added_peak", "memory_timeline"]
@@ -64,8 +65,6 @@ _NAMES = {
     Category.ACTIVATION: "activations",
     Category.TEMPORARY: "temporaries",
 }
-# Which mark wins when one storage is marked twice (a weight saved for backward is a parameter).
-_PRECEDENCE = (Category.PARAMETER, Category.GRADIENT, Category.OPTIMIZER_STATE, Category.INPUT, Category.ACTIVATION)
 
 # Kineto's progress lines, written straight to the process's standard error at every start and stop of a
 # profiler, and the CPU allocator's note that it cannot report freeing a block allocated before profiling.
@@ -299,7 +298,7 @@ def memory_timeline(
                 _synchronize(device)
         finally:
             measured.stop()
-    return _timeline(_AttributedProfile(measured.profiler.kineto_results), device)
+    return _timeline(analyse(measured.profiler.kineto_results.experimental_event_tree(), _MARK), device)  # type: ignore[union-attr]
 
 
 def added_peak(
@@ -428,73 +427,24 @@ def _identities_marked(owners: list[nn.Module | Optimizer], inputs: list[Tensor]
             handle.remove()
 
 
-class _AttributedProfile(MemoryProfile):
-    """PyTorch's memory profile, with the marked categories imposed before its own inference and again after
-    its deduction of parameters from the data flow, and the marked storages live before the call counted at
-    their full size (the profiler only sees the extent its tensors' views reach).
-
-    ``MemoryProfile.__init__`` builds the profile's event tree, then runs the inference step by step; the marks
-    are read from the tree at the first step.
-    """
-
-    def _set_gradients_and_temporaries(self) -> None:  # the first step of MemoryProfile's inference
-        self._marked = _read_marks(self._op_tree)
-        allocated = {
-            TensorKey.from_allocation(event.typed[1])
-            for event in self._op_tree.dfs()
-            if event.typed[0] == _EventType.Allocation and event.typed[1].alloc_size > 0
-        }
-        for key, (_, nbytes) in self._marked.items():
-            if key not in allocated:
-                self._size_map._values[key] = nbytes
-        self._impose_marks()
-        super()._set_gradients_and_temporaries()
-
-    def _set_parameters_using_data_flow(self) -> None:
-        super()._set_parameters_using_data_flow()
-        self._impose_marks()
-
-    def _impose_marks(self) -> None:
-        for key, (category, _) in self._marked.items():
-            self._categories.set_by_id(key, category)
-
-
-def _read_marks(tree: OpTree) -> dict[TensorKey, tuple[Category, int]]:
-    """Each marked storage's category (the mark of highest :data:`_PRECEDENCE`, per tensor id) and bytes."""
-    marks: dict[int, tuple[TensorKey, Category, int]] = {}
-    for event in tree.dfs():
-        if event.typed[0] == _EventType.TorchOp and event.name.startswith(_MARK):
-            name, nbytes = event.name.removeprefix(_MARK).split()
-            alias = next((child for child in event.children if child.name == "aten::alias" and child.typed[1].inputs), None)
-            key = None if alias is None else TensorKey.from_tensor(alias.typed[1].inputs[0])
-            if key is None:  # a tensor without storage the profiler can name
-                continue
-            category = Category[name]
-            kept = marks.get(key.id)
-            if kept is None or _PRECEDENCE.index(category) < _PRECEDENCE.index(kept[1]):
-                marks[key.id] = (key, category, int(nbytes))
-    return {key: (category, nbytes) for key, category, nbytes in marks.values()}
-
-
 # --- from the profile to the timeline ---------------------------------------------------------------------
 
 
-def _timeline(memory: _AttributedProfile, device: torch.device) -> MemoryTimeline:
-    roots = memory._op_tree._root_nodes
-    call = next(event for event in roots if event.name == _CALL)
+def _timeline(flow: Flow, device: torch.device) -> MemoryTimeline:
+    call = next(event for event in flow.roots if event.name == _CALL)
     start, end = call.start_time_ns, call.end_time_ns
-    phases = _phases(roots)
+    phases = _phases(flow.roots)
     boundaries = [time for phase in phases for time in (phase.start, phase.end)]
 
     def segment(time: int) -> int:
         """Which phase (odd: the phase number ``segment // 2``) or gap between phases (even) ``time`` is in."""
         return bisect.bisect_right(boundaries, time)
 
-    def category_of(key: TensorKey, version: int) -> Category | None:
+    def category_of(key: Key, version: int) -> Category | None:
         """The version's category, or the latest earlier version's when the profiler gave it none: an in-place
         update does not change what a tensor is."""
         for earlier in range(version, -1, -1):
-            category = memory._categories.get(key, earlier)
+            category = flow.category(key, earlier)
             if category is not None:
                 return category
         return None
@@ -511,12 +461,12 @@ def _timeline(memory: _AttributedProfile, device: torch.device) -> MemoryTimelin
             return "temporaries"
         return "inputs" if category == Category.INPUT else "other"
 
-    events = [entry for entry in memory.timeline if isinstance(entry[2][0], TensorKey) and entry[2][0].device == device]
-    born = {key: time for time, action, (key, _), _ in events if action == Action.CREATE}
-    died = {key: time for time, action, (key, _), _ in events if action == Action.DESTROY}
+    events = [event for event in flow.timeline if event[2][2] == device]
+    born = {key: time for time, action, key, _, _ in events if action == Action.CREATE}
+    died = {key: time for time, action, key, _, _ in events if action == Action.DESTROY}
     initial = dict.fromkeys(CATEGORIES, 0)  # what was live when the call started
     changes: list[tuple[int, int, str, int]] = []  # (time, order, category, bytes added): allocations before frees
-    for time, action, (key, version), nbytes in events:
+    for time, action, key, version, nbytes in events:
         category = name(category_of(key, version), born.get(key), died.get(key))
         if action == Action.PREEXISTING:
             initial[category] += nbytes
@@ -527,7 +477,7 @@ def _timeline(memory: _AttributedProfile, device: torch.device) -> MemoryTimelin
             changes.append((time, 1, name(category_of(key, version + 1), born.get(key), died.get(key)), nbytes))
         else:
             changes.append((time, 2, category, -nbytes))
-    for allocated, freed, nbytes in _untyped_blocks(memory, device):
+    for allocated, freed, nbytes in _untyped_blocks(flow, device):
         category = name(None, allocated, freed)
         if allocated is None:
             initial[category] += nbytes
@@ -552,24 +502,19 @@ def _timeline(memory: _AttributedProfile, device: torch.device) -> MemoryTimelin
     )
 
 
-def _untyped_blocks(memory: MemoryProfile, device: torch.device) -> list[tuple[int | None, int | None, int]]:
+def _untyped_blocks(flow: Flow, device: torch.device) -> list[tuple[int | None, int | None, int]]:
     """The allocations the profiler could not tie to a tensor, as ``(allocated, freed, bytes)`` with ``None``
     for a time outside the profile (allocated before it, or still live at its end)."""
-    events = sorted(
-        (event.start_time_ns, event.typed[1])
-        for event in memory._op_tree.dfs()
-        if event.typed[0] == _EventType.Allocation and event.typed[1].device == device and TensorKey.from_allocation(event.typed[1]) is None
-    )
     live: dict[int, tuple[int, int]] = {}
     blocks: list[tuple[int | None, int | None, int]] = []
-    for time, fields in events:
-        if fields.alloc_size > 0:
-            live[fields.ptr] = (time, fields.alloc_size)
-        elif fields.ptr in live:
-            allocated, nbytes = live.pop(fields.ptr)
-            blocks.append((allocated, time, nbytes))
+    for time, pointer, nbytes, _ in sorted((event for event in flow.untyped if event[3] == device), key=lambda event: event[0]):
+        if nbytes > 0:
+            live[pointer] = (time, nbytes)
+        elif pointer in live:
+            allocated, size = live.pop(pointer)
+            blocks.append((allocated, time, size))
         else:
-            blocks.append((None, time, -fields.alloc_size))
+            blocks.append((None, time, -nbytes))
     return blocks + [(allocated, None, nbytes) for allocated, nbytes in live.values()]
 
 
