@@ -113,15 +113,9 @@ def _allocation_key(fields: object) -> Key | None:
 _SCHEMAS: dict[tuple[object, ...], tuple[bool, tuple[bool | None, ...]]] = {}
 
 
-def _schema_facts(op: object, keys: list[object]) -> tuple[bool, tuple[bool | None, ...]]:
+def _schema_facts(op: object, kinds: tuple[object, ...]) -> tuple[bool, tuple[bool | None, ...]]:
     """Whether the operator call matches one of its schemas, and which inputs it may mutate
-    (``SchemaMatcher``), computed once per operator name and kind of inputs."""
-    kinds = tuple(
-        ("tensor", key is not None) if isinstance(value, _TensorMetadata)
-        else ("list", all(item is not None for item in key)) if isinstance(value, list)  # type: ignore[union-attr]
-        else type(value)
-        for value, key in zip(op.inputs, keys)  # type: ignore[attr-defined]
-    )
+    (``SchemaMatcher``), computed once per operator name and ``kinds`` of inputs (see ``_Walk._read``)."""
     signature = (op.name, kinds)  # type: ignore[attr-defined]
     facts = _SCHEMAS.get(signature)
     if facts is None:
@@ -152,34 +146,43 @@ class _Walk:
                 self.nodes.append(node)
                 continue
             if kind == _EventType.TorchOp:
-                keys = self._read(event)
+                read = self._read(event)
                 backward = backward or fields.scope == RecordScope.BACKWARD_FUNCTION
-                if fields.scope == RecordScope.BACKWARD_FUNCTION or _schema_facts(fields, keys)[0]:
-                    self.nodes.append(self._leaf(event, keys, backward))
+                if fields.scope == RecordScope.BACKWARD_FUNCTION or _schema_facts(fields, read[1])[0]:
+                    self.nodes.append(self._leaf(event, read, backward))
                     continue
             stack.extend((child, backward) for child in reversed(event.children))
         self.nodes.sort(key=lambda node: node.start)
 
-    def _read(self, event: _ProfilerEvent) -> list[object]:
-        """The keys of an operator's inputs, noting the extent of each strided input (PyTorch's ``SizeMap``),
-        and what the operator tells by itself: a mark, or a gradient that ``AccumulateGrad`` stores."""
+    def _read(self, event: _ProfilerEvent) -> tuple[list[object], tuple[object, ...]]:
+        """The keys of an operator's inputs and their kinds as schema matching tells them apart (whether a
+        tensor has a key, whether every tensor of a list has, else the value's type); what the operator tells
+        by itself (a mark, or a gradient that ``AccumulateGrad`` stores)."""
         if event.name.startswith(self.mark_prefix):
             self._mark(event)
         elif event.name == _ACCUMULATE:
             self._accumulated(event)
         keys: list[object] = []
+        kinds: list[object] = []
         for value in event.typed[1].inputs:
             if isinstance(value, _TensorMetadata):
-                keys.append(self._extent(value))
+                key = self._extent(value)
+                keys.append(key)
+                kinds.append(key is not None)
             elif isinstance(value, list):
-                keys.append([self._extent(item) for item in value])
+                items = [self._extent(item) for item in value]
+                keys.append(items)
+                kinds.append(("list", None not in items))
             else:
                 keys.append(None)
-        return keys
+                kinds.append(type(value))
+        return keys, tuple(kinds)
 
     def _extent(self, tensor: _TensorMetadata) -> Key | None:
+        """The tensor's key, noting how far its view reaches (PyTorch's ``SizeMap``: the size of a storage
+        that the profile never allocates or frees)."""
         key = _key(tensor)
-        if key is not None and tensor.layout == torch.strided:
+        if key is not None and key not in self.allocation_sizes and tensor.layout == torch.strided:
             elements = max(size * stride for size, stride in zip(tensor.sizes or [1], tensor.strides or [1]))
             nbytes = elements * _element_size(tensor.dtype)
             if nbytes > self.extents.get(key, -1):
@@ -196,8 +199,8 @@ class _Walk:
         self.allocation_sizes.setdefault(key, abs(nbytes))
         (node.allocated if nbytes > 0 else node.freed).append(key)
 
-    def _leaf(self, event: _ProfilerEvent, keys: list[object], backward: bool) -> _Node:
-        """A top-level operator (its inputs' ``keys`` read): what every operator inside it reads (and may
+    def _leaf(self, event: _ProfilerEvent, read: tuple[list[object], tuple[object, ...]], backward: bool) -> _Node:
+        """A top-level operator (its inputs ``read``): what every operator inside it reads (and may
         mutate), allocates and frees."""
         node = _Node(event, event.start_time_ns, backward)
         mutability: dict[Key, set[bool | None]] = {}
@@ -209,8 +212,8 @@ class _Walk:
                 self._allocation(inner, fields, node)
                 continue
             if kind == _EventType.TorchOp:
-                keys = keys if inner is event else self._read(inner)
-                mutable = _schema_facts(fields, keys)[1]
+                keys, kinds = read if inner is event else self._read(inner)
+                mutable = _schema_facts(fields, kinds)[1]
                 for key, flag in zip(keys, mutable):
                     for item in key if isinstance(key, list) else [key]:
                         if item is not None:
