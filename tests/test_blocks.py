@@ -1,4 +1,5 @@
-"""Tests of revlib.blocks' transformer pieces: GPT-2's sublayers and block, written out by hand."""
+"""Tests of revlib.blocks' transformer pieces: GPT-2's sublayers and block, written out by hand, and the
+chains of them (the GPT-2 classifier split into sublayers, and its Reformer-style counterpart)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from revlib.blocks import (
     ResidualBlock,
     attention_residual,
     feedforward_residual,
+    gpt2_chain,
     transformer_residual,
 )
+from revlib.reversible import ReversibleBlock, reformer_chain
 
 
 def attention_by_hand(attention: CausalSelfAttention, x: torch.Tensor) -> torch.Tensor:
@@ -67,7 +70,50 @@ def test_transformer_residual_makes_the_gpt2_block() -> None:
     (lambda: CausalSelfAttention(10, 3), "heads must divide width"),
     (lambda: CausalSelfAttention(8, 0), "heads"),
     (lambda: feedforward_residual(8, hidden=0), "hidden"),
+    (lambda: gpt2_chain(16, 0), "depth"),
+    (lambda: reformer_chain(0, 2), "width"),
 ])
 def test_bad_sizes_are_refused(build, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         build()
+
+
+def test_gpt2_chain_is_gpt2_blocks_split_into_sublayers() -> None:
+    """Embedding, attention and feed-forward sublayers alternating, head; x + F(x) per sublayer, so each pair
+    is a GPT-2 block; its weights drawn embedding, head, then sublayers (what chapter 07 built by hand)."""
+    torch.manual_seed(0)
+    chain = gpt2_chain(32, 3).double()
+    assert len(chain) == 2 * 3 + 2
+    x = torch.randn(5, 8, 8, dtype=torch.float64)
+    h = chain[0](x)
+    for attention, feedforward in zip(chain[1:-1:2], chain[2:-1:2]):
+        block = transformer_residual(32, 2)
+        block.attention, block.feedforward = attention.f, feedforward.f
+        h = ResidualBlock(block)(h)
+    assert torch.allclose(chain(x), chain[-1](h), atol=1e-12)
+    assert chain[1].f[1].heads == 2 and chain[2].f[1].out_features == 4 * 32
+    torch.manual_seed(0)
+    by_hand = [nn.Linear(8, 32), nn.Sequential(nn.LayerNorm(32), nn.Flatten(), nn.Linear(8 * 32, 10))]
+    by_hand[1:1] = [ResidualBlock(f) for _ in range(3) for f in (attention_residual(32, 2), feedforward_residual(32))]
+    torch.manual_seed(0)
+    drawn = gpt2_chain(32, 3)
+    assert all(torch.equal(a, b) for a, b in zip(drawn.parameters(), nn.Sequential(*by_hand).parameters()))
+
+
+def test_reformer_chain_holds_a_gpt2_block_per_coupling() -> None:
+    """Each coupling is y1 = x1 + A(x2), y2 = x2 + m(y1) on two streams of the full width, invertible, with
+    one GPT-2 block's weights (attention and feed-forward sublayers of that width)."""
+    torch.manual_seed(0)
+    chain = reformer_chain(32, 2).double()
+    gpt2 = gpt2_chain(32, 2)
+    assert len(chain) == 2 + 2 and all(isinstance(block, ReversibleBlock) for block in chain[1:-1])
+    in_couplings = sum(p.numel() for block in chain[1:-1] for p in block.parameters())
+    assert in_couplings == sum(p.numel() for block in gpt2[1:-1] for p in block.parameters())
+    x = chain[0](torch.randn(4, 8, 8, dtype=torch.float64))
+    assert x.shape == (4, 8, 64)
+    coupling = chain[1]
+    x1, x2 = x.chunk(2, dim=-1)
+    y1 = x1 + coupling.f(x2)
+    assert torch.allclose(coupling(x), torch.cat((y1, x2 + coupling.g(y1)), dim=-1), atol=1e-12)
+    assert torch.allclose(coupling.inverse(coupling(x)), x, atol=1e-12)
+    assert chain(torch.randn(4, 8, 8, dtype=torch.float64)).shape == (4, 10)

@@ -8,7 +8,8 @@ r"""The building blocks several chapters share: activations, residual functions,
   convolutional case :func:`conv_residual` (He et al. 2016b: [norm →] σ → layer → [norm →] σ → layer);
   for token sequences, GPT-2's two sublayers, :func:`attention_residual` (causal self-attention,
   :class:`CausalSelfAttention`) and :func:`feedforward_residual`, and a whole GPT-2 block as one residual
-  function, :func:`transformer_residual`.
+  function, :func:`transformer_residual`; :func:`gpt2_chain`, a GPT-2-style classifier as a chain of its
+  sublayers.
 * :class:`ResidualBlock`, :math:`x \mapsto x + \mathcal F(x)`.
 * :func:`small_cnn` and :func:`mlp`, the plain networks of the first chapters; :func:`staged_resnet`, a
   pre-activation ResNet whose stages halve the resolution, as a chain of blocks of unequal sizes.
@@ -38,6 +39,7 @@ __all__ = [
     "make_activation",
     "conv_residual",
     "feedforward_residual",
+    "gpt2_chain",
     "mlp",
     "mlp_residual",
     "pre_activation_residual",
@@ -313,6 +315,33 @@ def staged_resnet(
         nn.Linear(widths[-1], classes),
     ))
     return nn.Sequential(*blocks).to(resolve_device(device))
+
+
+def gpt2_chain(width: int, depth: int, *, tokens: int = 8, token_features: int = 8, classes: int = 10,
+               device: torch.device | str | None = None) -> nn.Sequential:
+    r"""A GPT-2-style classifier of sequences ``(B, tokens, token_features)`` (the digits' eight rows of eight
+    pixels, say), as a chain of unequal blocks with each GPT-2 block split into its two residual sublayers.
+
+    The blocks, in order: a linear embedding of each token to ``width`` features; ``depth`` times a
+    :class:`ResidualBlock` of :func:`attention_residual` (one head per 16 features) and one of
+    :func:`feedforward_residual` (``4 * width`` hidden features); the head (LayerNorm → flatten → linear to
+    ``classes``). Pre-LayerNorm as in GPT-2 (Radford et al. 2019), without position embeddings (the causal
+    mask tells the tokens' order). The module's children are the ``2 * depth + 2`` blocks, on ``device``
+    (``None``: :func:`revlib.runtime.default_device`); their parameters are drawn embedding, head, then the
+    sublayers in order.
+
+    Raises:
+        ValueError: a size is not a positive integer.
+    """
+    positive_integers(width=width, depth=depth, tokens=tokens, token_features=token_features, classes=classes)
+    embedding = nn.Linear(token_features, width)
+    head = nn.Sequential(nn.LayerNorm(width), nn.Flatten(), nn.Linear(tokens * width, classes))
+    sublayers = [
+        ResidualBlock(function)
+        for _ in range(depth)
+        for function in (attention_residual(width, max(1, width // 16)), feedforward_residual(width))
+    ]
+    return nn.Sequential(embedding, *sublayers, head).to(resolve_device(device))
 
 
 def mlp(sizes: Sequence[int], activation: str = "relu", *, device: torch.device | str | None = None) -> nn.Sequential:

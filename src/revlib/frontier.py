@@ -350,14 +350,14 @@ def format_table(rows: list[FrontierRow]) -> str:
     """The rows as a text table: MiB (each category at its most; temporaries at the peak), milliseconds,
     errors and recomputations per function."""
     width = max([16, *(len(row.method) for row in rows)])  # the longest method's name
-    lines = [f"{'method':>{width}} {'params':>8} {'grads':>8} {'optim':>8} {'activ':>8} {'temps':>8} {'peak':>8} {'ms':>8} "
-             f"{'grad err':>9} {'recomp':>7}"]
+    lines = [f"{'method':>{width}} {'params':>6} {'grads':>6} {'optim':>6} {'activ':>6} {'temps':>6} {'peak':>6} {'ms':>6} "
+             f"{'grad err':>8} {'recomp':>6}"]
     for row in rows:
         memory = row.memory
         categories = (memory.parameters, memory.gradients, memory.optimizer_state, memory.activations, memory.at_peak["temporaries"], memory.peak)
         mib = [value / 2**20 for value in categories]
-        lines.append(f"{row.method:>{width}} " + " ".join(f"{value:8.2f}" for value in mib)
-                     + f" {row.seconds * 1e3:8.1f} {row.gradient_error:9.1e} {row.recomputations:7.2f}")
+        lines.append(f"{row.method:>{width}} " + " ".join(f"{value:6.2f}" for value in mib)
+                     + f" {row.seconds * 1e3:6.1f} {row.gradient_error:8.1e} {row.recomputations:6.2f}")
     return "\n".join(lines)
 
 

@@ -284,7 +284,7 @@ class BudgetTrial:
     Attributes:
         module: the module (a planned one, or revolve's :class:`~revlib.checkpoint.CheckpointedSequence`).
         kept: per unit what the plan keeps (``G`` its graph, ``I`` its input, ``.`` nothing, ``R`` an inverted
-            run of reversible couplings, which keeps its output), or ``"revolve, s slots"``.
+            run of reversible couplings, which keeps its output), or for revolve ``"s slots"``.
         peak: the most one step returning the parameters' gradients adds, measured
             (:func:`revlib.timeline.added_peak`), in bytes.
         error: relative error of those gradients against plain backprop's.
@@ -322,19 +322,20 @@ class BudgetTrials:
     trials: dict[tuple[str, str], BudgetTrial]
 
     def __str__(self) -> str:
-        width = max(len(trial.kept) for trial in self.trials.values())
+        width = max(len("kept per block"), *(len(trial.kept) for trial in self.trials.values()))
         lines = [
-            f"backprop's step adds {self.backprop_peak / 2**20:.2f} MiB; least budget "
-            f"{self.least_budget / 2**20:.2f} MiB ({self.least_budget / self.backprop_peak:.2f}x)",
-            f"{'budget':>16} {'MiB':>6} {'method':>8} {'kept per block':>{width}} {'peak':>7}"
-            f" {'x backprop':>10} {'time':>6} {'predicted':>9} {'grad err':>8}",
+            f"backprop's step adds {self.backprop_peak / 2**20:.2f} MiB; the least budget is "
+            f"{self.least_budget / 2**20:.2f} MiB ({self.least_budget / self.backprop_peak:.2f} of it)",
+            "peak ×, time × and model × (the time predicted): multiples of backprop's",
+            f"{'budget':<15} {'MiB':>6} {'method':<7} {'kept per block':<{width}} {'peak MiB':>8}"
+            f" {'peak ×':>6} {'time ×':>6} {'model ×':>7} {'grad err':>8}",
         ]
         for (name, method), trial in self.trials.items():
             lines.append(
-                f"{name:>16} {self.budgets[name] / 2**20:6.2f} {method:>8} {trial.kept:>{width}} "
-                f"{trial.peak / 2**20:7.2f} {trial.peak / self.backprop_peak:10.2f} "
-                f"{trial.seconds / self.backprop_seconds:5.2f}x "
-                f"{trial.predicted_seconds / self.backprop_predicted:8.2f}x {trial.error:8.1e}"
+                f"{name:<15} {self.budgets[name] / 2**20:6.2f} {method:<7} {trial.kept:<{width}} "
+                f"{trial.peak / 2**20:8.2f} {trial.peak / self.backprop_peak:6.2f} "
+                f"{trial.seconds / self.backprop_seconds:6.2f} "
+                f"{trial.predicted_seconds / self.backprop_predicted:7.2f} {trial.error:8.1e}"
             )
         return "\n".join(lines)
 
@@ -382,7 +383,7 @@ def budget_trials(planner: Planner, budgets: dict[str, int] | None = None, *, re
         slots = costs.most_revolve_slots(room) if revolve and room > 0 else None
         if slots is not None:
             sequence = CheckpointedSequence(*blocks, schedule="revolve", slots=slots)
-            modules[name, "revolve"] = sequence, f"revolve, {slots} slots", costs.simulate(sequence.plan).time
+            modules[name, "revolve"] = sequence, f"{slots} slot{'s' * (slots != 1)}", costs.simulate(sequence.plan).time
     measured = {key: (added_peak(_parameter_gradients, module, x), relative_error(_parameter_gradients(module, x), exact))
                 for key, (module, _, _) in modules.items()}
     calls = {"backprop": functools.partial(_parameter_gradients, plain, x)}

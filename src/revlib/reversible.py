@@ -44,7 +44,7 @@ from revlib._recompute import (
     run_checked,
     vector_jacobian_products,
 )
-from revlib.blocks import ResidualBlock, conv_residual
+from revlib.blocks import ResidualBlock, attention_residual, conv_residual, feedforward_residual
 from revlib.runtime import resolve_device
 from revlib.verify import relative_error
 
@@ -60,6 +60,7 @@ __all__ = [
     "backprop_gradient_error",
     "gradient_error_during_training",
     "inverse_amplification",
+    "reformer_chain",
     "replace_modules",
 ]
 
@@ -696,3 +697,31 @@ class ReversibleTransformer(nn.Module):
         y = self.layers(torch.cat((x, x), dim=-1))  # (B, T, 2D)
         y1, y2 = y.chunk(2, dim=-1)
         return self.head(((y1 + y2) / 2).mean(dim=1))  # (B, classes)
+
+
+def reformer_chain(width: int, depth: int, *, tokens: int = 8, token_features: int = 8, classes: int = 10,
+                   device: torch.device | str | None = None) -> nn.Sequential:
+    r"""The reversible counterpart of :func:`revlib.blocks.gpt2_chain`: Reformer-style couplings (Kitaev et al.
+    2020) on two streams of ``width`` features, as a chain of blocks.
+
+    The blocks, in order: a linear embedding of each token to ``2 * width`` features, the two streams
+    :math:`(x_1, x_2)`; ``depth`` :class:`ReversibleBlock` s, each :math:`y_1 = x_1 + \mathcal A(x_2)`,
+    :math:`y_2 = x_2 + m(y_1)` with GPT-2's attention sublayer :math:`\mathcal A`
+    (:func:`~revlib.blocks.attention_residual`, one head per 16 features) and feed-forward sublayer :math:`m`
+    (:func:`~revlib.blocks.feedforward_residual`); the head on both streams (LayerNorm → flatten → linear
+    to ``classes``). Each coupling holds one GPT-2 block's weights; unlike
+    :class:`ReversibleTransformer`, the streams are embedded apart and nothing is shared. The module's
+    children are the ``depth + 2`` blocks, on ``device`` (``None``: :func:`revlib.runtime.default_device`);
+    their parameters are drawn couplings first, then embedding and head.
+
+    Raises:
+        ValueError: a size is not a positive integer.
+    """
+    positive_integers(width=width, depth=depth, tokens=tokens, token_features=token_features, classes=classes)
+    couplings = [
+        ReversibleBlock(attention_residual(width, max(1, width // 16)), feedforward_residual(width), dim=-1)
+        for _ in range(depth)
+    ]
+    embedding = nn.Linear(token_features, 2 * width)
+    head = nn.Sequential(nn.LayerNorm(2 * width), nn.Flatten(), nn.Linear(tokens * 2 * width, classes))
+    return nn.Sequential(embedding, *couplings, head).to(resolve_device(device))
