@@ -96,7 +96,7 @@ def test_merge_replaces_the_rerun_chapters_rows_and_keeps_the_others() -> None:
         portability.Run("02_b", "default", 0, 21.0, "", [dict(claim, value=0.4, margin=0.6),
                                                           dict(claim, statement="new claim", value=0.1, margin=0.9)])])
     merged = portability.merge_reports(old, new)
-    assert merged.startswith("3 runs: every chapter under the kernel variants default and the seeds 0.")
+    assert merged.startswith("3 runs: chapters under the kernel variants default and the seeds 0 (")
     assert "| 01_a | 1 of 1 | 10 |" in merged and "| 03_c | 1 of 1 | 30 |" in merged, "other chapters kept"
     assert "| 02_b | 1 of 1 | 21 |" in merged and "| 02_b | 0 of 1 | 20 |" not in merged, "the rerun replaces"
     assert "old" not in merged, "the rerun chapter's old failure is gone"

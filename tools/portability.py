@@ -106,8 +106,8 @@ def report(runs: list[Run]) -> str:
     chapters = sorted({run.chapter for run in runs})
     variants = [variant for variant in VARIANTS if any(run.variant == variant for run in runs)]
     seeds = sorted({run.seed for run in runs})
-    lines = [f"{len(runs)} runs: every chapter under the kernel variants {', '.join(variants)} and the seeds "
-             f"{', '.join(map(str, seeds))}.", "",
+    lines = [f"{len(runs)} runs: chapters under the kernel variants {', '.join(variants)} and the seeds "
+             f"{', '.join(map(str, seeds))} (the first table counts each chapter's).", "",
              "| chapter | runs passed | typical run (s) |", "| --- | --- | --- |"]
     for chapter in chapters:
         mine = [run for run in runs if run.chapter == chapter]
