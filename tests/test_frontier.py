@@ -71,7 +71,7 @@ def test_saved_activations_shrink_from_backprop_to_the_smallest_budget(rows: dic
 
 def test_format_table_has_a_line_per_method(rows: dict[str, FrontierRow]) -> None:
     table = format_table(list(rows.values())).splitlines()
-    assert len(table) == len(rows) + 1 and "grad err" in table[0]
+    assert len(table) == len(rows) + 2 and "MiB" in table[0] and "grad err" in table[1]
 
 
 def test_transformer_family_trains_gpt2_blocks_on_rows_of_digits() -> None:

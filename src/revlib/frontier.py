@@ -350,7 +350,8 @@ def format_table(rows: list[FrontierRow]) -> str:
     """The rows as a text table: MiB (each category at its most; temporaries at the peak), milliseconds,
     errors and recomputations per function."""
     width = max([16, *(len(row.method) for row in rows)])  # the longest method's name
-    lines = [f"{'method':>{width}} {'params':>6} {'grads':>6} {'optim':>6} {'activ':>6} {'temps':>6} {'peak':>6} {'ms':>6} "
+    lines = ["MiB: each category at its largest in the step, temporaries at the peak; time in ms",
+             f"{'method':>{width}} {'params':>6} {'grads':>6} {'optim':>6} {'activ':>6} {'temps':>6} {'peak':>6} {'ms':>6} "
              f"{'grad err':>8} {'recomp':>6}"]
     for row in rows:
         memory = row.memory

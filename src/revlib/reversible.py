@@ -705,10 +705,10 @@ def reformer_chain(width: int, depth: int, *, tokens: int = 8, token_features: i
     2020) on two streams of ``width`` features, as a chain of blocks.
 
     The blocks, in order: a linear embedding of each token to ``2 * width`` features, the two streams
-    :math:`(x_1, x_2)`; ``depth`` :class:`ReversibleBlock` s, each :math:`y_1 = x_1 + \mathcal A(x_2)`,
-    :math:`y_2 = x_2 + m(y_1)` with GPT-2's attention sublayer :math:`\mathcal A`
-    (:func:`~revlib.blocks.attention_residual`, one head per 16 features) and feed-forward sublayer :math:`m`
-    (:func:`~revlib.blocks.feedforward_residual`); the head on both streams (LayerNorm → flatten → linear
+    :math:`(x_1, x_2)`; ``depth`` :class:`ReversibleBlock` s, each :math:`y_1 = x_1 + \mathcal F(x_2)`,
+    :math:`y_2 = x_2 + \mathcal G(y_1)` with :math:`\mathcal F` GPT-2's attention sublayer
+    (:func:`~revlib.blocks.attention_residual`, one head per 16 features) and :math:`\mathcal G` its
+    feed-forward sublayer (:func:`~revlib.blocks.feedforward_residual`); the head on both streams (LayerNorm → flatten → linear
     to ``classes``). Each coupling holds one GPT-2 block's weights; unlike
     :class:`ReversibleTransformer`, the streams are embedded apart and nothing is shared. The module's
     children are the ``depth + 2`` blocks, on ``device`` (``None``: :func:`revlib.runtime.default_device`);

@@ -380,7 +380,7 @@ def _segments(steps: list[Callable[[], Any]], device: torch.device) -> list[tupl
 
 def _mark(category: Category, tensors: Iterable[Tensor | None]) -> None:
     """Show ``tensors`` to the profiler as the input of a no-op labelled with ``category`` and their storage's
-    size, so that :class:`_AttributedProfile` can find their storages and impose the category on them."""
+    size, so that the analysis (``revlib._memory_flow``) can find their storages and impose the category on them."""
     with torch.no_grad():
         for tensor in tensors:
             if tensor is not None and tensor.layout == torch.strided:
