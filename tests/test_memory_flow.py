@@ -143,8 +143,8 @@ def test_without_marks_the_inference_is_pytorchs_own(name: str) -> None:
 
 
 def test_the_timeline_of_a_step_is_read_off_the_analysis() -> None:
-    """The categories a step's timeline shows are the analysis's (a negative control: a mark of the wrong
-    category moves bytes between categories)."""
+    """The categories a step's timeline shows are the analysis's, marks included (a negative control: without
+    the marks, optimiser state is not known and bytes move between categories)."""
     fn, args = STEPS["conv backprop"]
     result = _profiled(fn, *args)
     flow = analyse(result.experimental_event_tree(), timeline._MARK)
