@@ -15,13 +15,13 @@ from torch import nn
 import revlib
 from revlib.adjoint import ode_classifier
 from revlib.backprop import MLP
-from revlib.blocks import mlp, small_cnn
+from revlib.blocks import gpt2_chain, mlp, small_cnn, staged_resnet
 from revlib.checkpoint import CheckpointedSequence
 from revlib.data import DataSplits, image_rows, load_digits
 from revlib.frontier import methods
 from revlib.linear_backprop import binary_network, convert_to_linear_backprop
 from revlib.residual import conv_network, mlp_network
-from revlib.reversible import ResNet, ReversibleTransformer, RevNet
+from revlib.reversible import ResNet, ReversibleTransformer, RevNet, reformer_chain
 from revlib.settings import CHAPTER_SETTINGS, chapter_settings
 from test_data import write_cifar10
 
@@ -77,6 +77,12 @@ def chapter_networks(chapter: str, settings: object) -> dict[str, tuple[Callable
     if chapter == "frontier":
         digits = load_digits(flat=s.train_family == "mlp", device="cpu")
         return {name: (lambda build=build: build().model, digits) for name, build in methods(s.train_family, s.train_depth, s.train_width, "cpu").items()}
+    if chapter == "planning":
+        images = load_digits(device="cpu")
+        rows = image_rows(images)
+        return {"staged ResNet": (lambda: staged_resnet(s.plan_widths, s.plan_blocks_per_stage, device="cpu"), images),
+                "GPT-2 chain": (lambda: gpt2_chain(s.gpt_width, s.gpt_depth, device="cpu"), rows),
+                "Reformer chain": (lambda: reformer_chain(s.gpt_width, s.gpt_depth, device="cpu"), rows)}
     raise AssertionError(f"no networks listed for chapter {chapter!r}")
 
 
@@ -127,6 +133,17 @@ def test_large_is_larger_than_small() -> None:
             if isinstance(value, tuple) and value and all(isinstance(v, int) for v in value):
                 assert max(getattr(large, name)) >= max(value), f"{chapter}.{name} shrinks"
         assert grown, f"{chapter}: the large scale changes nothing"
+
+
+def test_printed_settings_fit_the_page() -> None:
+    """A chapter prints its settings: every field as ``repr`` shows it, wrapped into lines of at most 84
+    characters (joining the lines gives the ``repr`` back)."""
+    for chapter, scales in CHAPTER_SETTINGS.items():
+        for scale, settings in scales.items():
+            printed = str(settings)
+            assert max(len(line) for line in printed.splitlines()) <= 84, f"{chapter} ({scale})"
+            assert printed.replace(",\n    ", ", ") == repr(settings), f"{chapter} ({scale})"
+            assert printed.count("\n") >= len(repr(settings)) // 84, f"{chapter} ({scale}): not wrapped"
 
 
 def test_scale_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

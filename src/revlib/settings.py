@@ -19,7 +19,7 @@ CIFAR-10 is not.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 import torch
@@ -36,6 +36,7 @@ __all__ = [
     "IntroSettings",
     "LinearBackpropSettings",
     "ODESettings",
+    "PlanningSettings",
     "ResidualSettings",
     "ReversibleSettings",
     "Settings",
@@ -52,8 +53,25 @@ def _image_data(preferred: ImageData, device: torch.device | str | None) -> Data
     return load_digits(device=device)
 
 
+class _ChapterSettings:
+    """What every chapter's settings share: printed as their ``repr`` is, but wrapped to fit a page."""
+
+    _PRINTED_WIDTH = 84
+
+    def __str__(self) -> str:
+        items = [f"{item.name}={getattr(self, item.name)!r}" for item in fields(self)]  # type: ignore[arg-type]
+        lines, line = [], f"{type(self).__name__}({items[0]}"
+        for item in items[1:]:
+            if len(line) + len(item) + 3 > self._PRINTED_WIDTH:  # ", " before it and "," or ")" after it
+                lines.append(line + ",")
+                line = "    " + item
+            else:
+                line += ", " + item
+        return "\n".join([*lines, line + ")"])
+
+
 @dataclass(frozen=True)
-class ImageSettings:
+class ImageSettings(_ChapterSettings):
     """Settings whose experiments classify images, and the accuracy each data set must reach."""
 
     image_data: ImageData = "digits"
@@ -80,7 +98,7 @@ class IntroSettings(ImageSettings):
 
 
 @dataclass(frozen=True)
-class BackpropSettings:
+class BackpropSettings(_ChapterSettings):
     """Chapter 01: the hand-written MLP, and the sizes of the memory and timing measurements."""
 
     hidden: tuple[int, ...] = (128, 64)
@@ -104,7 +122,7 @@ class BackpropSettings:
 
 
 @dataclass(frozen=True)
-class ResidualSettings:
+class ResidualSettings(_ChapterSettings):
     """Chapter 02: plain and residual tanh MLPs over a range of depths, plain and residual conv nets with BatchNorm
     (whose deepest pair also gives the loss landscapes), and ReLU MLPs on the spirals for the lesion study."""
 
@@ -160,7 +178,7 @@ class ReversibleSettings(ImageSettings):
 
 
 @dataclass(frozen=True)
-class ODESettings:
+class ODESettings(_ChapterSettings):
     """Chapter 04: ODE-ResNets of tanh residual functions on the flat digits, and linear ODE-ResNets fitted
     by gradient descent to a linear map (``linear_depths``, ``linear_steps``)."""
 
@@ -221,7 +239,7 @@ class CheckpointSettings(ImageSettings):
 
 
 @dataclass(frozen=True)
-class FrontierSettings:
+class FrontierSettings(_ChapterSettings):
     """Chapter 07: every method on one training step, training under each, the adjoint over depth, momentum over γ."""
 
     family: str = "conv"
@@ -241,14 +259,24 @@ class FrontierSettings:
     momentum_depth: int = 16
     gammas: tuple[float, ...] = (0.99, 0.9, 0.7, 0.5, 0.3, 0.2, 0.1)
     rounding_depths: tuple[int, ...] = (16, 32, 64)
+
+
+@dataclass(frozen=True)
+class PlanningSettings(_ChapterSettings):
+    """Chapter 08: a staged ResNet and a GPT-2 stack fitted into memory budgets by the planner, the GPT-2 stack's
+    frontier and its reversible (Reformer) variant."""
+
     plan_widths: tuple[int, ...] = (16, 32, 64)
     plan_blocks_per_stage: int = 3
     plan_batch: int = 256
     gpt_depth: int = 8
     gpt_width: int = 64
+    batch: int = 64
+    optimizer: str = "adam"
+    timing_repeats: int = 3
 
 
-Settings = IntroSettings | BackpropSettings | ResidualSettings | ReversibleSettings | ODESettings | LinearBackpropSettings | CheckpointSettings | FrontierSettings
+Settings = IntroSettings | BackpropSettings | ResidualSettings | ReversibleSettings | ODESettings | LinearBackpropSettings | CheckpointSettings | FrontierSettings | PlanningSettings
 
 CHAPTER_SETTINGS: dict[str, dict[str, Settings]] = {
     "intro": {
@@ -299,8 +327,12 @@ CHAPTER_SETTINGS: dict[str, dict[str, Settings]] = {
         "small": FrontierSettings(),
         "large": FrontierSettings(depth=64, width=128, batch=256, timing_repeats=5, batch_sweep=(1, 4, 16, 64, 256, 1024),
                                   train_depth=32, train_width=256, epochs=20, adjoint_depths=(4, 8, 16, 32, 64, 128, 256),
-                                  momentum_depth=64, rounding_depths=(16, 64, 256), plan_widths=(32, 64, 128),
-                                  plan_batch=1024, gpt_depth=12, gpt_width=256),
+                                  momentum_depth=64, rounding_depths=(16, 64, 256)),
+    },
+    "planning": {
+        "small": PlanningSettings(),
+        "large": PlanningSettings(plan_widths=(32, 64, 128), plan_batch=1024, gpt_depth=12, gpt_width=256, batch=256,
+                                  timing_repeats=5),
     },
 }
 
@@ -310,7 +342,7 @@ def chapter_settings(chapter: str, scale: Scale | None = None) -> Settings:
 
     Args:
         chapter: one of ``"intro"``, ``"backprop"``, ``"residual"``, ``"reversible"``, ``"odes"``,
-            ``"linear_backprop"``, ``"checkpointing"``, ``"frontier"``.
+            ``"linear_backprop"``, ``"checkpointing"``, ``"frontier"``, ``"planning"``.
         scale: ``"small"`` or ``"large"``; ``None`` reads ``REVLIB_SCALE`` (:func:`revlib.runtime.book_scale`).
 
     Raises:
