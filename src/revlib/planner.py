@@ -12,12 +12,12 @@ over the same blocks that trains within the budget:
   :class:`~revlib.checkpoint.CheckpointedSequence`), which stores some block inputs, records some blocks'
   graphs and runs the others again in the backward pass.
 
-**What the budget counts.** :math:`B` bounds what one forward and backward pass adds to what was allocated
+**What the budget counts.** :math:`M` bounds what one forward and backward pass adds to what was allocated
 before it (the model and the input :math:`x_0`), parameter gradients included, as the profiler counts it.
 The dynamic programme's memory model (``revlib._rotor``) counts block inputs, recorded graphs and the one
-output gradient alive, :math:`M`; what it leaves out is added as a reserve:
+output gradient alive, :math:`m`; what it leaves out is added as a reserve:
 
-.. math:: B_{\text{chain}} = B + a_0 - P - W, \qquad
+.. math:: M_{\text{chain}} = M + a_0 - P - W, \qquad
     W = \max_i \max\big(w^{\text{advance}}_i,\ w^{\text{record}}_i,\ w^{\text{turn}}_i\big),
 
 where :math:`a_0` is given back because :math:`x_0` was allocated before the step (the model counts it
@@ -26,7 +26,7 @@ end of the step), and :math:`w_i` are block :math:`i`'s measured temporaries bey
 forward pass without a graph holds beyond its output, what its recording holds beyond its graph and output,
 and what its backward pass holds beyond :math:`\delta_i` and its parameters' gradients. The bound is safe
 when one block runs at a time (the plan's actions do); the module is then measured once, and where the
-measurement exceeds :math:`B` after all (e.g. the random states the recomputation keeps, a few KiB), the
+measurement exceeds :math:`M` after all (e.g. the random states the recomputation keeps, a few KiB), the
 chain budget is lowered by the excess and the plan made again.
 
 **Reversible couplings.** A maximal run of consecutive :class:`~revlib.reversible.ReversibleBlock` couplings
@@ -137,10 +137,10 @@ def plan(blocks: Iterable[nn.Module], example: Tensor, *, budget: int, repeats: 
     r"""A module over ``blocks`` that trains within ``budget`` bytes at the least predicted time.
 
     Plain backprop when its measured step fits in the budget; otherwise the fastest plan of the unequal-block
-    dynamic programme within :math:`B_{\text{chain}} = B + a_0 - P - W` (module documentation):
+    dynamic programme within :math:`M_{\text{chain}} = M + a_0 - P - W` (module documentation):
 
     .. math:: \min_{\text{plans}} \sum_{\text{actions}} \text{cost} \quad\text{subject to}\quad
-        \max_{\text{moments}} M + P + W - a_0 \le B .
+        \max_{\text{moments}} m + P + W - a_0 \le M .
 
     Where the chain holds runs of reversible couplings, the plans over the blocks and over the chain with
     each run inverted as one unit (module documentation) compete, and the faster that fits is returned.
@@ -154,7 +154,7 @@ def plan(blocks: Iterable[nn.Module], example: Tensor, *, budget: int, repeats: 
         blocks: the chain's blocks, ``nn.Module`` objects in order (an ``nn.Sequential`` works).
         example: a batch :math:`x_0` of the size the module will train on, on the blocks' device; it
             requires grad if the input's gradient will be wanted.
-        budget: :math:`B`, the most bytes one forward and backward pass (``module(x).sum().backward()`` or
+        budget: :math:`M`, the most bytes one forward and backward pass (``module(x).sum().backward()`` or
             any loss) may add to what is allocated before it, the parameters' gradients included.
         repeats: timed runs per block measurement.
 

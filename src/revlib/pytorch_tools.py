@@ -17,8 +17,9 @@ for the backward pass and what that pass recomputes:
   tensor it saves waiting in host memory until the backward pass reads it (device memory freed on a GPU,
   nothing changed on a CPU, where the saved tensors already are);
 * :class:`BudgetCompiled` — ``torch.compile`` with the min-cut partitioner's activation memory budget
-  :math:`b \in [0, 1]`: the partitioner keeps at most the fraction :math:`b` of the bytes that plain
-  backprop of the compiled graph would keep and recomputes the rest in the backward graph;
+  :math:`b \in [0, 1]`: the partitioner saves, by its own estimate of the sizes, the fraction :math:`b` of
+  the way from the least it can save (the graph's inputs) to what it saves at :math:`b = 1`, and recomputes
+  the rest in the backward graph;
 * :class:`Autocast` — the forward pass under ``torch.autocast`` (bfloat16): saved tensors and arithmetic
   in half the bits, so the gradient differs from float32's by the rounding of bfloat16;
 * micro-batching with gradient accumulation is a training step, not a module:
@@ -198,8 +199,9 @@ class BudgetCompiled(nn.Module):
     AOTAutograd traces forward and backward into one joint graph and partitions it: the forward graph
     saves some intermediate values, the backward graph recomputes the others from them. With budget
     :math:`b = 1` it saves what minimises recomputation; with :math:`b < 1` it chooses, among the
-    recomputable values, the set to save whose bytes are at most :math:`b` times the :math:`b = 1` plan's
-    (at the least estimated recomputation, a knapsack); :math:`b = 0` recomputes all it may. Below
+    recomputable values, a set to save (at the least estimated recomputation, a knapsack) whose estimated
+    bytes lie the fraction :math:`b` of the way from the least it can save, the graph's inputs, to the
+    :math:`b = 1` plan's; :math:`b = 0` recomputes all it may. Below
     :math:`b = 1` it may recompute random operations, and on the CPU the recomputation draws new random
     numbers: dropout then gets new masks in the backward graph (:func:`replayed_gradient_error` detects it;
     chapter 07 measures it). The budget governs what is *saved*; the peak also depends on when the
