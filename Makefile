@@ -39,7 +39,7 @@ test: $(INSTALLED)
 
 CI_KERNELS ?= default
 
-# The whole portability matrix: every chapter under four kernel variants and seeds 0-2 (about 75 minutes on
+# The whole portability matrix: every chapter under four kernel variants and seeds 0-2 (about five hours on
 # two cores). Its report is the table in the book's Reproducibility appendix.
 portability: $(INSTALLED)
 	rm -f _build/portability-runs.jsonl; mkdir -p _build
