@@ -53,26 +53,27 @@ def _image_data(preferred: ImageData, device: torch.device | str | None) -> Data
     return load_digits(device=device)
 
 
-class _ChapterSettings:
-    """What every chapter's settings share: printed as their ``repr`` is, but wrapped to fit a page."""
+_PRINTED_WIDTH = 84
 
-    _PRINTED_WIDTH = 84
 
-    def __str__(self) -> str:
-        items = [f"{item.name}={getattr(self, item.name)!r}" for item in fields(self)]  # type: ignore[arg-type]
-        lines, line = [], f"{type(self).__name__}({items[0]}"
-        for item in items[1:]:
-            if len(line) + len(item) + 3 > self._PRINTED_WIDTH:  # ", " before it and "," or ")" after it
-                lines.append(line + ",")
-                line = "    " + item
-            else:
-                line += ", " + item
-        return "\n".join([*lines, line + ")"])
+def _printed(settings: object) -> str:
+    """``settings`` as its ``repr`` shows it, wrapped to fit a page: what every chapter prints at its top."""
+    items = [f"{item.name}={getattr(settings, item.name)!r}" for item in fields(settings)]  # type: ignore[arg-type]
+    lines, line = [], f"{type(settings).__name__}({items[0]}"
+    for item in items[1:]:
+        if len(line) + len(item) + 3 > _PRINTED_WIDTH:  # ", " before it and "," or ")" after it
+            lines.append(line + ",")
+            line = "    " + item
+        else:
+            line += ", " + item
+    return "\n".join([*lines, line + ")"])
 
 
 @dataclass(frozen=True)
-class ImageSettings(_ChapterSettings):
+class ImageSettings:
     """Settings whose experiments classify images, and the accuracy each data set must reach."""
+
+    __str__ = _printed
 
     image_data: ImageData = "digits"
     accuracy_floor: Mapping[str, float] = field(default_factory=lambda: {"digits": 0.95, "cifar10": 0.6})
@@ -98,8 +99,10 @@ class IntroSettings(ImageSettings):
 
 
 @dataclass(frozen=True)
-class BackpropSettings(_ChapterSettings):
+class BackpropSettings:
     """Chapter 01: the hand-written MLP, and the sizes of the memory and timing measurements."""
+
+    __str__ = _printed
 
     hidden: tuple[int, ...] = (128, 64)
     epochs: int = 20
@@ -122,9 +125,11 @@ class BackpropSettings(_ChapterSettings):
 
 
 @dataclass(frozen=True)
-class ResidualSettings(_ChapterSettings):
+class ResidualSettings:
     """Chapter 02: plain and residual tanh MLPs over a range of depths, plain and residual conv nets with BatchNorm
     (whose deepest pair also gives the loss landscapes), and ReLU MLPs on the spirals for the lesion study."""
+
+    __str__ = _printed
 
     width: int = 64
     depths: tuple[int, ...] = (1, 2, 4, 8, 16)
@@ -178,9 +183,11 @@ class ReversibleSettings(ImageSettings):
 
 
 @dataclass(frozen=True)
-class ODESettings(_ChapterSettings):
+class ODESettings:
     """Chapter 04: ODE-ResNets of tanh residual functions on the flat digits, and linear ODE-ResNets fitted
     by gradient descent to a linear map (``linear_depths``, ``linear_steps``)."""
+
+    __str__ = _printed
 
     width: int = 64
     error_depths: tuple[int, ...] = (4, 8, 16, 32, 64, 128, 256)
@@ -239,8 +246,10 @@ class CheckpointSettings(ImageSettings):
 
 
 @dataclass(frozen=True)
-class FrontierSettings(_ChapterSettings):
+class FrontierSettings:
     """Chapter 07: every method on one training step, training under each, the adjoint over depth, momentum over γ."""
+
+    __str__ = _printed
 
     family: str = "conv"
     depth: int = 16
@@ -262,9 +271,11 @@ class FrontierSettings(_ChapterSettings):
 
 
 @dataclass(frozen=True)
-class PlanningSettings(_ChapterSettings):
+class PlanningSettings:
     """Chapter 08: a staged ResNet and a GPT-2 stack fitted into memory budgets by the planner, the GPT-2 stack's
     frontier and its reversible (Reformer) variant."""
+
+    __str__ = _printed
 
     plan_widths: tuple[int, ...] = (16, 32, 64)
     plan_blocks_per_stage: int = 3
