@@ -179,7 +179,8 @@ def test_budget_trials_measure_each_plan_and_revolve_on_the_same_budget() -> Non
     assert trials.trials["backprop's peak", "plan"].kept == "G" * len(blocks)
     assert trials.trials["backprop's peak", "plan"].peak == trials.backprop_peak
     text = str(trials)
-    assert len(text.splitlines()) == 3 + len(trials.trials) and "least + 5 %" in text
+    assert len(text.splitlines()) == 4 + len(trials.trials) and "least + 5 %" in text
+    assert max(len(line) for line in text.splitlines()) <= 85, "the table fits a book's page"
     with pytest.raises(TypeError, match="planner must be a revlib.planner.Planner, got list"):
         budget_trials(blocks)  # type: ignore[arg-type]
 

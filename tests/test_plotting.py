@@ -163,14 +163,19 @@ def test_plot_budget_trials_draws_budgets_peaks_and_time_ratios() -> None:
 
     from revlib.planner import BudgetTrial, BudgetTrials
 
-    def trial(peak: int, seconds: float) -> BudgetTrial:
-        return BudgetTrial(nn.Identity(), "G", peak, 0.0, seconds, seconds)
+    def trial(peak: int, seconds: float, predicted: float | None = None) -> BudgetTrial:
+        return BudgetTrial(nn.Identity(), "G", peak, 0.0, seconds, seconds if predicted is None else predicted)
 
-    trials = BudgetTrials({"big": 4 * 2**20, "small": 2 * 2**20}, 4 * 2**20, 2**20, 2.0, 2.0,
-                          {("big", "plan"): trial(4 * 2**20, 2.0), ("big", "revolve"): trial(3 * 2**20, 3.0),
-                           ("small", "plan"): trial(2**20, 2.5)})
+    trials = BudgetTrials({"big": 4 * 2**20, "small": 2 * 2**20}, 4 * 2**20, 3 * 2**19, 2.0, 4.0,
+                          {("big", "plan"): trial(4 * 2**20, 2.0), ("big", "revolve"): trial(3 * 2**20, 3.0, 8.0),
+                           ("small", "plan"): trial(2**20, 2.5, 6.0)})
     left, right = plotting.plot_budget_trials(trials, title="t").axes
     assert sorted(bar.get_height() for bar in left.patches) == [1, 2, 3, 4, 4], "two budgets, three peaks (MiB)"
-    plan_line, revolve_line = right.lines[:2]
-    assert list(plan_line.get_ydata()) == [1.0, 1.25] and list(revolve_line.get_ydata()) == [1.5]
+    assert [list(line.get_ydata()) for line in left.lines] == [[1.5, 1.5]], "the least budget (MiB)"
+    plan, plan_predicted, revolve, revolve_predicted = right.lines[:4]
+    assert list(plan.get_ydata()) == [1.0, 1.25] and list(revolve.get_ydata()) == [1.5], "measured ÷ backprop's"
+    assert list(plan_predicted.get_ydata()) == [0.5, 1.5] and list(revolve_predicted.get_ydata()) == [2.0], (
+        "predicted ÷ backprop's predicted"
+    )
+    assert plan_predicted.get_color() == plan.get_color() and plan_predicted.get_markerfacecolor() == "none"
     assert [label.get_text() for label in left.get_xticklabels()] == ["big", "small"]

@@ -326,16 +326,17 @@ class BudgetTrials:
         lines = [
             f"backprop's step adds {self.backprop_peak / 2**20:.2f} MiB; the least budget is "
             f"{self.least_budget / 2**20:.2f} MiB ({self.least_budget / self.backprop_peak:.2f} of it)",
-            "peak ×, time × and model × (the time predicted): multiples of backprop's",
-            f"{'budget':<15} {'MiB':>6} {'method':<7} {'kept per block':<{width}} {'peak MiB':>8}"
-            f" {'peak ×':>6} {'time ×':>6} {'model ×':>7} {'grad err':>8}",
+            "MiB: the budget and the measured peak; peak ×, time × and pred × (the time the",
+            "cost model predicts): multiples of backprop's; error: the gradients' relative error",
+            f"{'budget':<15} {'MiB':>6} {'method':<7} {'kept per block':<{width}} {'peak':>6}"
+            f" {'peak ×':>6} {'time ×':>6} {'pred ×':>6} {'error':>7}",
         ]
         for (name, method), trial in self.trials.items():
             lines.append(
                 f"{name:<15} {self.budgets[name] / 2**20:6.2f} {method:<7} {trial.kept:<{width}} "
-                f"{trial.peak / 2**20:8.2f} {trial.peak / self.backprop_peak:6.2f} "
+                f"{trial.peak / 2**20:6.2f} {trial.peak / self.backprop_peak:6.2f} "
                 f"{trial.seconds / self.backprop_seconds:6.2f} "
-                f"{trial.predicted_seconds / self.backprop_predicted:7.2f} {trial.error:8.1e}"
+                f"{trial.predicted_seconds / self.backprop_predicted:6.2f} {trial.error:7.1e}"
             )
         return "\n".join(lines)
 

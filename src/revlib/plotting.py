@@ -296,8 +296,10 @@ def plot_plan_runs(plans: Mapping[str, CheckpointPlan], *, block_names: Sequence
 
 
 def plot_budget_trials(trials: BudgetTrials, *, title: str | None = None) -> Figure:
-    """Draw :func:`revlib.planner.budget_trials` in two panels, per budget the budget and each method's
-    measured peak (left, bars), and each method's measured step time over plain backprop's (right).
+    """Draw :func:`revlib.planner.budget_trials` in two panels: per budget the budget and each method's
+    measured peak (left, bars; a dashed line at the least budget any plan fits), and each method's step
+    time over plain backprop's, measured (filled markers) and predicted by the cost model (hollow markers,
+    each over backprop's predicted time; right).
 
     Args:
         trials: the measured plans (and revolve's trials, where present).
@@ -314,12 +316,18 @@ def plot_budget_trials(trials: BudgetTrials, *, title: str | None = None) -> Fig
         left.bar([names.index(n) - 0.4 + (number + 0.5) * width for n in shown],
                  [trials.trials[n, method].peak / 2**20 for n in shown], width=width,
                  label=f"{method}, measured peak")
-        right.plot([names.index(n) for n in shown],
-                   [trials.trials[n, method].seconds / trials.backprop_seconds for n in shown],
-                   ("o-", "s--", "^:")[(number - 1) % 3], label=method)
+        positions = [names.index(n) for n in shown]
+        marker = "os^"[(number - 1) % 3]
+        (measured,) = right.plot(positions, [trials.trials[n, method].seconds / trials.backprop_seconds for n in shown],
+                                 marker=marker, linestyle="-", label=f"{method}, measured")
+        right.plot(positions, [trials.trials[n, method].predicted_seconds / trials.backprop_predicted for n in shown],
+                   marker=marker, linestyle="--", markerfacecolor="none", color=measured.get_color(),
+                   label=f"{method}, predicted")
+    left.axhline(trials.least_budget / 2**20, color="0.3", linestyle="--", linewidth=1, label="least budget")
     left.set(xticks=range(len(names)), xticklabels=names, ylabel="MiB added by one step", title="peak against budget")
     right.axhline(1, color="0.5", linestyle=":", label="backprop")
-    right.set(xticks=range(len(names)), xticklabels=names, ylabel="step time / backprop's", title="time, measured")
+    right.set(xticks=range(len(names)), xticklabels=names, ylabel="step time / backprop's",
+              title="time, measured and predicted")
     left.legend()
     right.legend()
     if title is not None:
