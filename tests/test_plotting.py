@@ -178,4 +178,5 @@ def test_plot_budget_trials_draws_budgets_peaks_and_time_ratios() -> None:
         "predicted ÷ backprop's predicted"
     )
     assert plan_predicted.get_color() == plan.get_color() and plan_predicted.get_markerfacecolor() == "none"
-    assert [label.get_text() for label in left.get_xticklabels()] == ["big", "small"]
+    assert [label.get_text() for label in left.get_xticklabels()] == ["big\n(4.0 MiB)", "small\n(2.0 MiB)"]
+    assert plan.get_linestyle() == "None", "budgets are categories: markers, no lines"

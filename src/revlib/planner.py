@@ -252,8 +252,8 @@ class Planner:
             lowest = min(chains, key=lambda chain: chain.least)
             raise ValueError(
                 f"no plan fits in budget={budget!r} bytes: the least feasible budget is {least} bytes (the dynamic "
-                f"programme's least peak {_size(lowest.costs.least_budget)} plus the reserve for parameter gradients "
-                f"and temporaries {_size(lowest.reserve)}; plain backprop needs {backprop.plain_peak} bytes)"
+                f"programme's least peak {_size(lowest.costs.least_budget)} plus the reserve {_size(lowest.reserve)}: the "
+                f"parameters' gradients and the largest temporaries, less the chain's input; plain backprop needs {backprop.plain_peak} bytes)"
             )
         chain, fit = min(fits, key=lambda pair: pair[1].predicted_time)  # a tie goes to the blocks as they are
         inverted = any(isinstance(unit, ReversibleSequence) for unit in chain.units)

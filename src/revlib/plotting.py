@@ -297,9 +297,10 @@ def plot_plan_runs(plans: Mapping[str, CheckpointPlan], *, block_names: Sequence
 
 def plot_budget_trials(trials: BudgetTrials, *, title: str | None = None) -> Figure:
     """Draw :func:`revlib.planner.budget_trials` in two panels: per budget the budget and each method's
-    measured peak (left, bars; a dashed line at the least budget any plan fits), and each method's step
-    time over plain backprop's, measured (filled markers) and predicted by the cost model (hollow markers,
-    each over backprop's predicted time; right).
+    measured peak (left, bars; a dashed line at the least budget the planner accepts, its cost model's
+    floor), and each method's step time over plain backprop's, measured (filled markers) and predicted by
+    the cost model (hollow markers, each over backprop's predicted time; right). The budgets are
+    categories, named with their size in MiB, so the markers are not joined.
 
     Args:
         trials: the measured plans (and revolve's trials, where present).
@@ -319,14 +320,17 @@ def plot_budget_trials(trials: BudgetTrials, *, title: str | None = None) -> Fig
         positions = [names.index(n) for n in shown]
         marker = "os^"[(number - 1) % 3]
         (measured,) = right.plot(positions, [trials.trials[n, method].seconds / trials.backprop_seconds for n in shown],
-                                 marker=marker, linestyle="-", label=f"{method}, measured")
+                                 marker=marker, linestyle="none", markersize=7, label=f"{method}, measured")
         right.plot(positions, [trials.trials[n, method].predicted_seconds / trials.backprop_predicted for n in shown],
-                   marker=marker, linestyle="--", markerfacecolor="none", color=measured.get_color(),
-                   label=f"{method}, predicted")
-    left.axhline(trials.least_budget / 2**20, color="0.3", linestyle="--", linewidth=1, label="least budget")
-    left.set(xticks=range(len(names)), xticklabels=names, ylabel="MiB added by one step", title="peak against budget")
+                   marker=marker, linestyle="none", markersize=9, markerfacecolor="none",
+                   color=measured.get_color(), label=f"{method}, predicted")
+    left.axhline(trials.least_budget / 2**20, color="0.3", linestyle="--", linewidth=1,
+                 label="least budget the planner accepts")
+    labels = [f"{name}\n({trials.budgets[name] / 2**20:.1f} MiB)" for name in names]
+    left.set(xticks=range(len(names)), xticklabels=labels, xlabel="budget", ylabel="MiB added by one step",
+             title="peak against budget")
     right.axhline(1, color="0.5", linestyle=":", label="backprop")
-    right.set(xticks=range(len(names)), xticklabels=names, ylabel="step time / backprop's",
+    right.set(xticks=range(len(names)), xticklabels=labels, xlabel="budget", ylabel="step time / backprop's",
               title="time, measured and predicted")
     left.legend()
     right.legend()
