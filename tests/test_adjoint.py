@@ -15,7 +15,9 @@ from revlib.adjoint import (
     depth_profile,
     gradient_error,
     interpolate_depth,
+    limit_distance,
     linear_residuals,
+    mean_layer_difference,
     roughness_in_depth,
     smooth_in_depth_,
     tanh_residuals,
@@ -278,6 +280,44 @@ def test_linear_residuals_and_depth_profile() -> None:
         roughness_in_depth(profile[:1])
     with pytest.raises(ValueError, match="width"):
         linear_residuals(2, 0)
+
+
+def test_mean_layer_difference_is_roughness_undivided() -> None:
+    model = ODEResNet(*[nn.Linear(1, 1, bias=False) for _ in range(3)])
+    with torch.no_grad():
+        for f, w in zip(model.residuals, (1.0, 2.0, 4.0)):
+            f.weight.fill_(w)
+    assert mean_layer_difference(model) == pytest.approx((1 + 2) / 2)  # |2-1| and |4-2|
+    assert roughness_in_depth(model) == pytest.approx((1 / 1 + 2 / 2) / 2), "the same, divided by |θ_n|"
+    profile = depth_profile(model)
+    assert mean_layer_difference(10 * profile) == pytest.approx(10 * mean_layer_difference(profile))
+    with pytest.raises(ValueError, match="mean_layer_difference needs at least two"):
+        mean_layer_difference(profile[:1])
+
+
+def test_limit_distance_of_one_function_sampled_twice_and_of_unrelated_weights() -> None:
+    def sampled(rows: int) -> torch.Tensor:  # θ(t) = (sin 2t, cos t, t²) at t_n = n/(rows-1)
+        t = torch.linspace(0, 1, rows, dtype=torch.float64)
+        return torch.stack((torch.sin(2 * t), torch.cos(t), t**2), dim=1)
+
+    assert limit_distance(sampled(8), sampled(8)) == 0.0
+    coarse, fine = limit_distance(sampled(8), sampled(16)), limit_distance(sampled(8), sampled(32))
+    assert 0 < fine < coarse < 1e-2, "only the interpolation's error, falling with the deep grid"
+    assert coarse / fine == pytest.approx(4, rel=0.3), "O(1/M²)"
+    by_hand = torch.tensor([[0.0], [2.0]], dtype=torch.float64)  # t = 0, 1
+    deep = torch.tensor([[1.0], [0.0], [3.0]], dtype=torch.float64)  # t = 0, 1/2, 1
+    assert limit_distance(by_hand, deep) == pytest.approx((1 + 1) / (0 + 2)), "|0-1| + |2-3| over |0| + |2|"
+    generator = torch.Generator().manual_seed(0)
+    unrelated = torch.randn(8, 3, generator=generator, dtype=torch.float64)
+    assert limit_distance(unrelated, torch.randn(16, 3, generator=generator, dtype=torch.float64)) > 0.5
+    model = smooth_in_depth_(ODEResNet(*linear_residuals(8, 3)), generator=torch.Generator().manual_seed(0))
+    assert limit_distance(model, depth_profile(model)) == 0.0, "a network is read as its depth profile"
+    with pytest.raises(ValueError, match="same width"):
+        limit_distance(sampled(8), sampled(16)[:, :2])
+    with pytest.raises(ValueError, match="at least two"):
+        limit_distance(sampled(8), sampled(1))
+    with pytest.raises(ValueError, match="not zero"):
+        limit_distance(torch.zeros(4, 3), sampled(8))
 
 
 def test_gradient_descent_is_plain_full_batch_sgd_and_restores_the_threads() -> None:

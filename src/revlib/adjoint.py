@@ -11,15 +11,15 @@ when :math:`f_n = f(\cdot, \theta(n/N))`. Heun's scheme adds a corrector,
 
 .. math::
 
-    y_n = x_n + h\, f_n(x_n), \qquad x_{n+1} = x_n + \tfrac h2\big(f_n(x_n) + f_n(y_n)\big),
+    \hat x_{n+1} = x_n + h\, f_n(x_n), \qquad x_{n+1} = x_n + \tfrac h2\big(f_n(x_n) + f_n(\hat x_{n+1})\big),
 
 and is second order for weights constant in depth. With weights that vary in depth, :math:`f_n` in both
 stages is only first order; HeunNet (Maleki et al. 2021) evaluates the corrector with the next layer's
-function, as Heun's method evaluates :math:`f(s_{n+1}, \cdot)`,
+function, as Heun's method for the time-varying field evaluates :math:`f(\cdot, \theta(t_{n+1}))`,
 
 .. math::
 
-    y_n = x_n + h\, f_n(x_n), \qquad x_{n+1} = x_n + \tfrac h2\big(f_n(x_n) + f_{n+1}(y_n)\big),
+    \hat x_{n+1} = x_n + h\, f_n(x_n), \qquad x_{n+1} = x_n + \tfrac h2\big(f_n(x_n) + f_{n+1}(\hat x_{n+1})\big),
 
 with :math:`N + 1` functions for :math:`N` steps (``scheme="heunnet"``). Each step can be run backwards
 approximately, from :math:`x_{n+1}` alone,
@@ -27,8 +27,8 @@ approximately, from :math:`x_{n+1}` alone,
 .. math::
 
     \tilde x_n = \tilde x_{n+1} - h\, f_n(\tilde x_{n+1}) \quad\text{(Euler)},\qquad
-    \tilde y = \tilde x_{n+1} - h\, g(\tilde x_{n+1}),\ \
-    \tilde x_n = \tilde x_{n+1} - \tfrac h2\big(g(\tilde x_{n+1}) + f_n(\tilde y)\big) \quad\text{(Heun)},
+    \hat x_n = \tilde x_{n+1} - h\, g(\tilde x_{n+1}),\ \
+    \tilde x_n = \tilde x_{n+1} - \tfrac h2\big(g(\tilde x_{n+1}) + f_n(\hat x_n)\big) \quad\text{(Heun)},
 
 with :math:`g = f_n` (Heun) or :math:`g = f_{n+1}` (HeunNet): the same scheme with step :math:`-h` and the
 two stages' functions exchanged. So a backward pass can rebuild the activations it needs from the output
@@ -36,12 +36,15 @@ instead of storing them (Sander, Ablin and Peyré 2022). The rebuilt activations
 are approximate. A step and its reversal together are off by :math:`O(h^2)` for Euler and by :math:`O(h^4)`
 for Heun (Heun's leading error term is odd in :math:`h` and cancels in the round trip); for HeunNet by
 :math:`O(h^2)` in general, and :math:`O(h^4)` when consecutive layers differ by :math:`O(h)` (weights smooth
-in depth). Over :math:`N` steps the gradient error therefore shrinks like :math:`1/N` for Euler and
-:math:`1/N^3` for Heun (and for HeunNet with smooth weights).
+in depth). Over :math:`N` steps the local errors add up, each amplified by the later reversed steps by at
+most :math:`\exp(h \sum_n L_n)` for Lipschitz constants :math:`L_n` (large where the network contracts,
+:func:`revlib.reversible_heun.euler_rebuild_bound`), so for a fixed network the gradient error shrinks like
+:math:`1/N` for Euler and :math:`1/N^3` for Heun (and for HeunNet with smooth weights).
 
 :class:`ODEResNet` holds the residual functions and the mechanism; :func:`smooth_in_depth_`,
 :func:`interpolate_depth`, :func:`gradient_error` and, for the weights as functions of depth,
-:func:`linear_residuals`, :func:`depth_profile` and :func:`roughness_in_depth` are what the chapter's
+:func:`linear_residuals`, :func:`depth_profile`, :func:`roughness_in_depth`, :func:`mean_layer_difference` and
+:func:`limit_distance` are what the chapter's
 experiments need (trained by :func:`revlib.training.gradient_descent_`).
 """
 
@@ -86,7 +89,9 @@ __all__ = [
     "gradient_error",
     "heun_fixed_point_reverse_step",
     "interpolate_depth",
+    "limit_distance",
     "linear_residuals",
+    "mean_layer_difference",
     "ode_classifier",
     "roughness_in_depth",
     "smooth_in_depth_",
@@ -135,16 +140,16 @@ def _step(stage: _Stage, x: Tensor, h: float, scheme: Scheme, states: StepStates
     velocity = _evaluate(stage.predictor, x, stage.predictor_index, states[0] if states else None)
     if scheme == "euler":
         return x + h * velocity  # x_{n+1} = x_n + h f_n(x_n)
-    predictor = x + h * velocity  # y_n = x_n + h f_n(x_n)
+    predictor = x + h * velocity  # x̂_{n+1} = x_n + h f_n(x_n)
     correction = _evaluate(stage.corrector, predictor, stage.corrector_index, states[1] if states else None)
-    return x + (h / 2) * (velocity + correction)  # x_{n+1} = x_n + h/2 (f_n(x_n) + g(y_n)), g = f_n or f_{n+1}
+    return x + (h / 2) * (velocity + correction)  # x_{n+1} = x_n + h/2 (f_n(x_n) + g(x̂_{n+1})), g = f_n or f_{n+1}
 
 
 def _reverse_step(stage: _Stage, x_next: Tensor, h: float, scheme: Scheme, states: StepStates | None = None, iterations: int = 1) -> Tensor:
     r"""One step backward in depth, approximately :math:`x_n`: the same scheme with step :math:`-h` and the
     stages exchanged, refined by ``iterations − 1`` fixed-point iterates (:func:`fixed_point_reverse_step`,
     :func:`heun_fixed_point_reverse_step`). The corrector's function is evaluated first, at :math:`x_{n+1}`
-    (where the forward pass evaluated it at :math:`y_n`), and the predictor's at the rebuilt :math:`\tilde y`;
+    (where the forward pass evaluated it at :math:`\hat x_{n+1}`), and the predictor's at the rebuilt :math:`\hat x_n`;
     each replays the random state of *its* stage in the forward pass, so that dropout draws the same masks."""
 
     def f(x: Tensor) -> Tensor:
@@ -665,36 +670,93 @@ def roughness_in_depth(weights: ODEResNet | Tensor) -> float:
     Raises:
         ValueError: fewer than two residual functions (rows), or functions of different parameter shapes.
     """
-    layers = depth_profile(weights) if isinstance(weights, ODEResNet) else weights.detach().double().reshape(len(weights), -1)
-    if len(layers) < 2:
-        raise ValueError("roughness_in_depth needs at least two residual functions")
+    layers = _depth_rows(weights, "roughness_in_depth")
     steps = (layers[1:] - layers[:-1]).norm(dim=1) / layers[:-1].norm(dim=1)
     return steps.mean().item()
 
 
-class DepthVectorField(nn.Module):
-    r"""The vector field of an :class:`ODEResNet` in layer time, :math:`F(\tau, x) = f_{\lfloor\tau\rfloor}(x)/N` on :math:`[0, N)`.
+def _depth_rows(weights: ODEResNet | Tensor, caller: str) -> Tensor:
+    """A network's depth profile, or a given profile flattened to ``(N, P)`` float64 rows."""
+    layers = depth_profile(weights) if isinstance(weights, ODEResNet) else weights.detach().double().reshape(len(weights), -1)
+    if len(layers) < 2:
+        raise ValueError(f"{caller} needs at least two residual functions (rows), got {len(layers)}")
+    return layers
 
-    Layer time :math:`\tau = sN` runs over the integers at the layers' boundaries, so the field is
-    :math:`f_n/N` on the interval :math:`[n, n+1)` that belongs to layer :math:`n`: an Euler step of size 1
-    from :math:`\tau = n` is the network's step :math:`x + f_n(x)/N`, and the grid points are exact in
-    floating point for any depth. The field jumps at the integers; a solver must evaluate it inside the
-    step's interval (``torchdiffeq``'s ``perturb`` option), so that a step taken backwards from
-    :math:`n + 1` also sees :math:`f_n`. Called as ``field(tau, x)``, as ``torchdiffeq.odeint`` expects.
+
+def mean_layer_difference(weights: ODEResNet | Tensor) -> float:
+    r"""The mean distance between consecutive residual functions' weights, *not* divided by their size:
+
+    .. math:: \frac{1}{N-1} \sum_{n=0}^{N-2} \lVert \theta_{n+1} - \theta_n \rVert .
+
+    :func:`roughness_in_depth` divides each term by :math:`\lVert\theta_n\rVert`; this undivided mean tells
+    whether a change of :math:`\rho` comes from the differences between layers or from the weights' size.
+
+    Args:
+        weights: an :class:`ODEResNet`, or a depth profile (:func:`depth_profile`).
 
     Raises:
-        ValueError: ``tau`` outside :math:`[0, N)` (a step evaluated at a jump without ``perturb``).
+        ValueError: fewer than two residual functions (rows), or functions of different parameter shapes.
+    """
+    layers = _depth_rows(weights, "mean_layer_difference")
+    return (layers[1:] - layers[:-1]).norm(dim=1).mean().item()
+
+
+def limit_distance(shallow: ODEResNet | Tensor, deep: ODEResNet | Tensor) -> float:
+    r"""How far the weights of two networks of different depths are from being samples of one function of
+    depth-time :math:`t \in [0, 1]`:
+
+    .. math:: d = \frac{\sum_n \lVert\theta^{(N)}_n - \theta^{(M)}(t_n)\rVert}{\sum_n \lVert\theta^{(N)}_n\rVert},
+
+    with the :math:`N` rows of ``shallow`` read as samples at :math:`t_n = n/(N-1)` and the :math:`M` rows of
+    ``deep`` at :math:`t_m = m/(M-1)` (the grid of :func:`smooth_in_depth_`), and :math:`\theta^{(M)}(t_n)`
+    the deep profile interpolated linearly at the shallow grid. Two samplings of one smooth function give
+    only the interpolation's error, :math:`O(1/M^2)`; trained weights that converge to a limit function at
+    the rate :math:`1/N` give :math:`d = O(1/N)`; weights with no limit give a :math:`d` that does not fall.
+
+    Args:
+        shallow: an :class:`ODEResNet` or its depth profile, :math:`N \ge 2` rows.
+        deep: the same for the other depth, :math:`M \ge 2` rows of the same width.
+
+    Raises:
+        ValueError: fewer than two rows, profiles of different widths, or a shallow profile of zero norm.
+    """
+    rows = _depth_rows(shallow, "limit_distance")
+    other = _depth_rows(deep, "limit_distance")
+    if rows.shape[1] != other.shape[1]:
+        raise ValueError(f"limit_distance needs profiles of the same width, got {rows.shape[1]} and {other.shape[1]} parameters per row")
+    position = torch.linspace(0, len(other) - 1, len(rows), dtype=torch.float64)
+    below = position.floor().long().clamp(max=len(other) - 2)
+    weight = (position - below).unsqueeze(1)
+    interpolated = (1 - weight) * other[below] + weight * other[below + 1]
+    size = rows.norm(dim=1).sum()
+    if size == 0:
+        raise ValueError("limit_distance needs a shallow profile that is not zero: d divides by its norm")
+    return ((rows - interpolated).norm(dim=1).sum() / size).item()
+
+
+class DepthVectorField(nn.Module):
+    r"""The vector field of an :class:`ODEResNet` in layer time, :math:`F(s, x) = f_{\lfloor s\rfloor}(x)/N` on :math:`[0, N)`.
+
+    Layer time :math:`s = Nt`, for depth-time :math:`t \in [0, 1]`, runs over the integers at the layers' boundaries, so the field is
+    :math:`f_n/N` on the interval :math:`[n, n+1)` that belongs to layer :math:`n`: an Euler step of size 1
+    from :math:`s = n` is the network's step :math:`x + f_n(x)/N`, and the grid points are exact in
+    floating point for any depth. The field jumps at the integers; a solver must evaluate it inside the
+    step's interval (``torchdiffeq``'s ``perturb`` option), so that a step taken backwards from
+    :math:`n + 1` also sees :math:`f_n`. Called as ``field(s, x)``, as ``torchdiffeq.odeint`` expects.
+
+    Raises:
+        ValueError: ``s`` outside :math:`[0, N)` (a step evaluated at a jump without ``perturb``).
     """
 
     def __init__(self, model: ODEResNet) -> None:
         super().__init__()
         self.residuals = nn.ModuleList(model.residuals)
 
-    def forward(self, tau: Tensor, x: Tensor) -> Tensor:
+    def forward(self, s: Tensor, x: Tensor) -> Tensor:
         depth = len(self.residuals)
-        position = float(tau.detach())
+        position = float(s.detach())
         if not 0 <= position < depth:
-            raise ValueError(f"layer time tau must lie in [0, {depth}), got {position}: evaluate inside each step (perturb=True)")
+            raise ValueError(f"layer time s must lie in [0, {depth}), got {position}: evaluate inside each step (perturb=True)")
         return (1.0 / depth) * self.residuals[math.floor(position)](x)
 
 

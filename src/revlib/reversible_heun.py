@@ -6,7 +6,7 @@ For the chapter "ResNets as Neural ODEs" (``chapters/04_neural_odes``), beside :
 
 **The scheme** (Kidger, Foster, Li and Lyons 2021; McCallum and Foster 2024). Two states :math:`(y_n, z_n)`,
 step :math:`h = 1/N`, and :math:`N + 1` residual functions :math:`f_0, \dots, f_N` (function :math:`f_n` is
-evaluated at layer :math:`n`, depth :math:`s = n/N`, the indexing of HeunNet in :mod:`revlib.adjoint`):
+evaluated at layer :math:`n`, depth-time :math:`t_n = n/N`, the indexing of HeunNet in :mod:`revlib.adjoint`):
 
 .. math::
 
@@ -63,12 +63,18 @@ vector-Jacobian product: the backward pass costs one extra evaluation per layer,
 Random, autocast and BatchNorm state are replayed through the mechanism shared with the other recomputing
 networks (``revlib._recompute``).
 
-**Stability.** For :math:`f(x) = \lambda x` one step multiplies :math:`(y, z)` by a matrix with eigenvalues
-:math:`\rho = h\lambda \pm \sqrt{1 + (h\lambda)^2}` and determinant :math:`-1`: the solution's root
-:math:`\approx e^{h\lambda}` and a parasitic one :math:`\approx -e^{-h\lambda}`. Both have modulus 1 only for
-:math:`h\lambda` on the imaginary segment :math:`[-i, i]`; for a contracting field (:math:`\lambda < 0`) the
-parasitic mode grows like :math:`e^{|\lambda| s}` in the forward pass, and the reversal — any exact
-reversal — expands the solution's mode by :math:`e^{|\lambda| s}`, amplifying rounding errors alike.
+**Stability.** For :math:`f(x) = -\lambda x` one step multiplies :math:`(y, z)` by
+
+.. math::
+
+    M = \begin{pmatrix} 1 - h\lambda & \tfrac12 (h\lambda)^2 \\ 2 & -(1 + h\lambda) \end{pmatrix},
+    \qquad \operatorname{tr} M = -2h\lambda, \quad \det M = -1,
+
+with eigenvalues :math:`\mu = -h\lambda \pm \sqrt{1 + (h\lambda)^2}`: the solution's root
+:math:`\approx e^{-h\lambda}` and a parasitic one :math:`\approx -e^{h\lambda}`. Both have modulus 1 only for
+:math:`h\lambda` on the imaginary segment :math:`[-i, i]`; for a contracting field (:math:`\lambda > 0`) the
+parasitic mode grows like :math:`e^{\lambda t}` in the forward pass, and the reversal — any exact
+reversal — expands the solution's mode by :math:`e^{\lambda t}`, amplifying rounding errors alike.
 """
 
 from __future__ import annotations
@@ -307,7 +313,7 @@ class DampedResidual(nn.Module):
     r"""A residual function with a linear term subtracted, :math:`x \mapsto f(x) - \lambda x` or :math:`f(x) - Mx`.
 
     With a number :math:`\lambda > 0` the field pulls every state towards where :math:`f(x) = \lambda x`: the
-    forward pass contracts, by about :math:`e^{-\lambda}` over :math:`s \in [0, 1]`, and any backward rebuild
+    forward pass contracts, by about :math:`e^{-\lambda}` over :math:`t \in [0, 1]`, and any backward rebuild
     expands errors by about :math:`e^{\lambda}` (the chapter's unstable backsolves). A skew-symmetric matrix
     :math:`M = -M^\top` adds a rotation, which neither contracts nor expands; :math:`M = \lambda I + S`, with
     :math:`S` skew, spirals inwards. ``rate`` is a constant, not a parameter.
