@@ -166,7 +166,8 @@ def test_a_planner_measures_once_and_plans_as_plan_does(monkeypatch: pytest.Monk
 def test_budget_trials_measure_each_plan_and_revolve_on_the_same_budget() -> None:
     blocks = [block.double() for block in chain(UNEQUAL)]
     x = torch.randn(BATCH, UNEQUAL[0], dtype=torch.float64)
-    trials = budget_trials(Planner(blocks, x, repeats=1), repeats=1)
+    planner = Planner(blocks, x, repeats=1)
+    trials = budget_trials(planner, repeats=1)
     assert isinstance(trials, BudgetTrials) and list(trials.budgets) == ["backprop's peak", "halfway", "least + 5 %"]
     assert {method for _, method in trials.trials} == {"plan", "revolve"}
     for (name, method), trial in trials.trials.items():
@@ -174,8 +175,11 @@ def test_budget_trials_measure_each_plan_and_revolve_on_the_same_budget() -> Non
         assert trial.error < 1e-12 and trial.seconds > 0 and trial.predicted_seconds > 0
         if method == "revolve":
             assert trial.kept.endswith((" slot", " slots")) and isinstance(trial.module, CheckpointedSequence)
+            simulated = planner.costs.simulate(trial.module.plan).peak_bytes
+            assert trial.predicted_peak == int(simulated + planner.chain_reserve), "the model's peak plus the reserve"
         else:
             assert len(trial.kept) == len(blocks) and set(trial.kept) <= set("GI.")
+            assert trial.predicted_peak == trial.module.report.predicted_peak <= trials.budgets[name]
     assert trials.trials["backprop's peak", "plan"].kept == "G" * len(blocks)
     assert trials.trials["backprop's peak", "plan"].peak == trials.backprop_peak
     text = str(trials)

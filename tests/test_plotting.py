@@ -164,7 +164,7 @@ def test_plot_budget_trials_draws_budgets_peaks_and_time_ratios() -> None:
     from revlib.planner import BudgetTrial, BudgetTrials
 
     def trial(peak: int, seconds: float, predicted: float | None = None) -> BudgetTrial:
-        return BudgetTrial(nn.Identity(), "G", peak, 0.0, seconds, seconds if predicted is None else predicted)
+        return BudgetTrial(nn.Identity(), "G", peak, peak, 0.0, seconds, seconds if predicted is None else predicted)
 
     trials = BudgetTrials({"big": 4 * 2**20, "small": 2 * 2**20}, 4 * 2**20, 3 * 2**19, 2.0, 4.0,
                           {("big", "plan"): trial(4 * 2**20, 2.0), ("big", "revolve"): trial(3 * 2**20, 3.0, 8.0),

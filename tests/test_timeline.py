@@ -109,6 +109,13 @@ def test_the_peak_is_the_largest_total_and_splits_into_the_categories_then() -> 
     assert np.array_equal(held, timeline.series["activations"] + timeline.series["temporaries"] + timeline.series["inputs"])
     assert np.array_equal(timeline.held(*CATEGORIES), timeline.total)
     assert held[0] == BATCH_BYTES  # at the start: the batch, and none of the parameters' bytes
+    # largest_during: the most a phase held, read off the samples within it
+    backward = timeline.phase("backward")
+    within = (timeline.times >= backward.start) & (timeline.times <= backward.end)
+    assert within.any() and not within.all()
+    assert timeline.largest_during("backward", "temporaries") == timeline.series["temporaries"][within].max()
+    assert timeline.largest_during("backward", "activations", "temporaries") == held_in(timeline, within)
+    assert timeline.largest_during("forward", "activations") <= timeline.largest["activations"]
 
 
 def test_added_peak_is_the_timelines_without_the_analysis() -> None:
@@ -231,6 +238,10 @@ def test_what_a_custom_function_keeps_is_an_activation_and_its_random_state_othe
     assert timeline.at_end["other"] == timeline.at_end["activations"] == 0  # released with the graph
 
 
+def held_in(timeline: MemoryTimeline, within: np.ndarray) -> int:
+    return int((timeline.series["activations"] + timeline.series["temporaries"])[within].max())
+
+
 def test_bad_arguments_are_refused_naming_the_argument() -> None:
     with pytest.raises(TypeError, match="fn must be callable"):
         memory_timeline(3)  # type: ignore[arg-type]
@@ -253,6 +264,10 @@ def test_bad_arguments_are_refused_naming_the_argument() -> None:
         timeline.held("activations", "weights")
     with pytest.raises(ValueError, match="at least one category"):
         timeline.held()
+    with pytest.raises(ValueError, match="no occurrence 0"):
+        timeline.largest_during("backward", "temporaries")
+    with pytest.raises(ValueError, match="categories must be among"):
+        timeline.largest_during("forward", "weights")
 
 
 def test_a_failing_call_leaves_no_hook_and_no_profiler_running() -> None:

@@ -17,8 +17,8 @@ before it (the model and the input :math:`x_0`), parameter gradients included, a
 The dynamic programme's memory model (``revlib._rotor``) counts block inputs, recorded graphs and the one
 output gradient alive, :math:`m`; what it leaves out is added as a reserve:
 
-.. math:: M_{\text{chain}} = M + a_0 - P - W, \qquad
-    W = \max_i \max\big(w^{\text{advance}}_i,\ w^{\text{record}}_i,\ w^{\text{turn}}_i\big),
+.. math:: M_{\text{chain}} = M + a_0 - P - T_{\max}, \qquad
+    T_{\max} = \max_i \max\big(w^{\text{advance}}_i,\ w^{\text{record}}_i,\ w^{\text{turn}}_i\big),
 
 where :math:`a_0` is given back because :math:`x_0` was allocated before the step (the model counts it
 while it is needed), :math:`P` is the bytes of every parameter's gradient (held from its block's turn to the
@@ -62,7 +62,7 @@ _ATTEMPTS = 4  # plans made at most: each measured overshoot lowers the chain bu
 
 @dataclass(frozen=True)
 class PlanReport:
-    """What :func:`plan` chose, what it predicts and what it measured; ``str()`` gives a table.
+    r"""What :func:`plan` chose, what it predicts and what it measured; ``str()`` gives a table.
 
     The plan is made over *units*: the blocks themselves, or, where :func:`plan` inverts reversible couplings,
     each maximal run of them as one :class:`~revlib.reversible.ReversibleSequence`; the per-unit attributes
@@ -74,7 +74,7 @@ class PlanReport:
         budget: the budget given, in bytes.
         least_budget: the least budget any plan fits in (predicted), in bytes.
         predicted_peak: the most the step adds, predicted (bytes): measured for plain backprop; for
-            checkpointing the plan's :math:`M` less :math:`a_0` plus the reserve :math:`P + W`.
+            checkpointing the plan's :math:`M` less :math:`a_0` plus the reserve :math:`P + T_{\max}`.
         measured_peak: the most the returned module's step added when measured once, in bytes.
         predicted_time: the step's predicted time in seconds (:math:`\\sum` of the plan's actions' costs).
         backprop_peak: plain backprop's step, measured, in bytes.
@@ -87,7 +87,7 @@ class PlanReport:
             more on top).
         costs: the measured :class:`~revlib.checkpoint.BlockCosts` of the units (the activation bytes the
             larger of the saved-tensor count and the profiler's).
-        reserve: :math:`P + W - a_0`, the bytes added to the model's peak.
+        reserve: :math:`P + T_{\max} - a_0`, the bytes added to the model's peak.
         plan: the :class:`~revlib.checkpoint.CheckpointPlan` when checkpointing, else ``None``.
         units: per unit, the indices ``(start, stop)`` of the blocks it runs and whether it is an inverted
             run of reversible couplings.
@@ -137,10 +137,10 @@ def plan(blocks: Iterable[nn.Module], example: Tensor, *, budget: int, repeats: 
     r"""A module over ``blocks`` that trains within ``budget`` bytes at the least predicted time.
 
     Plain backprop when its measured step fits in the budget; otherwise the fastest plan of the unequal-block
-    dynamic programme within :math:`M_{\text{chain}} = M + a_0 - P - W` (module documentation):
+    dynamic programme within :math:`M_{\text{chain}} = M + a_0 - P - T_{\max}` (module documentation):
 
     .. math:: \min_{\text{plans}} \sum_{\text{actions}} \text{cost} \quad\text{subject to}\quad
-        \max_{\text{moments}} m + P + W - a_0 \le M .
+        \max_{\text{moments}} m + P + T_{\max} - a_0 \le M .
 
     Where the chain holds runs of reversible couplings, the plans over the blocks and over the chain with
     each run inverted as one unit (module documentation) compete, and the faster that fits is returned.
@@ -221,7 +221,7 @@ class Planner:
 
     @property
     def chain_reserve(self) -> int:
-        """What a plan's memory model leaves out, :math:`P + W - a_0` over the blocks as they are, in bytes."""
+        r"""What a plan's memory model leaves out, :math:`P + T_{\max} - a_0` over the blocks as they are, in bytes."""
         return int(self._backprop.reserve)
 
     @property
@@ -287,6 +287,9 @@ class BudgetTrial:
             run of reversible couplings, which keeps its output), or for revolve ``"s slots"``.
         peak: the most one step returning the parameters' gradients adds, measured
             (:func:`revlib.timeline.added_peak`), in bytes.
+        predicted_peak: the same under the planner's cost model: the memory model's peak of the schedule
+            plus the reserve (:attr:`PlanReport.predicted_peak` for a plan; for revolve its simulated peak
+            plus :attr:`Planner.chain_reserve`), in bytes.
         error: relative error of those gradients against plain backprop's.
         seconds: the step's median time, timed in turns with plain backprop's.
         predicted_seconds: the step's time under the planner's cost model.
@@ -295,6 +298,7 @@ class BudgetTrial:
     module: nn.Module
     kept: str
     peak: int
+    predicted_peak: int
     error: float
     seconds: float
     predicted_seconds: float
@@ -373,26 +377,29 @@ def budget_trials(planner: Planner, budgets: dict[str, int] | None = None, *, re
     x, blocks, costs = planner.example, planner.blocks, planner.costs
     plain = nn.Sequential(*blocks)
     exact = _parameter_gradients(plain, x)
-    modules: dict[tuple[str, str], tuple[nn.Module, str, float]] = {}
+    modules: dict[tuple[str, str], tuple[nn.Module, str, int, float]] = {}
     for name, budget in budgets.items():
         module = planner.plan(budget)
         report: PlanReport = module.report  # type: ignore[assignment]
         kept = "".join("R" if inverted else {"graph": "G", "input": "I", "-": "."}[what]
                        for what, (_, _, inverted) in zip(report.kept, report.units))
-        modules[name, "plan"] = module, kept, report.predicted_time
+        modules[name, "plan"] = module, kept, report.predicted_peak, report.predicted_time
         room = budget - planner.chain_reserve  # the budget as the memory model counts it
         slots = costs.most_revolve_slots(room) if revolve and room > 0 else None
         if slots is not None:
             sequence = CheckpointedSequence(*blocks, schedule="revolve", slots=slots)
-            modules[name, "revolve"] = sequence, f"{slots} slot{'s' * (slots != 1)}", costs.simulate(sequence.plan).time
+            simulation = costs.simulate(sequence.plan)
+            modules[name, "revolve"] = (sequence, f"{slots} slot{'s' * (slots != 1)}",
+                                        int(simulation.peak_bytes + planner.chain_reserve), simulation.time)
     measured = {key: (added_peak(_parameter_gradients, module, x), relative_error(_parameter_gradients(module, x), exact))
-                for key, (module, _, _) in modules.items()}
+                for key, (module, _, _, _) in modules.items()}
     calls = {"backprop": functools.partial(_parameter_gradients, plain, x)}
     calls |= {f"{name}, {method}": functools.partial(_parameter_gradients, module, x)
-              for (name, method), (module, _, _) in modules.items()}
+              for (name, method), (module, _, _, _) in modules.items()}
     timings = compare_times(calls, warmup=2, repeats=repeats, device=device if device is not None else x.device)
-    trials = {key: BudgetTrial(module, kept, *measured[key], timings[f"{key[0]}, {key[1]}"].median, predicted)
-              for key, (module, kept, predicted) in modules.items()}
+    trials = {key: BudgetTrial(module, kept, measured[key][0], predicted_peak, measured[key][1],
+                               timings[f"{key[0]}, {key[1]}"].median, predicted_time)
+              for key, (module, kept, predicted_peak, predicted_time) in modules.items()}
     return BudgetTrials(dict(budgets), backprop_peak, planner.least_budget, timings["backprop"].median,
                         planner.backprop_time, trials)
 
@@ -409,7 +416,7 @@ class _Chain:
     units: list[nn.Module]
     spans: tuple[tuple[int, int, bool], ...]  # per unit: (first block, last block + 1, inverted)
     costs: BlockCosts
-    reserve: float  # P + W − a_0, raised by each measured overshoot
+    reserve: float  # P + T_max − a_0, raised by each measured overshoot
     plain_peak: int  # nn.Sequential(*units), measured
     plain_time: float  # Σ φ_i + ψ_i
     least: int  # the least feasible budget, predicted, raised by each measured overshoot

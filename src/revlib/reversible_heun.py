@@ -67,10 +67,10 @@ networks (``revlib._recompute``).
 
 .. math::
 
-    M = \begin{pmatrix} 1 - h\lambda & \tfrac12 (h\lambda)^2 \\ 2 & -(1 + h\lambda) \end{pmatrix},
-    \qquad \operatorname{tr} M = -2h\lambda, \quad \det M = -1,
+    R = \begin{pmatrix} 1 - h\lambda & \tfrac12 (h\lambda)^2 \\ 2 & -(1 + h\lambda) \end{pmatrix},
+    \qquad \operatorname{tr} R = -2h\lambda, \quad \det R = -1,
 
-with eigenvalues :math:`\mu = -h\lambda \pm \sqrt{1 + (h\lambda)^2}`: the solution's root
+with eigenvalues :math:`\nu = -h\lambda \pm \sqrt{1 + (h\lambda)^2}`: the solution's root
 :math:`\approx e^{-h\lambda}` and a parasitic one :math:`\approx -e^{h\lambda}`. Both have modulus 1 only for
 :math:`h\lambda` on the imaginary segment :math:`[-i, i]`; for a contracting field (:math:`\lambda > 0`) the
 parasitic mode grows like :math:`e^{\lambda t}` in the forward pass, and the reversal — any exact

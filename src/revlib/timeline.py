@@ -183,6 +183,21 @@ class MemoryTimeline:
             raise ValueError(f"the call has {len(found)} {name} phase(s), so there is no occurrence {occurrence}")
         return found[occurrence]
 
+    def largest_during(self, phase: str, *categories: str, occurrence: int = 0) -> int:
+        """The most bytes the given ``categories`` held together at any moment of a phase, e.g.
+        ``timeline.largest_during("backward", "temporaries")``: what the backward pass's own tensors occupied
+        at their most.
+
+        Raises:
+            ValueError: an unknown phase or category, no category, or fewer such phases.
+        """
+        span = self.phase(phase, occurrence)
+        held = self.held(*categories)
+        during = (self.times >= span.start) & (self.times <= span.end)
+        if not during.any():  # no event inside the phase: what was held when it began
+            return int(held[max(int(np.searchsorted(self.times, span.start, side="right")) - 1, 0)])
+        return int(held[during].max())
+
     def _at(self, index: int) -> dict[str, int]:
         return {name: int(values[index]) for name, values in self.series.items()}
 
