@@ -8,6 +8,8 @@ the two gradients would legitimately differ (SyncBatchNorm exists for that).
 """
 
 import functools
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -65,14 +67,33 @@ def worker(rank: int, accumulate: bool, store: str, out: str) -> None:
         else:
             nn.functional.cross_entropy(model(x), y).backward()
         gradients[name] = [p.grad for p in model.module.parameters()]
-    torch.save(gradients, f"{out}.{rank}")
+    torch.save(gradients, f"{out}.{rank}.partial")
+    os.replace(f"{out}.{rank}.partial", f"{out}.{rank}")  # complete once it exists
     dist.destroy_process_group()
+
+
+def run_workers(accumulate: bool, store: str, out: str, limit: float = 600.0, grace: float = 30.0) -> None:
+    """Run the WORLD workers; a worker that raises fails the test. gloo's teardown can hang a process after
+    it has saved its gradients: once every rank's file exists, stragglers get ``grace`` seconds, then are
+    killed. Nothing waits longer than ``limit`` seconds."""
+    context = mp.spawn(worker, args=(accumulate, store, out), nprocs=WORLD, join=False)
+    start, saved = time.monotonic(), None
+    while not context.join(timeout=1):
+        now = time.monotonic()
+        if saved is None and all(Path(f"{out}.{rank}").exists() for rank in range(WORLD)):
+            saved = now
+        if (saved is not None and now > saved + grace) or now > start + limit:
+            for process in context.processes:
+                process.kill()
+            break
+    missing = [rank for rank in range(WORLD) if not Path(f"{out}.{rank}").exists()]
+    assert not missing, f"ranks {missing} saved no gradients within {limit:.0f} s"
 
 
 @pytest.mark.parametrize("accumulate", [False, True], ids=["one-step", "no_sync-accumulation"])
 def test_ddp_on_two_processes_matches_one_process(accumulate: bool, tmp_path: Path) -> None:
     out = str(tmp_path / "gradients")
-    mp.spawn(worker, args=(accumulate, str(tmp_path / "store"), out), nprocs=WORLD, join=True)
+    run_workers(accumulate, str(tmp_path / "store"), out)
     for name in MODELS:
         expected = whole_batch_gradients(name)
         for rank in range(WORLD):
