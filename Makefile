@@ -28,14 +28,16 @@ pdf: book
 	$(PYTHON) tools/print_book.py
 	@echo "The printable book is _build/pdf/book.pdf"
 
-# Unit tests in two workers; then the chapters one at a time, each kernel with all cores (two kernels sharing
-# two cores oversubscribe the threads and run many times slower), under another machine's kernels: torch's
-# generic ones. nbval compares only outputs that do not depend on the kernels, so one pass checks the
-# stored outputs and that every assertion holds on a machine other than the one that stored them
-# (book/reproducibility.md; `make portability` runs the whole matrix of kernels and seeds).
+# Unit tests in two workers; then the chapters two at a time (each notebook whole in one worker), each kernel
+# on one thread (two kernels of two threads each would oversubscribe two cores and run many times slower),
+# under another machine's kernels: torch's generic ones. nbval compares only outputs that do not depend on
+# the kernels or the thread count, so one pass checks the stored outputs and that every assertion holds on
+# a machine other than the one that stored them (book/reproducibility.md; `make portability` runs the whole
+# matrix of kernels and seeds).
 test: $(INSTALLED)
 	$(PYTHON) -m pytest tests -n 2 -p no:cacheprovider
-	ATEN_CPU_CAPABILITY=$(CI_KERNELS) $(PYTHON) -m pytest chapters $(NBVAL) -p no:cacheprovider
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 ATEN_CPU_CAPABILITY=$(CI_KERNELS) \
+		$(PYTHON) -m pytest chapters $(NBVAL) -n 2 --dist loadfile -p no:cacheprovider
 
 CI_KERNELS ?= default
 

@@ -147,6 +147,13 @@ def test_residual_function_checks_its_arguments() -> None:
     assert residual_function("conv", 4)(torch.randn(2, 4, 8, 8)).shape == (2, 4, 8, 8)
     with pytest.raises(ValueError, match="width must be a positive integer"):
         residual_function("mlp", 0)
+    assert isinstance(residual_function("conv", 4, norm="group")[0], torch.nn.GroupNorm)
+    with pytest.raises(ValueError, match=r"norm must be one of \('batch', 'group'\) for the conv family"):
+        residual_function("conv", 4, norm="layer")
+    with pytest.raises(ValueError, match=r"norm must be one of \('batch',\) for the mlp family"):
+        residual_function("mlp", 4, norm="group")
+    with pytest.raises(ValueError, match="for the transformer family"):
+        frontier_module.methods("transformer", 2, 16, "cpu", norm="group")
 
 
 @pytest.mark.parametrize("first_step", [False, True])

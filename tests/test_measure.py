@@ -115,6 +115,12 @@ def test_time_call_counts_calls_and_summarises() -> None:
     assert Timing((1.0, 2.0, 3.0)).median == 2.0
 
 
+def test_central_range_sets_aside_a_quarter_at_each_end() -> None:
+    assert Timing((5.0, 1.0, 3.0, 2.0, 4.0, 7.0, 60.0)).central_range == (2.0, 7.0), "the middle five of seven"
+    assert Timing((2.0, 1.0, 3.0)).central_range == (1.0, 3.0), "fewer than four: nothing set aside"
+    assert Timing((4.0,)).central_range == (4.0, 4.0)
+
+
 @pytest.mark.parametrize("kwargs, match", [({"warmup": -1}, "warmup"), ({"repeats": 0}, "repeats")])
 def test_time_call_rejects_bad_arguments(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):

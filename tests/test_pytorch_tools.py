@@ -313,6 +313,21 @@ def test_micro_batches_change_a_batchnorm_networks_gradient() -> None:
     assert relative_error(grads[4], grads[1]) > 1e-2, "each part is normalised by its own statistics"
 
 
+@pytest.mark.parametrize(("norm", "exact"), [("group", True), ("batch", False)])
+def test_micro_batching_the_conv_network_is_exact_only_with_group_norm(norm: str, exact: bool) -> None:
+    """The frontier's conv network with either normalisation, in float64: GroupNorm normalises each example
+    on its own, so four parts give the whole batch's gradient to rounding; BatchNorm normalises each part
+    by its own statistics, so they do not."""
+    from revlib.frontier import methods
+
+    torch.manual_seed(0)
+    network = methods("conv", 3, 8, "cpu", pytorch=True, norm=norm)["micro-batch 4"]()
+    network.model.double()
+    images, labels = torch.randn(16, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (16,))
+    error = network.gradient_error(images, labels)
+    assert (error < 1e-12) if exact else (error > 1e-2), f"{norm}: {error:.1e}"
+
+
 @pytest.mark.parametrize(("build", "error", "match"), [
     (lambda: TorchCheckpointed(), ValueError, "at least one block"),
     (lambda: TorchCheckpointed(nn.Linear(2, 2), segments=3), ValueError, "segments must be None or an integer from 1 to 1"),

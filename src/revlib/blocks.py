@@ -19,6 +19,7 @@ Nothing here saves memory; the chapters' modules build their networks from these
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -139,19 +140,29 @@ def pre_activation_residual(
     return nn.Sequential(*normalised_activation(), layer(), *normalised_activation(), layer())
 
 
-def conv_residual(channels: int, hidden: int | None = None) -> nn.Sequential:
+def conv_residual(channels: int, hidden: int | None = None, *, norm: str = "batch") -> nn.Sequential:
     r"""The convolutional residual function of pre-activation ResNets (:func:`pre_activation_residual`) with
-    BatchNorm, ReLU and 3×3 convolutions without bias, preserving ``(B, channels, H, W)``: BatchNorm → ReLU →
-    conv to ``hidden`` channels → BatchNorm → ReLU → conv back to ``channels`` (``hidden=None``: ``channels``).
+    a normalisation, ReLU and 3×3 convolutions without bias, preserving ``(B, channels, H, W)``: norm → ReLU →
+    conv to ``hidden`` channels → norm → ReLU → conv back to ``channels`` (``hidden=None``: ``channels``).
+
+    ``norm="batch"`` is BatchNorm, which normalises each channel over the batch (so an example's output
+    depends on the others in its batch); ``norm="group"`` is GroupNorm (Wu and He 2018) with
+    :math:`\gcd(8, C)` groups of a layer's C channels, which normalises each example on its own.
 
     Raises:
-        ValueError: ``channels`` or ``hidden`` is not a positive integer.
+        ValueError: ``channels`` or ``hidden`` is not a positive integer, or ``norm`` is neither.
     """
     hidden = channels if hidden is None else hidden
     positive_integers(channels=channels, hidden=hidden)
+    if norm not in ("batch", "group"):
+        raise ValueError(f"norm must be 'batch' or 'group', got {norm!r}")
+
+    def normalisation(width: int) -> nn.Module:
+        return nn.BatchNorm2d(width) if norm == "batch" else nn.GroupNorm(math.gcd(8, width), width)
+
     return nn.Sequential(
-        nn.BatchNorm2d(channels), make_activation("relu"), nn.Conv2d(channels, hidden, 3, padding=1, bias=False),
-        nn.BatchNorm2d(hidden), make_activation("relu"), nn.Conv2d(hidden, channels, 3, padding=1, bias=False),
+        normalisation(channels), make_activation("relu"), nn.Conv2d(channels, hidden, 3, padding=1, bias=False),
+        normalisation(hidden), make_activation("relu"), nn.Conv2d(hidden, channels, 3, padding=1, bias=False),
     )
 
 

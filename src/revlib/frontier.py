@@ -117,19 +117,29 @@ class MethodNetwork:
         return relative_error(_gradients(self.model, inputs, targets, self.micro_batches), _gradients(self.exact, inputs, targets))
 
 
-def residual_function(family: str, width: int, hidden: int | None = None) -> nn.Module:
+def _check_norm(family: str, norm: str) -> None:
+    allowed = ("batch", "group") if family == "conv" else ("batch",)
+    if norm not in allowed:
+        raise ValueError(f"norm must be one of {allowed} for the {family} family (it chooses the conv "
+                         f"family's normalisation), got {norm!r}")
+
+
+def residual_function(family: str, width: int, hidden: int | None = None, *, norm: str = "batch") -> nn.Module:
     """One shape-preserving residual function of ``family`` on ``width`` features or channels, with ``hidden``
     features or channels between its two layers (``width`` when ``None``; for ``"transformer"`` the
     feed-forward sublayer's, ``4 * width`` when ``None``, with one attention head per 16 features).
+    ``norm`` is the ``"conv"`` family's normalisation, ``"batch"`` or ``"group"`` (:func:`conv_residual`).
 
     Raises:
-        ValueError: an unknown family or a width that is not a positive integer.
+        ValueError: an unknown family, a width that is not a positive integer, or a ``norm`` other than
+            ``"batch"`` or ``"group"`` (other than ``"batch"`` for the families without one).
     """
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    _check_norm(family, norm)
     if family == "transformer":
         return transformer_residual(width, max(1, width // 16), hidden)
-    return mlp_residual(width, hidden) if family == "mlp" else conv_residual(width, hidden)
+    return mlp_residual(width, hidden) if family == "mlp" else conv_residual(width, hidden, norm=norm)
 
 
 class _RowTokens(nn.Module):
@@ -158,7 +168,7 @@ def _classifier(family: str, width: int, stack: nn.Module, inputs: int, classes:
 
 def methods(family: str, depth: int, width: int, device: torch.device | str | None = None, *, inputs: int | None = None,
             classes: int = 10, pytorch: bool = False, combined: bool = False,
-            budgets: Sequence[float] = ()) -> dict[str, Callable[[], MethodNetwork]]:
+            budgets: Sequence[float] = (), norm: str = "batch") -> dict[str, Callable[[], MethodNetwork]]:
     """The methods, by name, each a builder of its :class:`MethodNetwork` (initialised from the current seed).
 
     The classifiers take ``inputs`` features (``"mlp"``; 64 by default, the flat digits), image channels
@@ -167,10 +177,10 @@ def methods(family: str, depth: int, width: int, device: torch.device | str | No
     ``device=None`` means :func:`revlib.runtime.default_device`. ``pytorch=True`` adds PyTorch's tools
     (the module's docstring lists them), ``combined=True`` bfloat16 autocast and micro-batching on top of
     revlib's checkpointing and reversible stacks, ``budgets`` the compiled classifiers, one per activation
-    memory budget in [0, 1].
+    memory budget in [0, 1]. ``norm`` is the ``"conv"`` family's normalisation (:func:`residual_function`).
 
     Raises:
-        ValueError: an unknown family or a budget outside [0, 1].
+        ValueError: an unknown family or norm, or a budget outside [0, 1].
     """
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
@@ -179,9 +189,13 @@ def methods(family: str, depth: int, width: int, device: torch.device | str | No
             raise ValueError(f"every budget must be a number in [0, 1], got {budget!r}")
     inputs = {"mlp": 64, "conv": 1, "transformer": 8}[family] if inputs is None else inputs
     device = resolve_device(device)
+    _check_norm(family, norm)
+
+    def function(width: int = width, hidden: int | None = None) -> nn.Module:
+        return residual_function(family, width, hidden, norm=norm)
 
     def residual_blocks() -> tuple[list[nn.Module], list[nn.Module]]:
-        functions = [residual_function(family, width) for _ in range(depth)]
+        functions = [function() for _ in range(depth)]
         return [ResidualBlock(f) for f in functions], functions
 
     def blocks_in(wrap: Callable[[list[nn.Module]], nn.Module]) -> Callable[[], MethodNetwork]:
@@ -197,21 +211,21 @@ def methods(family: str, depth: int, width: int, device: torch.device | str | No
         # halves widen to 5d (2 · d · 5d = 10d^2) for GPT-2's 12d^2 per block
         hidden = 5 * width if family == "transformer" else width
         dim = -1 if family == "transformer" else 1  # the features of (B, T, D) tokens, the channels or features else
-        blocks = [ReversibleBlock(residual_function(family, width // 2, hidden), residual_function(family, width // 2, hidden), dim=dim)
+        blocks = [ReversibleBlock(function(width // 2, hidden), function(width // 2, hidden), dim=dim)
                   for _ in range(depth)]
         return MethodNetwork(ReversibleSequence(*blocks), nn.Sequential(*blocks), [f for block in blocks for f in (block.f, block.g)])
 
     def momentum() -> MethodNetwork:
-        functions = [residual_function(family, width) for _ in range(depth)]
+        functions = [function() for _ in range(depth)]
         return MethodNetwork(MomentumSequence(*functions), MomentumSequence(*functions, memory_saving=False), functions)
 
     def reversible_heun() -> MethodNetwork:
-        functions = [residual_function(family, width) for _ in range(depth)]  # N + 1 functions: depth − 1 steps
+        functions = [function() for _ in range(depth)]  # N + 1 functions: depth − 1 steps
         return MethodNetwork(ReversibleHeunResNet(*functions), ReversibleHeunResNet(*functions, memory_saving=False), functions)
 
     def adjoint(scheme: str) -> Callable[[], MethodNetwork]:
         def build() -> MethodNetwork:
-            functions = [residual_function(family, width) for _ in range(depth)]
+            functions = [function() for _ in range(depth)]
             return MethodNetwork(ODEResNet(*functions, scheme=scheme),  # type: ignore[arg-type]
                                  ODEResNet(*functions, scheme=scheme, memory_saving=False), functions)  # type: ignore[arg-type]
         return build
