@@ -148,11 +148,12 @@ def test_residual_function_checks_its_arguments() -> None:
     with pytest.raises(ValueError, match="width must be a positive integer"):
         residual_function("mlp", 0)
     assert isinstance(residual_function("conv", 4, norm="group")[0], torch.nn.GroupNorm)
-    with pytest.raises(ValueError, match=r"norm must be one of \('batch', 'group'\) for the conv family"):
+    assert isinstance(residual_function("conv", 4)[0], torch.nn.BatchNorm2d)
+    with pytest.raises(ValueError, match="norm must be None, 'batch' or 'group' for the conv family, got 'layer'"):
         residual_function("conv", 4, norm="layer")
-    with pytest.raises(ValueError, match=r"norm must be one of \('batch',\) for the mlp family"):
-        residual_function("mlp", 4, norm="group")
-    with pytest.raises(ValueError, match="for the transformer family"):
+    with pytest.raises(ValueError, match="the mlp family's residual functions have none to choose"):
+        residual_function("mlp", 4, norm="batch")
+    with pytest.raises(ValueError, match="for the transformer family|the transformer family's"):
         frontier_module.methods("transformer", 2, 16, "cpu", norm="group")
 
 

@@ -117,29 +117,32 @@ class MethodNetwork:
         return relative_error(_gradients(self.model, inputs, targets, self.micro_batches), _gradients(self.exact, inputs, targets))
 
 
-def _check_norm(family: str, norm: str) -> None:
-    allowed = ("batch", "group") if family == "conv" else ("batch",)
-    if norm not in allowed:
-        raise ValueError(f"norm must be one of {allowed} for the {family} family (it chooses the conv "
-                         f"family's normalisation), got {norm!r}")
+def _check_norm(family: str, norm: str | None) -> None:
+    if family == "conv" and norm not in (None, "batch", "group"):
+        raise ValueError(f"norm must be None, 'batch' or 'group' for the conv family, got {norm!r}")
+    if family != "conv" and norm is not None:
+        raise ValueError(f"norm chooses the conv family's normalisation; the {family} family's residual "
+                         f"functions have none to choose, so norm must be None, got {norm!r}")
 
 
-def residual_function(family: str, width: int, hidden: int | None = None, *, norm: str = "batch") -> nn.Module:
+def residual_function(family: str, width: int, hidden: int | None = None, *, norm: str | None = None) -> nn.Module:
     """One shape-preserving residual function of ``family`` on ``width`` features or channels, with ``hidden``
     features or channels between its two layers (``width`` when ``None``; for ``"transformer"`` the
     feed-forward sublayer's, ``4 * width`` when ``None``, with one attention head per 16 features).
-    ``norm`` is the ``"conv"`` family's normalisation, ``"batch"`` or ``"group"`` (:func:`conv_residual`).
+    ``norm`` chooses the ``"conv"`` family's normalisation, ``"batch"`` (``None``: the default) or
+    ``"group"`` (:func:`conv_residual`); the other families have none to choose (``"mlp"``: no
+    normalisation; ``"transformer"``: LayerNorm), so ``norm`` must be ``None`` for them.
 
     Raises:
         ValueError: an unknown family, a width that is not a positive integer, or a ``norm`` other than
-            ``"batch"`` or ``"group"`` (other than ``"batch"`` for the families without one).
+            those.
     """
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     _check_norm(family, norm)
     if family == "transformer":
         return transformer_residual(width, max(1, width // 16), hidden)
-    return mlp_residual(width, hidden) if family == "mlp" else conv_residual(width, hidden, norm=norm)
+    return mlp_residual(width, hidden) if family == "mlp" else conv_residual(width, hidden, norm=norm or "batch")
 
 
 class _RowTokens(nn.Module):
@@ -168,7 +171,7 @@ def _classifier(family: str, width: int, stack: nn.Module, inputs: int, classes:
 
 def methods(family: str, depth: int, width: int, device: torch.device | str | None = None, *, inputs: int | None = None,
             classes: int = 10, pytorch: bool = False, combined: bool = False,
-            budgets: Sequence[float] = (), norm: str = "batch") -> dict[str, Callable[[], MethodNetwork]]:
+            budgets: Sequence[float] = (), norm: str | None = None) -> dict[str, Callable[[], MethodNetwork]]:
     """The methods, by name, each a builder of its :class:`MethodNetwork` (initialised from the current seed).
 
     The classifiers take ``inputs`` features (``"mlp"``; 64 by default, the flat digits), image channels
@@ -177,7 +180,8 @@ def methods(family: str, depth: int, width: int, device: torch.device | str | No
     ``device=None`` means :func:`revlib.runtime.default_device`. ``pytorch=True`` adds PyTorch's tools
     (the module's docstring lists them), ``combined=True`` bfloat16 autocast and micro-batching on top of
     revlib's checkpointing and reversible stacks, ``budgets`` the compiled classifiers, one per activation
-    memory budget in [0, 1]. ``norm`` is the ``"conv"`` family's normalisation (:func:`residual_function`).
+    memory budget in [0, 1]. ``norm`` chooses the ``"conv"`` family's normalisation in every residual
+    function (:func:`residual_function`; ``"SAC matmul+norm"`` keeps the outputs of either kind).
 
     Raises:
         ValueError: an unknown family or norm, or a budget outside [0, 1].

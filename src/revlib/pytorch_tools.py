@@ -49,7 +49,8 @@ _MATMULS = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.badd
             _aten._scaled_dot_product_flash_attention_for_cpu.default, _aten._scaled_dot_product_flash_attention.default,
             _aten._scaled_dot_product_efficient_attention.default, _aten._scaled_dot_product_cudnn_attention.default}
 _NORMS = {_aten.native_batch_norm.default, _aten._native_batch_norm_legit.default,
-          _aten._native_batch_norm_legit_no_training.default, _aten.native_layer_norm.default}
+          _aten._native_batch_norm_legit_no_training.default, _aten.native_layer_norm.default,
+          _aten.native_group_norm.default}
 _KEPT = {"matmuls": frozenset(_MATMULS), "matmuls and norms": frozenset(_MATMULS | _NORMS)}
 
 
@@ -102,7 +103,7 @@ def selective_policy(policy: str) -> Callable[..., CheckpointPolicy]:
 
     ``"matmuls"`` keeps the outputs of matrix products and convolutions (the expensive operations) and
     recomputes everything else (normalisations, activations, additions); ``"matmuls and norms"`` keeps the
-    normalisations' outputs too (BatchNorm, LayerNorm), recomputing only pointwise operations.
+    normalisations' outputs too (BatchNorm, LayerNorm, GroupNorm), recomputing only pointwise operations.
 
     Raises:
         ValueError: an unknown policy.
