@@ -10,9 +10,9 @@ schedules differ in how many advances they add and how many inputs they hold:
 
 * ``"every"`` keeps every block input: :math:`N` stored inputs, no advance (Chen et al. 2016's baseline,
   ``torch.utils.checkpoint`` on each block);
-* ``"sqrt"`` keeps the inputs of :math:`k = \lceil\sqrt N\,\rceil` segments; the backward pass rebuilds one
+* ``"sqrt"`` keeps the inputs of :math:`q = \lceil\sqrt N\,\rceil` segments; the backward pass rebuilds one
   segment at a time and keeps its inputs while it reverses it: about :math:`2\sqrt N` stored inputs and
-  :math:`N - k` advances (Chen et al. 2016);
+  :math:`N - q` advances (Chen et al. 2016);
 * ``"revolve"`` keeps at most ``slots`` inputs at any time (the input :math:`x_0` among them) and makes the
   fewest advances any schedule can that holds that many block inputs (Griewank 1992; Griewank and Walther
   2000); in bytes, for unequal blocks, ``"optimal"`` can do better;
@@ -119,14 +119,14 @@ def optimal_recomputations(steps: int, slots: int) -> int:
 
 @lru_cache(maxsize=None)
 def _griewank_split(steps: int, checkpoints: int) -> int:
-    """Where Griewank's schedule places its next checkpoint: argmin_j j + t(l−j, s−1) + t(j, s)."""
-    return min(range(1, steps), key=lambda j: j + griewank_steps(steps - j, checkpoints - 1) + griewank_steps(j, checkpoints))
+    """Where Griewank's schedule places its next checkpoint: argmin_k k + t(l−k, s−1) + t(k, s)."""
+    return min(range(1, steps), key=lambda k: k + griewank_steps(steps - k, checkpoints - 1) + griewank_steps(k, checkpoints))
 
 
 @lru_cache(maxsize=None)
 def _free_sweep_split(steps: int, slots: int) -> int:
-    """Where the forward pass places its next checkpoint: argmin_j A(l−j, s−1) + t(j, s)."""
-    return min(range(1, steps), key=lambda j: optimal_recomputations(steps - j, slots - 1) + griewank_steps(j, slots))
+    """Where the forward pass places its next checkpoint: argmin_k A(l−k, s−1) + t(k, s)."""
+    return min(range(1, steps), key=lambda k: optimal_recomputations(steps - k, slots - 1) + griewank_steps(k, slots))
 
 
 Action = tuple[str, int]  # (name, block index i); the names are those of CheckpointPlan's docstring
