@@ -130,7 +130,7 @@ def residual_function(family: str, width: int, hidden: int | None = None, *, nor
     features or channels between its two layers (``width`` when ``None``; for ``"transformer"`` the
     feed-forward sublayer's, ``4 * width`` when ``None``, with one attention head per 16 features).
     ``norm`` chooses the ``"conv"`` family's normalisation, ``"batch"`` (``None``: the default) or
-    ``"group"`` (:func:`conv_residual`); the other families have none to choose (``"mlp"``: no
+    ``"group"`` (:func:`~revlib.blocks.conv_residual`); the other families have none to choose (``"mlp"``: no
     normalisation; ``"transformer"``: LayerNorm), so ``norm`` must be ``None`` for them.
 
     Raises:
