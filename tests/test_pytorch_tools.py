@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from allocations import added_peak
 from revlib.blocks import ResidualBlock
-from revlib.frontier import format_ratios, frontier, residual_function
+from revlib.frontier import format_ratios, frontier, methods, residual_function
 from revlib.measure import saved_tensor_bytes, step_memory
 from revlib.pytorch_tools import (
     POLICIES,
@@ -333,8 +333,6 @@ def test_micro_batching_the_conv_network_is_exact_only_with_group_norm(norm: str
     """The frontier's conv network with either normalisation, in float64: GroupNorm normalises each example
     on its own, so four parts give the whole batch's gradient to rounding; BatchNorm normalises each part
     by its own statistics, so they do not."""
-    from revlib.frontier import methods
-
     torch.manual_seed(0)
     network = methods("conv", 3, 8, "cpu", pytorch=True, norm=norm)["micro-batch 4"]()
     network.model.double()
