@@ -5,7 +5,7 @@ import torch
 
 from revlib import frontier as frontier_module
 from revlib.checkpoint import checkpoint_plan
-from revlib.frontier import FrontierRow, format_table, frontier, residual_function
+from revlib.frontier import FrontierRow, format_table, frontier, methods, residual_function
 from revlib.training import make_optimizer
 
 DEPTH, WIDTH = 4, 8
@@ -113,6 +113,15 @@ def test_only_measures_the_named_methods_in_order_and_combinations_stack_on_revl
     assert rows["checkpoint every + micro-batch 4"].gradient_error < 1e-5 and rows["checkpoint every + bf16"].gradient_error > 1e-3
     assert rows["checkpoint every + micro-batch 4"].memory.activations < rows["micro-batch 4"].memory.activations
     assert rows["checkpoint every + bf16"].memory.activations < rows["bf16 autocast"].memory.activations
+
+
+def test_the_compiled_rows_use_the_backend_asked_for() -> None:
+    """``compile_backend`` reaches every compiled row (the benchmark's ``--backend inductor``)."""
+    for backend in ("aot_eager_decomp_partition", "aot_eager"):
+        built = methods("mlp", 2, 4, "cpu", budgets=(1.0, 0.5), compile_backend=backend)
+        compiled = [built[f"compile {b:g}"]().model for b in (1.0, 0.5)]
+        assert [model.backend for model in compiled] == [backend, backend]
+        assert [model.budget for model in compiled] == [1.0, 0.5]
 
 
 def test_only_refuses_unknown_names_and_lists_the_known() -> None:

@@ -171,7 +171,8 @@ def _classifier(family: str, width: int, stack: nn.Module, inputs: int, classes:
 
 def methods(family: str, depth: int, width: int, device: torch.device | str | None = None, *, inputs: int | None = None,
             classes: int = 10, pytorch: bool = False, combined: bool = False,
-            budgets: Sequence[float] = (), norm: str | None = None) -> dict[str, Callable[[], MethodNetwork]]:
+            budgets: Sequence[float] = (), norm: str | None = None,
+            compile_backend: str = "aot_eager_decomp_partition") -> dict[str, Callable[[], MethodNetwork]]:
     """The methods, by name, each a builder of its :class:`MethodNetwork` (initialised from the current seed).
 
     The classifiers take ``inputs`` features (``"mlp"``; 64 by default, the flat digits), image channels
@@ -180,7 +181,8 @@ def methods(family: str, depth: int, width: int, device: torch.device | str | No
     ``device=None`` means :func:`revlib.runtime.default_device`. ``pytorch=True`` adds PyTorch's tools
     (the module's docstring lists them), ``combined=True`` bfloat16 autocast and micro-batching on top of
     revlib's checkpointing and reversible stacks, ``budgets`` the compiled classifiers, one per activation
-    memory budget in [0, 1]. ``norm`` chooses the ``"conv"`` family's normalisation in every residual
+    memory budget in [0, 1], compiled with ``compile_backend`` (:class:`~revlib.pytorch_tools.BudgetCompiled`;
+    ``"inductor"`` where a C++ compiler is at hand). ``norm`` chooses the ``"conv"`` family's normalisation in every residual
     function (:func:`residual_function`; ``"SAC matmul+norm"`` keeps the outputs of either kind).
 
     Raises:
@@ -274,7 +276,7 @@ def methods(family: str, depth: int, width: int, device: torch.device | str | No
         built["bf16 autocast"] = whole(Autocast)
         built["micro-batch 4"] = whole(lambda model: model, micro_batches=4)
     for budget in budgets:
-        built[f"compile {budget:g}"] = whole(lambda model, budget=budget: BudgetCompiled(model, budget), counted=False)
+        built[f"compile {budget:g}"] = whole(lambda model, budget=budget: BudgetCompiled(model, budget, compile_backend), counted=False)
 
     def on_top(name: str, *, autocast: bool = False, micro_batches: int = 1) -> Callable[[], MethodNetwork]:
         def build_combined() -> MethodNetwork:
@@ -300,7 +302,7 @@ def _gradients(model: nn.Module, inputs: Tensor, targets: Tensor, micro_batches:
 def frontier(family: str = "conv", depth: int = 16, width: int = 32, batch: int = 64, *, optimizer: str = "adam",
              device: torch.device | str | None = None, repeats: int = 3, seed: int = 0, progress: bool = True,
              pytorch: bool = False, combined: bool = False, budgets: Sequence[float] = (),
-             only: Sequence[str] | None = None) -> list[FrontierRow]:
+             only: Sequence[str] | None = None, compile_backend: str = "aot_eager_decomp_partition") -> list[FrontierRow]:
     """One training step of every method on ``batch`` digits; a :class:`FrontierRow` per method.
 
     The gradient error is measured first, at the weights every method starts from; the timing and the
@@ -324,6 +326,7 @@ def frontier(family: str = "conv", depth: int = 16, width: int = 32, batch: int 
             recomputation is not counted: ``nan``).
         only: the methods to measure, by name and in this order (``None``: all that the options above
             build); the rows then hold only these.
+        compile_backend: the ``torch.compile`` backend of the compiled rows (:func:`methods`).
 
     Raises:
         ValueError: an unknown family or optimiser, a size that is not positive, an odd width, a budget
@@ -335,7 +338,8 @@ def frontier(family: str = "conv", depth: int = 16, width: int = 32, batch: int 
         raise ValueError(f"width must be even (the reversible blocks split it in halves), got {width}")
     make_optimizer(optimizer, [torch.zeros(1, requires_grad=True)])  # checks the name
     device = resolve_device(device)
-    builders = methods(family, depth, width, device, pytorch=pytorch, combined=combined, budgets=budgets)
+    builders = methods(family, depth, width, device, pytorch=pytorch, combined=combined, budgets=budgets,
+                       compile_backend=compile_backend)
     if only is not None:
         unknown = [name for name in only if name not in builders]
         if unknown or isinstance(only, str):

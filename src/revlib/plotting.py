@@ -18,6 +18,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.transforms import Bbox
 from matplotlib.text import Text
+from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 
 from revlib.timeline import CATEGORIES, MemoryTimeline
@@ -245,6 +246,7 @@ def plot_schedule(plan: CheckpointPlan, *, ax: plt.Axes | None = None, title: st
     ax.legend(legend, ["forward", "advance", "turn", "input kept"], loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set(xlabel="block evaluations", ylabel="state $x_i$", xlim=(0, time), ylim=(-0.5, steps + 0.5),
            title=title or f"{plan.schedule}: {plan.evaluations} evaluations, at most {plan.most_stored} inputs kept")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # evaluations are whole
     return ax.figure
 
 
