@@ -14,11 +14,12 @@ $(INSTALLED): pyproject.toml
 	$(PYTHON) -m pip install --quiet -e ".[test,book]"
 	touch $(INSTALLED)
 
-# jupyter-cache keys a notebook on its code cells only, so an edit to revlib would not re-run the chapters:
-# the cache is dropped whenever the library's source changes.
+# jupyter-cache keys a notebook on its code cells only, so an edit to revlib, or another REVLIB_SEED,
+# REVLIB_SCALE, REVLIB_DATA or REVLIB_DEVICE, would not re-run the chapters: the cache is dropped whenever
+# the library's source or those settings change.
 book: $(INSTALLED)
 	@mkdir -p _build
-	@new=$$(find src -name '*.py' | sort | xargs cat | sha256sum | cut -c1-16); \
+	@new=$$( (find src -name '*.py' | sort | xargs cat; env | grep '^REVLIB_' | sort) | sha256sum | cut -c1-16); \
 	if [ "$$new" != "$$(cat $(SRC_HASH) 2>/dev/null)" ]; then rm -rf _build/.jupyter_cache; echo "$$new" > $(SRC_HASH); fi
 	$(VENV)/bin/jupyter-book build . -W -n --keep-going
 	@echo "The book is in _build/html/index.html"
