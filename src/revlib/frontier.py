@@ -182,8 +182,9 @@ def methods(family: str, depth: int, width: int, device: torch.device | str | No
     (the module's docstring lists them), ``combined=True`` bfloat16 autocast and micro-batching on top of
     revlib's checkpointing and reversible stacks, ``budgets`` the compiled classifiers, one per activation
     memory budget in [0, 1], compiled with ``compile_backend`` (:class:`~revlib.pytorch_tools.BudgetCompiled`;
-    ``"inductor"`` where a C++ compiler is at hand). ``norm`` chooses the ``"conv"`` family's normalisation in every residual
-    function (:func:`residual_function`; ``"SAC matmul+norm"`` keeps the outputs of either kind).
+    ``"inductor"`` where a C++ compiler is at hand). ``norm`` chooses the ``"conv"`` family's normalisation
+    in every residual function (:func:`residual_function`; ``"SAC matmul+norm"`` keeps the outputs of either
+    kind).
 
     Raises:
         ValueError: an unknown family or norm, or a budget outside [0, 1].
