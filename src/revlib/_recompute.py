@@ -29,12 +29,13 @@ from __future__ import annotations
 import weakref
 from collections.abc import Hashable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, NoReturn
 
 import torch
 from torch import Tensor, nn
+
+Walk = tuple[list[nn.Module], list[Tensor]]  # a module's submodules and parameters, as walk() gives them
 
 
 def _accelerator_module(device: torch.device) -> ModuleType | None:
@@ -50,18 +51,30 @@ def _generator_initialised(module: ModuleType) -> bool:
     return True if is_initialized is None else bool(is_initialized())
 
 
-@dataclass
 class ForwardState:
-    """What recomputing one piece of a forward pass must reproduce (a few KiB: no activations)."""
+    """What recomputing one piece of a forward pass must reproduce (a few KiB: no activations).
 
-    device: torch.device
-    cpu_rng: Tensor | None
-    device_rng: Tensor | None  # the accelerator's generator state, when there is an accelerator
-    autocast_enabled: bool
-    autocast_dtype: torch.dtype
-    updated_buffers: list[Tensor] = field(default_factory=list)  # references to the module's own buffers
-    # the piece's parameters when it ran (references, set by recording): its recomputation must use the same
-    parameters: list[Tensor] = field(default_factory=list)
+    Attributes:
+        device: where the piece ran.
+        cpu_rng: the CPU generator's state before it ran (``None``: not replayed).
+        device_rng: the accelerator's generator state, when there is an accelerator whose generator was used.
+        autocast_enabled: whether autocast was on for the device type.
+        autocast_dtype: autocast's dtype for the device type.
+        updated_buffers: the buffers the piece updated (references to the modules' own), set by :meth:`recording`.
+        parameters: the piece's parameters when it ran (references, set by :meth:`recording`): its
+            recomputation must use the same.
+    """
+
+    # a plain class with slots: one is made per piece in every forward pass
+    __slots__ = ("device", "cpu_rng", "device_rng", "autocast_enabled", "autocast_dtype", "updated_buffers", "parameters", "_cpu_rng_bytes")
+
+    def __init__(self, device: torch.device, cpu_rng: Tensor | None, device_rng: Tensor | None, autocast_enabled: bool, autocast_dtype: torch.dtype) -> None:
+        self.device, self.cpu_rng, self.device_rng = device, cpu_rng, device_rng
+        self.autocast_enabled, self.autocast_dtype = autocast_enabled, autocast_dtype
+        self.updated_buffers: list[Tensor] = []
+        self.parameters: list[Tensor] = []
+        # cpu_rng's bytes until the next capture has compared its own with them (then dropped)
+        self._cpu_rng_bytes: bytes | None = None
 
     @classmethod
     def capture(cls, device: torch.device, preserve_rng: bool, previous: ForwardState | None = None) -> ForwardState:
@@ -73,24 +86,34 @@ class ForwardState:
         one per piece, and its memory stays flat in depth.
         """
         kind = device.type
-        cpu_rng = torch.get_rng_state() if preserve_rng else None
-        module = _accelerator_module(device)
-        # like torch.utils.checkpoint: only a device whose generator was already used has a state worth keeping
-        device_rng = module.get_rng_state(device) if preserve_rng and module is not None and _generator_initialised(module) else None
-        if previous is not None:
-            cpu_rng, device_rng = _shared(previous.cpu_rng, cpu_rng), _shared(previous.device_rng, device_rng)
-        return cls(
-            device=device,
-            cpu_rng=cpu_rng,
-            device_rng=device_rng,
-            autocast_enabled=torch.is_autocast_enabled(kind),
-            autocast_dtype=torch.get_autocast_dtype(kind),
-        )
+        cpu_rng = device_rng = cpu_rng_bytes = None
+        if preserve_rng:
+            cpu_rng = torch.get_rng_state()
+            # compared as bytes, the previous state's kept from its own capture: a third of torch.equal's cost
+            cpu_rng_bytes = cpu_rng.numpy().tobytes()
+            module = _accelerator_module(device)
+            # like torch.utils.checkpoint: only a device whose generator was already used has a state worth keeping
+            if module is not None and _generator_initialised(module):
+                device_rng = module.get_rng_state(device)
+            if previous is not None and previous.cpu_rng is not None:
+                kept = previous._cpu_rng_bytes if previous._cpu_rng_bytes is not None else previous.cpu_rng.numpy().tobytes()
+                previous._cpu_rng_bytes = None
+                if kept == cpu_rng_bytes:
+                    cpu_rng, cpu_rng_bytes = previous.cpu_rng, kept
+                if previous.device_rng is not None and device_rng is not None and torch.equal(previous.device_rng, device_rng):
+                    device_rng = previous.device_rng
+        state = cls(device, cpu_rng, device_rng, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+        state._cpu_rng_bytes = cpu_rng_bytes
+        return state
 
-    def recording(self, module: nn.Module) -> AbstractContextManager[None]:
+    def recording(self, module: nn.Module, walked: Walk | None = None) -> AbstractContextManager[None]:
         """Run the piece's forward inside this block: notes which of ``module``'s submodules update buffers,
-        and ``module``'s parameters (:attr:`parameters`)."""
-        return _Recording(self, module)
+        and ``module``'s parameters (:attr:`parameters`). ``walked`` is :func:`walk` ``(module)`` where the
+        caller has it already (each walk costs a few microseconds, and every pass walks every piece)."""
+        modules, self.parameters = walk(module) if walked is None else walked
+        # only a submodule that holds buffers can update one, and most (linear layers, activations) hold none
+        holders = [child for child in modules if child._buffers]
+        return _Recording(self, holders) if holders else _NOTHING_TO_DO
 
     def replayed(self) -> AbstractContextManager[None]:
         """Recompute the piece inside this block: the random state and autocast state of its first run.
@@ -102,7 +125,8 @@ class ForwardState:
         kind = self.device.type
         enabled = torch.is_autocast_enabled(kind)
         if self.device_rng is None and enabled == self.autocast_enabled and (not enabled or torch.get_autocast_dtype(kind) == self.autocast_dtype):
-            return _CPUStateReplayed(self.cpu_rng)  # the common case, entered for every piece: a plain class
+            # the common case, entered for every piece: a plain class, or none at all
+            return _NOTHING_TO_DO if self.cpu_rng is None else _CPUStateReplayed(self.cpu_rng)
         return self._replayed_in_full()
 
     @contextmanager
@@ -133,24 +157,35 @@ class ForwardState:
         Wrap the recomputation *and* the backward pass through it: autograd saves the running statistics
         with BatchNorm's graph, and writing them back before that graph is used would fail its version check.
         """
-        return _BuffersRestored(self)
+        return _BuffersRestored(self) if self.updated_buffers else _NOTHING_TO_DO
 
 
-# The three contexts below are entered once per piece in every forward or backward pass, so they are small
-# classes rather than @contextmanager generators (which cost several times more to enter and leave).
+# The contexts below are entered once per piece in every forward or backward pass, so they are small classes
+# rather than @contextmanager generators (which cost several times more to enter and leave), and one that has
+# nothing to do is a shared instance of a class that does nothing.
+
+
+class _NothingToDo:
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        pass
+
+    def __exit__(self, *_: Any) -> None:
+        pass
+
+
+_NOTHING_TO_DO = _NothingToDo()
 
 
 class _Recording:
-    """The context of :meth:`ForwardState.recording`: buffer versions before and after the piece's forward."""
+    """The context of :meth:`ForwardState.recording` for a piece that holds buffers: their versions before and
+    after its forward pass."""
 
     __slots__ = ("state", "holders", "versions")
 
-    def __init__(self, state: ForwardState, module: nn.Module) -> None:
-        self.state = state
-        modules = _walk(module)
-        state.parameters = list(module.parameters()) if modules is None else _parameters_of(modules)
-        # only a submodule that holds buffers can update one, and most (linear layers, activations) hold none
-        self.holders = [child for child in (module.modules() if modules is None else modules) if child._buffers]
+    def __init__(self, state: ForwardState, holders: list[nn.Module]) -> None:
+        self.state, self.holders = state, holders
         self.versions: list[list[int]] = []
 
     # the holders' own buffers are read from ``_buffers`` directly: ``buffers(recurse=False)`` goes through
@@ -170,27 +205,24 @@ class _Recording:
 
 
 class _CPUStateReplayed:
-    """The context of :meth:`ForwardState.replayed` when at most the CPU random state is to be replayed:
-    set on entering, the caller's put back on leaving (what ``torch.random.fork_rng`` does for the CPU)."""
+    """The context of :meth:`ForwardState.replayed` when only the CPU random state is to be replayed: set on
+    entering, the caller's put back on leaving (what ``torch.random.fork_rng`` does for the CPU)."""
 
     __slots__ = ("state", "caller")
 
-    def __init__(self, state: Tensor | None) -> None:
-        self.state, self.caller = state, None
+    def __init__(self, state: Tensor) -> None:
+        self.state, self.caller = state, state
 
     def __enter__(self) -> None:
-        if self.state is not None:
-            self.caller = torch.get_rng_state()
-            torch.set_rng_state(self.state)
+        self.caller = torch.get_rng_state()
+        torch.set_rng_state(self.state)
 
     def __exit__(self, *_: Any) -> None:
-        if self.caller is not None:
-            torch.set_rng_state(self.caller)
-            self.caller = None
+        torch.set_rng_state(self.caller)
 
 
 class _BuffersRestored:
-    """The context of :meth:`ForwardState.buffers_restored`; nothing to copy when the piece updated no buffer."""
+    """The context of :meth:`ForwardState.buffers_restored` when the piece updated buffers."""
 
     __slots__ = ("state", "snapshot")
 
@@ -198,8 +230,7 @@ class _BuffersRestored:
         self.state, self.snapshot = state, None
 
     def __enter__(self) -> None:
-        if self.state.updated_buffers:
-            self.snapshot = self.state.snapshot_buffers()
+        self.snapshot = self.state.snapshot_buffers()
 
     def __exit__(self, *_: Any) -> None:
         if self.snapshot is not None:
@@ -213,16 +244,24 @@ _TRAVERSAL = ("modules", "named_modules", "children", "named_children", "paramet
 _walks_like_module: dict[type, bool] = {}
 
 
+def walk(module: nn.Module) -> Walk:
+    """``(list(module.modules()), list(module.parameters()))`` in one walk: the module and its submodules, and
+    their parameters, each once, in ``nn.Module``'s order but at a third of the cost (no generators or name
+    prefixes); a recomputing sequence walks every piece in every pass."""
+    found = _walk(module)
+    if found is None:
+        return list(module.modules()), list(module.parameters())
+    return found, _parameters_of(found)
+
+
 def submodules(module: nn.Module) -> list[nn.Module]:
-    """``list(module.modules())``: the module and its submodules, each once, depth first, as ``nn.Module`` gives
-    them but at half the cost (no generators or name prefixes); a recomputing sequence walks every piece in
-    every pass."""
+    """``list(module.modules())`` at half the cost (see :func:`walk`)."""
     found = _walk(module)
     return list(module.modules()) if found is None else found
 
 
 def module_parameters(module: nn.Module) -> list[Tensor]:
-    """``list(module.parameters())``, each parameter once in ``nn.Module``'s order, at half the cost (see :func:`submodules`)."""
+    """``list(module.parameters())`` at half the cost (see :func:`walk`)."""
     found = _walk(module)
     return list(module.parameters()) if found is None else _parameters_of(found)
 
@@ -255,11 +294,6 @@ def _parameters_of(modules: list[nn.Module]) -> list[Tensor]:
             if parameter is not None:
                 found.setdefault(id(parameter), parameter)
     return list(found.values())
-
-
-def _shared(kept: Tensor | None, now: Tensor | None) -> Tensor | None:
-    """``kept`` when it equals ``now`` (one tensor for both), else ``now``."""
-    return kept if kept is not None and now is not None and torch.equal(kept, now) else now
 
 
 def needs_graph(inputs: Iterable[Tensor], parameters: Iterable[Tensor]) -> bool:
@@ -375,24 +409,41 @@ def check_parameters_unchanged(saved: Sequence[Tensor], current: Sequence[Tensor
         )
 
 
-def vector_jacobian_products(output: Tensor, point: Tensor | None, parameters: Iterable[Tensor], grad_output: Tensor) -> tuple[Tensor | None, list[tuple[int, Tensor]]]:
-    """Vector-Jacobian products of ``output`` with respect to ``point`` and to the parameters that require grad.
+def vector_jacobian_products(output: Tensor, point: Tensor | None, parameters: Sequence[Tensor], grad_output: Tensor) -> tuple[Tensor | None, list[Tensor | None]]:
+    """Vector-Jacobian products of ``output`` with respect to ``point`` and to ``parameters``.
 
     Returns the gradient of ``point`` (zeros when ``output`` does not depend on it; ``None`` when ``point``
-    is ``None``, i.e. not wanted) and ``(id, gradient)`` pairs for the parameters that received one.
+    is ``None``, i.e. not wanted) and one gradient per parameter, in order: ``None`` for a parameter that
+    requires no grad or that ``output`` does not depend on.
     """
     wanted = [p for p in parameters if p.requires_grad]
-    inputs = [*wanted] if point is None else [point, *wanted]
+    inputs = (*wanted,) if point is None else (point, *wanted)
     if not output.requires_grad or not inputs:
-        return (None if point is None else torch.zeros_like(point)), []
+        return (None if point is None else torch.zeros_like(point)), [None] * len(parameters)
     if grad_output.dtype != output.dtype:  # autocast: the piece computed in lower precision
         grad_output = grad_output.to(output.dtype)
-    found = torch.autograd.grad(output, inputs, grad_output, allow_unused=True)
+    found = _gradients(output, inputs, grad_output)
     if point is not None:
         point_gradient, found = _point_gradient(found[0], point), found[1:]
     else:
         point_gradient = None
-    return point_gradient, [(id(p), g) for p, g in zip(wanted, found) if g is not None]
+    if len(wanted) == len(parameters):
+        return point_gradient, list(found)
+    of_wanted = iter(found)
+    return point_gradient, [next(of_wanted) if p.requires_grad else None for p in parameters]
+
+
+# torch.autograd.grad's entry into the engine, where this PyTorch has it, skipping grad's argument checks:
+# they cost some 40 µs a call on a CPU (as much as a small block's backward), the recomputing Functions make
+# two calls per piece, and the outputs and gradients they pass were made by them, of one shape and dtype
+_engine_run_backward = getattr(torch.autograd.graph, "_engine_run_backward", None)
+
+
+def _gradients(output: Tensor, inputs: tuple[Tensor, ...], grad_output: Tensor) -> tuple[Tensor | None, ...]:
+    """``torch.autograd.grad(output, inputs, grad_output, allow_unused=True)``."""
+    if _engine_run_backward is None or output.shape != grad_output.shape:
+        return torch.autograd.grad(output, inputs, grad_output, allow_unused=True)
+    return _engine_run_backward((output,), (grad_output,), False, False, inputs, True, accumulate_grad=False)
 
 
 def _point_gradient(gradient: Tensor | None, point: Tensor) -> Tensor:
@@ -402,11 +453,14 @@ def _point_gradient(gradient: Tensor | None, point: Tensor) -> Tensor:
     return gradient if gradient.dtype == point.dtype else gradient.to(point.dtype)
 
 
-def accumulate(gradients: dict[int, Tensor], found: Iterable[tuple[int, Tensor]]) -> None:
-    """Add ``(id, gradient)`` pairs into ``gradients``, keyed by parameter id: a module that appears twice in a
-    sequence (tied weights) receives the sum of its uses' gradients, as autograd would give it."""
-    for key, gradient in found:
-        gradients[key] = gradients[key] + gradient if key in gradients else gradient
+def accumulate(gradients: dict[int, Tensor], parameters: Sequence[Tensor], found: Sequence[Tensor | None]) -> None:
+    """Add each parameter's gradient in ``found`` (``None``: none) into ``gradients``, keyed by parameter id: a
+    module that appears twice in a sequence (tied weights) receives the sum of its uses' gradients, as
+    autograd would give it."""
+    for parameter, gradient in zip(parameters, found):
+        if gradient is not None:
+            key = id(parameter)
+            gradients[key] = gradients[key] + gradient if key in gradients else gradient
 
 
 class BlockSequence(nn.Module):

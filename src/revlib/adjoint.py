@@ -340,7 +340,7 @@ class _AdjointFunction(torch.autograd.Function):
                 # parameters as its forward pass recorded them, the same objects: checked above)
                 step_parameters = states[0].parameters if len(states) == 1 else list(dict.fromkeys(p for s in states for p in s.parameters))
                 adjoint, found = vector_jacobian_products(recomputed, x if wants_point else None, step_parameters, adjoint)
-            accumulate(parameter_gradients, found)
+            accumulate(parameter_gradients, step_parameters, found)
             x_next = x.detach()
         return (
             adjoint if ctx.needs_input_grad[0] else None,  # x

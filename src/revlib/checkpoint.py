@@ -713,7 +713,7 @@ class _CheckpointFunction(torch.autograd.Function):
                 # check above has made sure they are still the modules' own): no module walk per turn
                 upstream, found = vector_jacobian_products(
                     block_output, block_input if needs_input else None, states[index].parameters, upstream)  # type: ignore[arg-type]
-                accumulate(parameter_gradients, found)
+                accumulate(parameter_gradients, states[index].parameters, found)
                 del block_input, block_output
                 if index in snapshots:  # the recomputation updated BatchNorm's statistics again: undo it
                     states[index].restore_buffers(snapshots.pop(index))

@@ -90,8 +90,8 @@ class _MomentumFunction(torch.autograd.Function):
             with state.buffers_restored():
                 with state.replayed(), torch.enable_grad():
                     fx = function(x)
-                grad_f, found = vector_jacobian_products(fx, x, list(function.parameters()), (1 - gamma) * u)
-            accumulate(parameter_gradients, found)
+                grad_f, found = vector_jacobian_products(fx, x, state.parameters, (1 - gamma) * u)
+            accumulate(parameter_gradients, state.parameters, found)
             with torch.no_grad():
                 v = (v - (1 - gamma) * fx) / gamma  # v_n = (v_{n+1} − (1 − γ) f_n(x_n)) / γ
             x = x.detach()

@@ -37,12 +37,14 @@ from revlib._checks import positive_integers
 from revlib._recompute import (
     BlockSequence,
     ForwardState,
+    Walk,
     accumulate,
     check_parameters_unchanged,
     module_parameters,
     needs_graph,
     run_checked,
     vector_jacobian_products,
+    walk,
 )
 from revlib.blocks import ResidualBlock, attention_residual, conv_residual, feedforward_residual
 from revlib.runtime import resolve_device
@@ -121,13 +123,15 @@ class ReversibleBlock(nn.Module):
 
 
 class _Chain:
-    """What the Functions of one reversible forward pass share: the blocks, their states, and the input that the
-    backward pass of one block rebuilds for the block below it (one at a time: no activation is stored)."""
+    """What the Functions of one reversible forward pass share: the blocks, their halves' submodules and
+    parameters (walked once per pass), their states, and the input that the backward pass of one block
+    rebuilds for the block below it (one at a time: no activation is stored)."""
 
-    __slots__ = ("blocks", "states", "rebuilt")
+    __slots__ = ("blocks", "walks", "states", "rebuilt")
 
     def __init__(self, blocks: Sequence[ReversibleBlock]) -> None:
         self.blocks = blocks
+        self.walks: list[tuple[Walk, Walk]] = []  # per block, walk(f) and walk(g) as the forward pass ran them
         self.states: list[tuple[ForwardState, ForwardState]] = []  # per block, the (f, g) random, autocast and buffer states
         self.rebuilt: tuple[Tensor, Tensor] | None = None  # the halves of the next block's input, rebuilt in backward
 
@@ -152,12 +156,13 @@ class _ReversibleFunction(torch.autograd.Function):
         else:  # the halves of the block below's output, then the parameters
             x1, x2, *parameters = tensors
         previous = chain.states[-1][1] if chain.states else None
+        walk_f, walk_g = chain.walks[index]
         # (autograd runs a Function's forward without recording a graph)
         state_f = ForwardState.capture(x1.device, preserve_rng, previous=previous)
-        with state_f.recording(block.f):
+        with state_f.recording(block.f, walk_f):
             y1 = x1 + block._residual(f"block {index}'s f", block.f, x2)
         state_g = ForwardState.capture(x1.device, preserve_rng, previous=state_f)
-        with state_g.recording(block.g):
+        with state_g.recording(block.g, walk_g):
             y2 = x2 + block._residual(f"block {index}'s g", block.g, y1)
         chain.states.append((state_f, state_g))
         ctx.chain, ctx.index = chain, index  # the shared blocks and states (no tensors), and which block this is
@@ -172,51 +177,66 @@ class _ReversibleFunction(torch.autograd.Function):
         return y1, y2
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, *output_grads: Tensor) -> tuple[Tensor | None, ...]:
-        chain, index = ctx.chain, ctx.index
-        block = chain.blocks[index]
-        state_f, state_g = chain.states[index]
-        if index == len(chain.blocks) - 1:
-            y, *parameters = ctx.saved_tensors  # unpacking checks that no parameter was changed in place
-            y1, y2 = block.split(y.detach())
-            dy1, dy2 = block.split(output_grads[0])
-        else:
-            parameters = list(ctx.saved_tensors)
-            y1, y2 = chain.rebuilt  # this block's output, rebuilt by the block above
-            dy1, dy2 = output_grads
-        chain.rebuilt = None
-        # (once_differentiable runs this without recording a graph; the recomputations enable it for themselves)
-        # z1 = y1; rebuild G(z1) with the graph of g only
-        z1 = y1.detach().requires_grad_(True)
-        g_parameters = _same_parameters(block.g, state_g)
-        with state_g.buffers_restored():
-            with state_g.replayed(), torch.enable_grad():
-                g_out = block.g(z1)
-            dz1, g_parameter_grads = vector_jacobian_products(g_out, z1, g_parameters, dy2)
-        dz1 = dy1 + dz1  # dz1 = dy1 + G'(z1)ᵀ dy2
-        x2 = y2 - g_out  # x2 = y2 − G(z1)
-        del g_out
-        # rebuild F(x2) with the graph of f only
-        x2 = x2.detach().requires_grad_(True)
-        f_parameters = _same_parameters(block.f, state_f)
-        with state_f.buffers_restored():
-            with state_f.replayed(), torch.enable_grad():
-                f_out = block.f(x2)
-            dx2, f_parameter_grads = vector_jacobian_products(f_out, x2, f_parameters, dz1)
-        dx2 = dy2 + dx2  # dx2 = dy2 + F'(x2)ᵀ dz1
-        x1 = z1 - f_out  # x1 = z1 − F(x2)
-        del f_out
-        if index:
-            chain.rebuilt = (x1, x2.detach())  # this block's input is the block below's output
-        # this block's parameter gradients, summed where f and g share a parameter
+        # grad mode is on only in a backward pass with create_graph=True: then once_differentiable's wrapper,
+        # which costs a few microseconds per block in every ordinary backward pass
+        if torch.is_grad_enabled():
+            return _block_backward_once_differentiable(ctx, *output_grads)
+        return _block_backward(ctx, *output_grads)
+
+
+def _block_backward(ctx: Any, *output_grads: Tensor) -> tuple[Tensor | None, ...]:
+    """:class:`_ReversibleFunction`'s backward pass, run without recording a graph."""
+    chain, index = ctx.chain, ctx.index
+    block = chain.blocks[index]
+    state_f, state_g = chain.states[index]
+    if index == len(chain.blocks) - 1:
+        y, *parameters = ctx.saved_tensors  # unpacking checks that no parameter was changed in place
+        y1, y2 = block.split(y.detach())
+        dy1, dy2 = block.split(output_grads[0])
+    else:
+        parameters = list(ctx.saved_tensors)
+        y1, y2 = chain.rebuilt  # this block's output, rebuilt by the block above
+        dy1, dy2 = output_grads
+    chain.rebuilt = None
+    # (the recomputations enable the graph for themselves)
+    # z1 = y1; rebuild G(z1) with the graph of g only
+    z1 = y1.detach().requires_grad_(True)
+    g_parameters = _same_parameters(block.g, state_g)
+    with state_g.buffers_restored():
+        with state_g.replayed(), torch.enable_grad():
+            g_out = block.g(z1)
+        dz1, g_parameter_grads = vector_jacobian_products(g_out, z1, g_parameters, dy2)
+    dz1 = dy1 + dz1  # dz1 = dy1 + G'(z1)ᵀ dy2
+    x2 = y2 - g_out  # x2 = y2 − G(z1)
+    del g_out
+    # rebuild F(x2) with the graph of f only
+    x2 = x2.detach().requires_grad_(True)
+    f_parameters = _same_parameters(block.f, state_f)
+    with state_f.buffers_restored():
+        with state_f.replayed(), torch.enable_grad():
+            f_out = block.f(x2)
+        dx2, f_parameter_grads = vector_jacobian_products(f_out, x2, f_parameters, dz1)
+    dx2 = dy2 + dx2  # dx2 = dy2 + F'(x2)ᵀ dz1
+    x1 = z1 - f_out  # x1 = z1 − F(x2)
+    del f_out
+    if index:
+        chain.rebuilt = (x1, x2.detach())  # this block's input is the block below's output
+    # this block's parameter gradients in the order of its parameters (f's, then g's that are not f's)
+    if len(parameters) == len(f_parameters) + len(g_parameters):  # f and g share none
+        parameter_gradients = [*f_parameter_grads, *g_parameter_grads]
+    else:  # summed where they share one
         found: dict[int, Tensor] = {}
-        accumulate(found, (*f_parameter_grads, *g_parameter_grads))
+        accumulate(found, f_parameters, f_parameter_grads)
+        accumulate(found, g_parameters, g_parameter_grads)
         parameter_gradients = [found.get(id(p)) for p in parameters]
-        if index == 0:
-            dx = torch.cat((dz1, dx2), dim=block.dim) if ctx.needs_input_grad[3] else None  # dx1 = dz1
-            return None, None, None, dx, *parameter_gradients  # chain, index, preserve_rng, x, parameters
-        return None, None, None, dz1, dx2, *parameter_gradients  # chain, index, preserve_rng, x1, x2, parameters
+    if index == 0:
+        dx = torch.cat((dz1, dx2), dim=block.dim) if ctx.needs_input_grad[3] else None  # dx1 = dz1
+        return None, None, None, dx, *parameter_gradients  # chain, index, preserve_rng, x, parameters
+    return None, None, None, dz1, dx2, *parameter_gradients  # chain, index, preserve_rng, x1, x2, parameters
+
+
+_block_backward_once_differentiable = once_differentiable(_block_backward)
 
 
 def _same_parameters(module: nn.Module, state: ForwardState) -> list[Tensor]:
@@ -231,7 +251,10 @@ def _reversible(x: Tensor, blocks: Sequence[ReversibleBlock], preserve_rng: bool
     chain = _Chain(blocks)
     halves: tuple[Tensor, ...] = (x,)
     for index, block in enumerate(blocks):
-        out = _ReversibleFunction.apply(chain, index, preserve_rng, *halves, *module_parameters(block))
+        walk_f, walk_g = walk(block.f), walk(block.g)
+        chain.walks.append((walk_f, walk_g))
+        parameters = list(dict.fromkeys((*walk_f[1], *walk_g[1])))  # the block's, each once
+        out = _ReversibleFunction.apply(chain, index, preserve_rng, *halves, *parameters)
         halves = out if isinstance(out, tuple) else (out,)
     return halves[0]
 

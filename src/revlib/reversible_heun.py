@@ -87,7 +87,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from revlib._recompute import ForwardState, check_parameters_unchanged, distinct_parameters, vector_jacobian_products
+from revlib._recompute import ForwardState, accumulate, check_parameters_unchanged, distinct_parameters, vector_jacobian_products
 from revlib.adjoint import ODEResNet, _reverse_step, _stages
 from revlib.adjoint import _step as _ode_step
 
@@ -170,9 +170,8 @@ class _ReversibleHeunFunction(torch.autograd.Function):
             with state.buffers_restored():
                 with state.replayed(), torch.enable_grad():
                     velocity = _residual(residuals[index], point, index)  # F_n, with its graph
-                grad_point, found = vector_jacobian_products(velocity, point, list(residuals[index].parameters()), grad_velocity)
-            for key, gradient in found:
-                parameter_gradients[key] = parameter_gradients[key] + gradient if key in parameter_gradients else gradient
+                grad_point, found = vector_jacobian_products(velocity, point, state.parameters, grad_velocity)
+            accumulate(parameter_gradients, state.parameters, found)
             return velocity.detach(), grad_point
 
         grad_velocity = (h / 2) * grad_y  # F̄_N = h/2 ȳ_N: F_N feeds y_N only
