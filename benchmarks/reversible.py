@@ -187,16 +187,27 @@ def coupling_table(arguments: argparse.Namespace) -> None:
                 raise RuntimeError(f"the measuring process failed:\n{done.stderr}")
             runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
         names = list(runs[0]["ms"])
-        header = f"{'blocks':>6} | {'variant':<12} | {'ms':>7} | {'ratio to plain (range)':>22} | {'grad error':>10}"
+        medians = {name: statistics.median(run["ms"][name] for run in runs) for name in names}
+        peers = [name for name in names if name in PEERS]
+        best_peer = min(peers, key=medians.__getitem__) if peers else None
+        header = f"{'blocks':>6} | {'variant':<12} | {'ms':>7} | {'ratio to plain (range)':>22} | {'ratio to best peer (range)':>26} | {'grad error':>10}"
         print()
         print(header)
         print("-" * len(header))
         for name in names:
-            ms = statistics.median(run["ms"][name] for run in runs)
-            ratios = [run["ms"][name] / run["ms"]["plain"] for run in runs]
-            ratio = f"{statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f})"
-            print(f"{depth:>6} | {name:<12} | {ms:7.1f} | {ratio:>22} | {runs[0]['errors'][name]:10.1e}")
-    print("ms: median over runs of each run's median step; ratio: each run's ms / plain's in that run, median (min–max)")
+            ratio = _ratio_column(runs, name, "plain")
+            to_peer = _ratio_column(runs, name, best_peer) if best_peer else "–"
+            print(f"{depth:>6} | {name:<12} | {medians[name]:7.1f} | {ratio:>22} | {to_peer:>26} | {runs[0]['errors'][name]:10.1e}")
+    print(
+        "ms: median over runs of each run's median step; ratio: each run's ms / plain's (or the best peer's: the peer "
+        "with the lowest ms) in that run, median (min–max)"
+    )
+
+
+def _ratio_column(runs: list[dict[str, Any]], name: str, reference: str) -> str:
+    """``name``'s time over ``reference``'s, paired within each run: median (min–max) over the runs."""
+    ratios = [run["ms"][name] / run["ms"][reference] for run in runs]
+    return f"{statistics.median(ratios):.3f} ({min(ratios):.3f}–{max(ratios):.3f})"
 
 
 def revnet_table(arguments: argparse.Namespace) -> None:

@@ -26,16 +26,16 @@ pass walks every piece).
 
 from __future__ import annotations
 
+import operator
 import weakref
-from collections.abc import Hashable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from types import ModuleType
 from typing import Any, NoReturn
 
 import torch
 from torch import Tensor, nn
-
-Walk = tuple[list[nn.Module], list[Tensor]]  # a module's submodules and parameters, as walk() gives them
+from torch.autograd.variable import Variable
 
 
 def _accelerator_module(device: torch.device) -> ModuleType | None:
@@ -51,6 +51,44 @@ def _generator_initialised(module: ModuleType) -> bool:
     return True if is_initialized is None else bool(is_initialized())
 
 
+class ModuleTree:
+    """A module's submodules and parameters as one walk found them (``modules()`` and ``parameters()``, each once,
+    in ``nn.Module``'s order, at a third of their cost: no generators or name prefixes), and whether they are
+    still the module's. A recomputing sequence walks every piece in every forward pass, and checks in the
+    backward pass that the piece it recomputes is the one that ran.
+
+    Attributes:
+        root: the module walked.
+        modules: ``list(root.modules())`` at the time of the walk.
+        parameters: ``list(root.parameters())`` at the time of the walk.
+    """
+
+    __slots__ = ("root", "modules", "parameters", "_parents")
+
+    def __init__(self, root: nn.Module) -> None:
+        self.root = root
+        # each module that had submodules, and those submodules: what unchanged() compares
+        self._parents: list[tuple[nn.Module, tuple[nn.Module | None, ...]]] | None = []
+        found = _walk(root, self._parents)
+        if found is None:  # a class that walks its own way: ask it
+            self.modules, self.parameters, self._parents = list(root.modules()), list(root.parameters()), None
+        else:
+            self.modules, self.parameters = found, _parameters_of(found)
+
+    def unchanged(self) -> bool:
+        """Whether a walk of :attr:`root` now would find the same parameters: no submodule and no parameter was
+        replaced, added or removed since (one look at each module, without walking again)."""
+        if self._parents is None:
+            return _same_objects(list(self.root.parameters()), self.parameters)
+        if any(tuple(parent._modules.values()) != children for parent, children in self._parents):
+            return False
+        return _same_objects(_parameters_of(self.modules), self.parameters)
+
+
+def _same_objects(a: Sequence[Any], b: Sequence[Any]) -> bool:
+    return len(a) == len(b) and all(map(operator.is_, a, b))
+
+
 class ForwardState:
     """What recomputing one piece of a forward pass must reproduce (a few KiB: no activations).
 
@@ -63,18 +101,18 @@ class ForwardState:
         updated_buffers: the buffers the piece updated (references to the modules' own), set by :meth:`recording`.
         parameters: the piece's parameters when it ran (references, set by :meth:`recording`): its
             recomputation must use the same.
+        tree: the piece's module as :meth:`recording` walked it (``None`` before).
     """
 
     # a plain class with slots: one is made per piece in every forward pass
-    __slots__ = ("device", "cpu_rng", "device_rng", "autocast_enabled", "autocast_dtype", "updated_buffers", "parameters", "_cpu_rng_bytes")
+    __slots__ = ("device", "cpu_rng", "device_rng", "autocast_enabled", "autocast_dtype", "updated_buffers", "parameters", "tree")
 
     def __init__(self, device: torch.device, cpu_rng: Tensor | None, device_rng: Tensor | None, autocast_enabled: bool, autocast_dtype: torch.dtype) -> None:
         self.device, self.cpu_rng, self.device_rng = device, cpu_rng, device_rng
         self.autocast_enabled, self.autocast_dtype = autocast_enabled, autocast_dtype
         self.updated_buffers: list[Tensor] = []
         self.parameters: list[Tensor] = []
-        # cpu_rng's bytes until the next capture has compared its own with them (then dropped)
-        self._cpu_rng_bytes: bytes | None = None
+        self.tree: ModuleTree | None = None
 
     @classmethod
     def capture(cls, device: torch.device, preserve_rng: bool, previous: ForwardState | None = None) -> ForwardState:
@@ -86,33 +124,25 @@ class ForwardState:
         one per piece, and its memory stays flat in depth.
         """
         kind = device.type
-        cpu_rng = device_rng = cpu_rng_bytes = None
+        cpu_rng = device_rng = None
         if preserve_rng:
             cpu_rng = torch.get_rng_state()
-            # compared as bytes, the previous state's kept from its own capture: a third of torch.equal's cost
-            cpu_rng_bytes = cpu_rng.numpy().tobytes()
             module = _accelerator_module(device)
             # like torch.utils.checkpoint: only a device whose generator was already used has a state worth keeping
             if module is not None and _generator_initialised(module):
                 device_rng = module.get_rng_state(device)
-            if previous is not None and previous.cpu_rng is not None:
-                kept = previous._cpu_rng_bytes if previous._cpu_rng_bytes is not None else previous.cpu_rng.numpy().tobytes()
-                previous._cpu_rng_bytes = None
-                if kept == cpu_rng_bytes:
-                    cpu_rng, cpu_rng_bytes = previous.cpu_rng, kept
-                if previous.device_rng is not None and device_rng is not None and torch.equal(previous.device_rng, device_rng):
-                    device_rng = previous.device_rng
-        state = cls(device, cpu_rng, device_rng, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
-        state._cpu_rng_bytes = cpu_rng_bytes
-        return state
+            if previous is not None:
+                cpu_rng, device_rng = _shared(previous.cpu_rng, cpu_rng), _shared(previous.device_rng, device_rng)
+        return cls(device, cpu_rng, device_rng, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
 
-    def recording(self, module: nn.Module, walked: Walk | None = None) -> AbstractContextManager[None]:
+    def recording(self, module: nn.Module, tree: ModuleTree | None = None) -> AbstractContextManager[None]:
         """Run the piece's forward inside this block: notes which of ``module``'s submodules update buffers,
-        and ``module``'s parameters (:attr:`parameters`). ``walked`` is :func:`walk` ``(module)`` where the
-        caller has it already (each walk costs a few microseconds, and every pass walks every piece)."""
-        modules, self.parameters = walk(module) if walked is None else walked
+        and ``module``'s parameters (:attr:`parameters`, :attr:`tree`). ``tree`` is ``ModuleTree(module)`` where the
+        caller has walked it already (each walk costs a few microseconds, and every pass walks every piece)."""
+        self.tree = tree = ModuleTree(module) if tree is None else tree
+        self.parameters = tree.parameters
         # only a submodule that holds buffers can update one, and most (linear layers, activations) hold none
-        holders = [child for child in modules if child._buffers]
+        holders = [child for child in tree.modules if child._buffers]
         return _Recording(self, holders) if holders else _NOTHING_TO_DO
 
     def replayed(self) -> AbstractContextManager[None]:
@@ -122,12 +152,33 @@ class ForwardState:
         from the first run's (a backward pass usually runs outside autocast, and so did a forward pass without
         it). The grad mode is the caller's to choose (``torch.enable_grad()`` to build the piece's graph).
         """
-        kind = self.device.type
-        enabled = torch.is_autocast_enabled(kind)
-        if self.device_rng is None and enabled == self.autocast_enabled and (not enabled or torch.get_autocast_dtype(kind) == self.autocast_dtype):
+        if self.device_rng is None and self._autocast_as_now():
             # the common case, entered for every piece: a plain class, or none at all
             return _NOTHING_TO_DO if self.cpu_rng is None else _CPUStateReplayed(self.cpu_rng)
         return self._replayed_in_full()
+
+    def _autocast_as_now(self) -> bool:
+        """Whether autocast is now as it was in the piece's first run."""
+        kind = self.device.type
+        enabled = torch.is_autocast_enabled(kind)
+        return enabled == self.autocast_enabled and (not enabled or torch.get_autocast_dtype(kind) == self.autocast_dtype)
+
+    def pull_back(self, piece: Callable[[Tensor], Tensor], point: Tensor, grad_output: Tensor) -> tuple[Tensor, Tensor | None, list[Tensor | None]]:
+        """Recompute the piece at ``point`` as it first ran, and back-propagate ``grad_output`` through it.
+
+        ``piece(point)`` runs with its graph, inside :meth:`buffers_restored` and :meth:`replayed`. Returns its
+        output (whose graph the back-propagation frees) and :func:`vector_jacobian_products` of it with respect
+        to ``point`` and :attr:`parameters`.
+        """
+        if self.cpu_rng is None and self.device_rng is None and not self.updated_buffers and self._autocast_as_now():
+            # the common case, once per piece in every backward pass: nothing to replay or put back
+            with torch.enable_grad():
+                output = piece(point)
+            return (output, *vector_jacobian_products(output, point, self.parameters, grad_output))
+        with self.buffers_restored():
+            with self.replayed(), torch.enable_grad():
+                output = piece(point)
+            return (output, *vector_jacobian_products(output, point, self.parameters, grad_output))
 
     @contextmanager
     def _replayed_in_full(self) -> Iterator[None]:
@@ -244,35 +295,26 @@ _TRAVERSAL = ("modules", "named_modules", "children", "named_children", "paramet
 _walks_like_module: dict[type, bool] = {}
 
 
-def walk(module: nn.Module) -> Walk:
-    """``(list(module.modules()), list(module.parameters()))`` in one walk: the module and its submodules, and
-    their parameters, each once, in ``nn.Module``'s order but at a third of the cost (no generators or name
-    prefixes); a recomputing sequence walks every piece in every pass."""
-    found = _walk(module)
-    if found is None:
-        return list(module.modules()), list(module.parameters())
-    return found, _parameters_of(found)
-
-
 def submodules(module: nn.Module) -> list[nn.Module]:
-    """``list(module.modules())`` at half the cost (see :func:`walk`)."""
+    """``list(module.modules())`` at half the cost (see :class:`ModuleTree`)."""
     found = _walk(module)
     return list(module.modules()) if found is None else found
 
 
 def module_parameters(module: nn.Module) -> list[Tensor]:
-    """``list(module.parameters())`` at half the cost (see :func:`walk`)."""
+    """``list(module.parameters())`` at half the cost (see :class:`ModuleTree`)."""
     found = _walk(module)
     return list(module.parameters()) if found is None else _parameters_of(found)
 
 
-def _walk(module: nn.Module) -> list[nn.Module] | None:
-    """:func:`submodules`, or ``None`` where a module's class changes how ``nn.Module`` walks (ask it then)."""
+def _walk(module: nn.Module, parents: list[tuple[nn.Module, tuple[nn.Module | None, ...]]] | None = None) -> list[nn.Module] | None:
+    """:func:`submodules`, or ``None`` where a module's class changes how ``nn.Module`` walks (ask it then).
+    ``parents`` receives each module that has submodules, with its submodules as the walk found them."""
     found: dict[int, nn.Module] = {}
     stack = [module]
     while stack:
         current = stack.pop()
-        if id(current) in found:
+        if current is None or id(current) in found:
             continue
         kind = type(current)
         plain = _walks_like_module.get(kind)
@@ -282,7 +324,10 @@ def _walk(module: nn.Module) -> list[nn.Module] | None:
             return None
         found[id(current)] = current
         if current._modules:
-            stack.extend(reversed([child for child in current._modules.values() if child is not None]))
+            children = tuple(current._modules.values())
+            if parents is not None:
+                parents.append((current, children))
+            stack.extend(reversed(children))
     return list(found.values())
 
 
@@ -294,6 +339,11 @@ def _parameters_of(modules: list[nn.Module]) -> list[Tensor]:
             if parameter is not None:
                 found.setdefault(id(parameter), parameter)
     return list(found.values())
+
+
+def _shared(kept: Tensor | None, now: Tensor | None) -> Tensor | None:
+    """``kept`` when it equals ``now`` (one tensor for both), else ``now``."""
+    return kept if kept is not None and now is not None and torch.equal(kept, now) else now
 
 
 def needs_graph(inputs: Iterable[Tensor], parameters: Iterable[Tensor]) -> bool:
@@ -433,17 +483,18 @@ def vector_jacobian_products(output: Tensor, point: Tensor | None, parameters: S
     return point_gradient, [next(of_wanted) if p.requires_grad else None for p in parameters]
 
 
-# torch.autograd.grad's entry into the engine, where this PyTorch has it, skipping grad's argument checks:
-# they cost some 40 µs a call on a CPU (as much as a small block's backward), the recomputing Functions make
-# two calls per piece, and the outputs and gradients they pass were made by them, of one shape and dtype
-_engine_run_backward = getattr(torch.autograd.graph, "_engine_run_backward", None)
+# autograd's engine, entered as torch.autograd.grad enters it but without grad's argument checks and its
+# hooks for debug logging and compiled autograd: together some 50 µs a call on a CPU, as much as a small
+# block's backward pass, and the recomputing Functions make a call per piece, with outputs and gradients they
+# made themselves, of one shape and dtype, inside a backward pass that autograd's engine is running already
+_ENGINE = getattr(Variable, "_execution_engine", None)
 
 
 def _gradients(output: Tensor, inputs: tuple[Tensor, ...], grad_output: Tensor) -> tuple[Tensor | None, ...]:
     """``torch.autograd.grad(output, inputs, grad_output, allow_unused=True)``."""
-    if _engine_run_backward is None or output.shape != grad_output.shape:
+    if _ENGINE is None or output.shape != grad_output.shape:
         return torch.autograd.grad(output, inputs, grad_output, allow_unused=True)
-    return _engine_run_backward((output,), (grad_output,), False, False, inputs, True, accumulate_grad=False)
+    return _ENGINE.run_backward((output,), (grad_output,), False, False, inputs, True, accumulate_grad=False)
 
 
 def _point_gradient(gradient: Tensor | None, point: Tensor) -> Tensor:

@@ -47,7 +47,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from revlib._recompute import BlockSequence, ForwardState, accumulate, check_parameters_unchanged, distinct_parameters, needs_graph, run_checked, vector_jacobian_products
+from revlib._recompute import BlockSequence, ForwardState, accumulate, check_parameters_unchanged, distinct_parameters, needs_graph, run_checked
 
 
 __all__ = ["MomentumSequence"]
@@ -87,10 +87,7 @@ class _MomentumFunction(torch.autograd.Function):
         for function, state in zip(reversed(sequence.functions), reversed(ctx.states)):
             x = (x - v).detach().requires_grad_(True)  # x_n = x_{n+1} − v_{n+1}
             u = grad_v + grad_x  # the velocity v_{n+1} feeds both v_{n+1} and x_{n+1}
-            with state.buffers_restored():
-                with state.replayed(), torch.enable_grad():
-                    fx = function(x)
-                grad_f, found = vector_jacobian_products(fx, x, state.parameters, (1 - gamma) * u)
+            fx, grad_f, found = state.pull_back(function, x, (1 - gamma) * u)  # f_n(x_n) again; its VJPs
             accumulate(parameter_gradients, state.parameters, found)
             with torch.no_grad():
                 v = (v - (1 - gamma) * fx) / gamma  # v_n = (v_{n+1} − (1 − γ) f_n(x_n)) / γ

@@ -37,14 +37,12 @@ from revlib._checks import positive_integers
 from revlib._recompute import (
     BlockSequence,
     ForwardState,
-    Walk,
+    ModuleTree,
     accumulate,
     check_parameters_unchanged,
     module_parameters,
     needs_graph,
     run_checked,
-    vector_jacobian_products,
-    walk,
 )
 from revlib.blocks import ResidualBlock, attention_residual, conv_residual, feedforward_residual
 from revlib.runtime import resolve_device
@@ -127,11 +125,11 @@ class _Chain:
     parameters (walked once per pass), their states, and the input that the backward pass of one block
     rebuilds for the block below it (one at a time: no activation is stored)."""
 
-    __slots__ = ("blocks", "walks", "states", "rebuilt")
+    __slots__ = ("blocks", "trees", "states", "rebuilt")
 
     def __init__(self, blocks: Sequence[ReversibleBlock]) -> None:
         self.blocks = blocks
-        self.walks: list[tuple[Walk, Walk]] = []  # per block, walk(f) and walk(g) as the forward pass ran them
+        self.trees: list[tuple[ModuleTree, ModuleTree]] = []  # per block, f's and g's as the forward pass ran them
         self.states: list[tuple[ForwardState, ForwardState]] = []  # per block, the (f, g) random, autocast and buffer states
         self.rebuilt: tuple[Tensor, Tensor] | None = None  # the halves of the next block's input, rebuilt in backward
 
@@ -156,13 +154,13 @@ class _ReversibleFunction(torch.autograd.Function):
         else:  # the halves of the block below's output, then the parameters
             x1, x2, *parameters = tensors
         previous = chain.states[-1][1] if chain.states else None
-        walk_f, walk_g = chain.walks[index]
+        tree_f, tree_g = chain.trees[index]
         # (autograd runs a Function's forward without recording a graph)
         state_f = ForwardState.capture(x1.device, preserve_rng, previous=previous)
-        with state_f.recording(block.f, walk_f):
+        with state_f.recording(block.f, tree_f):
             y1 = x1 + block._residual(f"block {index}'s f", block.f, x2)
         state_g = ForwardState.capture(x1.device, preserve_rng, previous=state_f)
-        with state_g.recording(block.g, walk_g):
+        with state_g.recording(block.g, tree_g):
             y2 = x2 + block._residual(f"block {index}'s g", block.g, y1)
         chain.states.append((state_f, state_g))
         ctx.chain, ctx.index = chain, index  # the shared blocks and states (no tensors), and which block this is
@@ -203,20 +201,14 @@ def _block_backward(ctx: Any, *output_grads: Tensor) -> tuple[Tensor | None, ...
     # z1 = y1; rebuild G(z1) with the graph of g only
     z1 = y1.detach().requires_grad_(True)
     g_parameters = _same_parameters(block.g, state_g)
-    with state_g.buffers_restored():
-        with state_g.replayed(), torch.enable_grad():
-            g_out = block.g(z1)
-        dz1, g_parameter_grads = vector_jacobian_products(g_out, z1, g_parameters, dy2)
+    g_out, dz1, g_parameter_grads = state_g.pull_back(block.g, z1, dy2)
     dz1 = dy1 + dz1  # dz1 = dy1 + G'(z1)ᵀ dy2
     x2 = y2 - g_out  # x2 = y2 − G(z1)
     del g_out
     # rebuild F(x2) with the graph of f only
     x2 = x2.detach().requires_grad_(True)
     f_parameters = _same_parameters(block.f, state_f)
-    with state_f.buffers_restored():
-        with state_f.replayed(), torch.enable_grad():
-            f_out = block.f(x2)
-        dx2, f_parameter_grads = vector_jacobian_products(f_out, x2, f_parameters, dz1)
+    f_out, dx2, f_parameter_grads = state_f.pull_back(block.f, x2, dz1)
     dx2 = dy2 + dx2  # dx2 = dy2 + F'(x2)ᵀ dz1
     x1 = z1 - f_out  # x1 = z1 − F(x2)
     del f_out
@@ -241,9 +233,10 @@ _block_backward_once_differentiable = once_differentiable(_block_backward)
 
 def _same_parameters(module: nn.Module, state: ForwardState) -> list[Tensor]:
     """``module``'s parameters, which must be those it ran with in forward (else a clear error)."""
-    parameters = module_parameters(module)
-    check_parameters_unchanged(state.parameters, parameters, "ReversibleSequence")
-    return parameters
+    tree = state.tree
+    if tree is None or tree.root is not module or not tree.unchanged():  # walk again, and say what changed
+        check_parameters_unchanged(state.parameters, module_parameters(module), "ReversibleSequence")
+    return state.parameters
 
 
 def _reversible(x: Tensor, blocks: Sequence[ReversibleBlock], preserve_rng: bool) -> Tensor:
@@ -251,9 +244,9 @@ def _reversible(x: Tensor, blocks: Sequence[ReversibleBlock], preserve_rng: bool
     chain = _Chain(blocks)
     halves: tuple[Tensor, ...] = (x,)
     for index, block in enumerate(blocks):
-        walk_f, walk_g = walk(block.f), walk(block.g)
-        chain.walks.append((walk_f, walk_g))
-        parameters = list(dict.fromkeys((*walk_f[1], *walk_g[1])))  # the block's, each once
+        tree_f, tree_g = ModuleTree(block.f), ModuleTree(block.g)
+        chain.trees.append((tree_f, tree_g))
+        parameters = list(dict.fromkeys((*tree_f.parameters, *tree_g.parameters)))  # the block's, each once
         out = _ReversibleFunction.apply(chain, index, preserve_rng, *halves, *parameters)
         halves = out if isinstance(out, tuple) else (out,)
     return halves[0]

@@ -87,7 +87,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from revlib._recompute import ForwardState, accumulate, check_parameters_unchanged, distinct_parameters, vector_jacobian_products
+from revlib._recompute import ForwardState, accumulate, check_parameters_unchanged, distinct_parameters
 from revlib.adjoint import ODEResNet, _reverse_step, _stages
 from revlib.adjoint import _step as _ode_step
 
@@ -167,10 +167,8 @@ class _ReversibleHeunFunction(torch.autograd.Function):
             """F_n = f_n(z_n) replayed at the rebuilt z_n, and J_nᵀ F̄_n; adds (∂f_n/∂θ_n)ᵀ F̄_n to the parameters'."""
             state = ctx.states[index]
             point = point.detach().requires_grad_(True)
-            with state.buffers_restored():
-                with state.replayed(), torch.enable_grad():
-                    velocity = _residual(residuals[index], point, index)  # F_n, with its graph
-                grad_point, found = vector_jacobian_products(velocity, point, state.parameters, grad_velocity)
+            # F_n, with its graph, and its VJPs
+            velocity, grad_point, found = state.pull_back(lambda z: _residual(residuals[index], z, index), point, grad_velocity)
             accumulate(parameter_gradients, state.parameters, found)
             return velocity.detach(), grad_point
 
