@@ -131,14 +131,18 @@ def test_adjoint_with_dropout_leaves_the_callers_random_stream_alone() -> None:
     assert torch.equal(torch.rand(3), after_backward), "backward must not advance the global generator"
 
 
+@pytest.mark.parametrize("what", ["parameter", "submodule"])
 @pytest.mark.parametrize("name", list(BUILDERS))
-def test_parameters_replaced_between_forward_and_backward_are_refused(name: str) -> None:
+def test_parameters_replaced_between_forward_and_backward_are_refused(name: str, what: str) -> None:
     build, features = BUILDERS[name]
     torch.manual_seed(0)
     model = build(lambda: nn.Sequential(nn.Linear(4, 4), nn.Tanh()))
     out = model(torch.randn(3, features, requires_grad=True))
-    first_linear = next(m for m in model.modules() if isinstance(m, nn.Linear))
-    first_linear.weight = nn.Parameter(first_linear.weight.detach().clone())
+    holder = next(m for m in model.modules() if isinstance(m, nn.Sequential) and isinstance(m[0], nn.Linear))
+    if what == "parameter":
+        holder[0].weight = nn.Parameter(holder[0].weight.detach().clone())
+    else:
+        holder[0] = nn.Linear(4, 4)
     with pytest.raises(RuntimeError, match="changed between its forward and backward"):
         out.sum().backward()
 
@@ -208,7 +212,7 @@ def test_module_walks_match_nn_module() -> None:
     own way asked directly."""
     from torch.nn.utils import parametrize
 
-    from revlib._recompute import module_parameters, submodules
+    from revlib._recompute import ModuleTree, module_parameters, submodules
 
     class Scale(nn.Module):
         def forward(self, w: torch.Tensor) -> torch.Tensor:
@@ -229,5 +233,34 @@ def test_module_walks_match_nn_module() -> None:
 
     assert same(submodules(model), list(model.modules()))
     assert same(module_parameters(model), list(model.parameters()))
+    tree = ModuleTree(model)
+    assert same(tree.modules, list(model.modules())) and same(tree.parameters, list(model.parameters()))
     own = OwnWalk(nn.Linear(2, 2), nn.Linear(2, 2))
     assert same(module_parameters(own), list(own.parameters()))
+    assert same(ModuleTree(own).parameters, list(own.parameters()))
+
+
+CHANGES: dict[str, Callable[[nn.Sequential], None]] = {
+    "a parameter replaced": lambda m: setattr(m[0], "weight", nn.Parameter(m[0].weight.detach().clone())),
+    "a parameter swapped in the dict": lambda m: m[2]._parameters.__setitem__("bias", m[2].bias.detach().clone()),
+    "a parameter added": lambda m: m[1].register_parameter("scale", nn.Parameter(torch.ones(1))),
+    "a submodule replaced": lambda m: m.__setitem__(0, nn.Linear(3, 3)),
+    "a submodule added to a leaf": lambda m: m[1].add_module("extra", nn.Linear(3, 3)),
+    "a nested submodule replaced": lambda m: m[3].__setitem__(0, nn.Linear(3, 3)),
+}
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_a_module_tree_notices_what_a_new_walk_would_find_different(change: str) -> None:
+    """ModuleTree.unchanged(), the backward pass's check that it recomputes the piece that ran, answers as
+    comparing a new walk's parameters would: False after any change that gives the module other parameters."""
+    from revlib._recompute import ModuleTree, module_parameters
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3), nn.Sequential(nn.Linear(3, 3)))
+    tree = ModuleTree(model)
+    model[1].register_buffer("unrelated", torch.zeros(1))  # a buffer changes no parameter
+    assert tree.unchanged()
+    CHANGES[change](model)
+    now = module_parameters(model)
+    assert not (len(now) == len(tree.parameters) and all(a is b for a, b in zip(now, tree.parameters))), "the change is one"
+    assert not tree.unchanged()

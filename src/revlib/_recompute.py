@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import operator
 import weakref
-from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from types import ModuleType
 from typing import Any, NoReturn
@@ -53,9 +53,10 @@ def _generator_initialised(module: ModuleType) -> bool:
 
 class ModuleTree:
     """A module's submodules and parameters as one walk found them (``modules()`` and ``parameters()``, each once,
-    in ``nn.Module``'s order, at a third of their cost: no generators or name prefixes), and whether they are
-    still the module's. A recomputing sequence walks every piece in every forward pass, and checks in the
-    backward pass that the piece it recomputes is the one that ran.
+    in ``nn.Module``'s order, at a third of their cost: no generators or name prefixes), and whether a walk now
+    would find the same. A recomputing sequence walks every piece in every forward pass, and checks in the
+    backward pass that the piece it recomputes is the one that ran; :meth:`unchanged` answers in one look at
+    each module, without walking again.
 
     Attributes:
         root: the module walked.
@@ -63,29 +64,33 @@ class ModuleTree:
         parameters: ``list(root.parameters())`` at the time of the walk.
     """
 
-    __slots__ = ("root", "modules", "parameters", "_parents")
+    __slots__ = ("root", "modules", "parameters", "_members")
 
     def __init__(self, root: nn.Module) -> None:
         self.root = root
-        # each module that had submodules, and those submodules: what unchanged() compares
-        self._parents: list[tuple[nn.Module, tuple[nn.Module | None, ...]]] | None = []
-        found = _walk(root, self._parents)
+        found = _walk(root)
         if found is None:  # a class that walks its own way: ask it
-            self.modules, self.parameters, self._parents = list(root.modules()), list(root.parameters()), None
-        else:
-            self.modules, self.parameters = found, _parameters_of(found)
+            self.modules, self.parameters = list(root.modules()), list(root.parameters())
+            self._members: list[tuple[nn.Module, tuple[Any, ...], tuple[Any, ...]]] | None = None
+            return
+        self.modules = found
+        # each module with its submodules and its parameters (``_modules``' and ``_parameters``' values, None included)
+        self._members = [(module, tuple(module._modules.values()), tuple(module._parameters.values())) for module in found]
+        self.parameters = list(dict.fromkeys(p for _, _, own in self._members for p in own if p is not None))
 
     def unchanged(self) -> bool:
-        """Whether a walk of :attr:`root` now would find the same parameters: no submodule and no parameter was
-        replaced, added or removed since (one look at each module, without walking again)."""
-        if self._parents is None:
-            return _same_objects(list(self.root.parameters()), self.parameters)
-        if any(tuple(parent._modules.values()) != children for parent, children in self._parents):
-            return False
-        return _same_objects(_parameters_of(self.modules), self.parameters)
+        """Whether a walk of :attr:`root` now would find the same submodules and parameters: none was replaced,
+        added or removed since (a new buffer does not count)."""
+        if self._members is None:
+            return _same_objects(list(self.root.modules()), self.modules) and _same_objects(list(self.root.parameters()), self.parameters)
+        return all(
+            _same_objects(module._modules.values(), children) and _same_objects(module._parameters.values(), own)
+            for module, children, own in self._members
+        )
 
 
-def _same_objects(a: Sequence[Any], b: Sequence[Any]) -> bool:
+def _same_objects(a: Collection[Any], b: Collection[Any]) -> bool:
+    """Whether ``a`` and ``b`` hold the same objects in the same order (identity, never ``==``: tensors)."""
     return len(a) == len(b) and all(map(operator.is_, a, b))
 
 
@@ -307,9 +312,8 @@ def module_parameters(module: nn.Module) -> list[Tensor]:
     return list(module.parameters()) if found is None else _parameters_of(found)
 
 
-def _walk(module: nn.Module, parents: list[tuple[nn.Module, tuple[nn.Module | None, ...]]] | None = None) -> list[nn.Module] | None:
-    """:func:`submodules`, or ``None`` where a module's class changes how ``nn.Module`` walks (ask it then).
-    ``parents`` receives each module that has submodules, with its submodules as the walk found them."""
+def _walk(module: nn.Module) -> list[nn.Module] | None:
+    """:func:`submodules`, or ``None`` where a module's class changes how ``nn.Module`` walks (ask it then)."""
     found: dict[int, nn.Module] = {}
     stack = [module]
     while stack:
@@ -324,10 +328,7 @@ def _walk(module: nn.Module, parents: list[tuple[nn.Module, tuple[nn.Module | No
             return None
         found[id(current)] = current
         if current._modules:
-            children = tuple(current._modules.values())
-            if parents is not None:
-                parents.append((current, children))
-            stack.extend(reversed(children))
+            stack.extend(reversed(current._modules.values()))
     return list(found.values())
 
 
