@@ -198,17 +198,12 @@ def _block_backward(ctx: Any, *output_grads: Tensor) -> tuple[Tensor | None, ...
         dy1, dy2 = output_grads
     chain.rebuilt = None
     # (the recomputations enable the graph for themselves)
-    # z1 = y1; rebuild G(z1) with the graph of g only
-    z1 = y1.detach().requires_grad_(True)
-    g_parameters = _same_parameters(block.g, state_g)
-    g_out, dz1, g_parameter_grads = state_g.pull_back(block.g, z1, dy2)
+    # z1 = y1: G(z1) with the graph of g only, G'(z1)ᵀ dy2 and g's parameter gradients
+    z1, g_out, dz1, g_parameters, g_parameter_grads = _half_backward(block.g, state_g, y1, dy2)
     dz1 = dy1 + dz1  # dz1 = dy1 + G'(z1)ᵀ dy2
-    x2 = y2 - g_out  # x2 = y2 − G(z1)
+    # x2 = y2 − G(z1): F(x2) with the graph of f only, F'(x2)ᵀ dz1 and f's parameter gradients
+    x2, f_out, dx2, f_parameters, f_parameter_grads = _half_backward(block.f, state_f, y2 - g_out, dz1)
     del g_out
-    # rebuild F(x2) with the graph of f only
-    x2 = x2.detach().requires_grad_(True)
-    f_parameters = _same_parameters(block.f, state_f)
-    f_out, dx2, f_parameter_grads = state_f.pull_back(block.f, x2, dz1)
     dx2 = dy2 + dx2  # dx2 = dy2 + F'(x2)ᵀ dz1
     x1 = z1 - f_out  # x1 = z1 − F(x2)
     del f_out
@@ -231,12 +226,18 @@ def _block_backward(ctx: Any, *output_grads: Tensor) -> tuple[Tensor | None, ...
 _block_backward_once_differentiable = once_differentiable(_block_backward)
 
 
-def _same_parameters(module: nn.Module, state: ForwardState) -> list[Tensor]:
-    """``module``'s parameters, which must be those it ran with in forward (else a clear error)."""
+def _half_backward(
+    module: nn.Module, state: ForwardState, value: Tensor, grad_output: Tensor
+) -> tuple[Tensor, Tensor, Tensor | None, list[Tensor], list[Tensor | None]]:
+    """One half of a block recomputed at ``value`` as its forward pass ran it, and back-propagated: the point
+    (``value`` as a new leaf), the half's output there, the gradient at the point, the half's parameters
+    (which must be those it ran with in forward, else a clear error) and their gradients."""
     tree = state.tree
     if tree is None or tree.root is not module or not tree.unchanged():  # walk again, and say what changed
         check_parameters_unchanged(state.parameters, module_parameters(module), "ReversibleSequence")
-    return state.parameters
+    point = value.detach().requires_grad_(True)
+    output, grad_point, parameter_grads = state.pull_back(module, point, grad_output)
+    return point, output, grad_point, state.parameters, parameter_grads
 
 
 def _reversible(x: Tensor, blocks: Sequence[ReversibleBlock], preserve_rng: bool) -> Tensor:
