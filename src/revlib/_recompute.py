@@ -58,9 +58,9 @@ def _generator_initialised(module: ModuleType) -> bool:
 class ModuleTree:
     """A module's submodules and parameters as one walk found them (``modules()`` and ``parameters()``, each once,
     in ``nn.Module``'s order, at a third of their cost: no generators or name prefixes), and whether a walk now
-    would find the same. A recomputing sequence walks every piece in every forward pass, and checks in the
-    backward pass that the piece it recomputes is the one that ran; :meth:`unchanged` answers in one look at
-    each module, without walking again.
+    would find the same. A recomputing sequence walks every piece in a forward pass (or checks that the walk of
+    an earlier pass still holds), and checks in the backward pass that the piece it recomputes is the one that
+    ran; :meth:`unchanged` answers in one look at each module, without walking again.
 
     Attributes:
         root: the module walked.
@@ -75,22 +75,34 @@ class ModuleTree:
         found = _walk(root)
         if found is None:  # a class that walks its own way: ask it
             self.modules, self.parameters = list(root.modules()), list(root.parameters())
-            self._members: list[tuple[nn.Module, tuple[Any, ...], tuple[Any, ...]]] | None = None
+            self._members: list[Any] | None = None
             return
         self.modules = found
-        # each module with its submodules and its parameters (``_modules``' and ``_parameters``' values, None included)
-        self._members = [(module, tuple(module._modules.values()), tuple(module._parameters.values())) for module in found]
-        self.parameters = list(dict.fromkeys(p for _, _, own in self._members for p in own if p is not None))
+        self._members = _members(found)
+        self.parameters = _parameters_of(found)
 
     def unchanged(self) -> bool:
         """Whether a walk of :attr:`root` now would find the same submodules and parameters: none was replaced,
         added or removed since (a new buffer does not count)."""
         if self._members is None:
             return _same_objects(list(self.root.modules()), self.modules) and _same_objects(list(self.root.parameters()), self.parameters)
-        return all(
-            _same_objects(module._modules.values(), children) and _same_objects(module._parameters.values(), own)
-            for module, children, own in self._members
-        )
+        return _same_objects(_members(self.modules), self._members)
+
+
+_END = object()  # closes one module's submodules, and its parameters, in :func:`_members`
+
+
+def _members(modules: list[nn.Module]) -> list[Any]:
+    """Each module's submodules, then its parameters (``_modules``' and ``_parameters``' values, ``None`` included),
+    in one list: the walk from the first module reaches the same modules and parameters exactly when this list
+    holds the same objects."""
+    members: list[Any] = []
+    for module in modules:
+        members += module._modules.values()
+        members.append(_END)
+        members += module._parameters.values()
+        members.append(_END)
+    return members
 
 
 def _same_objects(a: Collection[Any], b: Collection[Any]) -> bool:
@@ -103,7 +115,8 @@ class ForwardState:
 
     Attributes:
         device: where the piece ran.
-        cpu_rng: the CPU generator's state before it ran (``None``: not replayed).
+        cpu_rng: the CPU generator's state before it ran (``None``: not replayed, for the piece drew no random
+            numbers or ``preserve_rng`` was off).
         device_rng: the accelerator's generator state, when there is an accelerator whose generator was used.
         autocast_enabled: whether autocast was on for the device type.
         autocast_dtype: autocast's dtype for the device type.
@@ -127,22 +140,31 @@ class ForwardState:
     def capture(cls, device: torch.device, preserve_rng: bool, previous: ForwardState | None = None) -> ForwardState:
         """The random and autocast state now, just before the piece runs on ``device``.
 
-        ``previous`` is the state captured before the piece that ran last. Where the random state has not
-        moved since (that piece drew no random numbers), the new state shares ``previous``'s tensors instead
-        of keeping a copy: a network without dropout keeps one generator state (about 5 KiB on the CPU), not
-        one per piece, and its memory stays flat in depth.
+        ``previous`` is the state captured before the piece that ran last, in the same forward pass. Where the
+        random state has not moved since, that piece drew no random numbers: ``previous`` forgets its random
+        state, and the piece's recomputation replays none. So a network without dropout keeps no generator
+        state (about 5 KiB each on the CPU) and sets none in its backward pass, and its memory stays flat in
+        depth. Call :meth:`finish` on the state of the pass's last piece, which no capture follows. The
+        autocast state is ``previous``'s: nothing between two pieces of one forward pass changes it.
         """
-        kind = device.type
-        cpu_rng = device_rng = None
+        cpu_rng, device_rng = _random_state(device) if preserve_rng else (None, None)
+        if previous is None:
+            kind = device.type
+            return cls(device, cpu_rng, device_rng, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
         if preserve_rng:
-            cpu_rng = torch.get_rng_state()
-            module = _accelerator_module(device)
-            # like torch.utils.checkpoint: only a device whose generator was already used has a state worth keeping
-            if module is not None and _generator_initialised(module):
-                device_rng = module.get_rng_state(device)
-            if previous is not None:
-                cpu_rng, device_rng = _shared(previous.cpu_rng, cpu_rng), _shared(previous.device_rng, device_rng)
-        return cls(device, cpu_rng, device_rng, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+            previous._forget_if_unmoved(cpu_rng, device_rng)
+        return cls(device, cpu_rng, device_rng, previous.autocast_enabled, previous.autocast_dtype)
+
+    def finish(self) -> None:
+        """The piece has run, and no other piece follows in this forward pass: forget the random state if it drew
+        no random numbers (what the next :meth:`capture` would tell)."""
+        if self.cpu_rng is not None:
+            self._forget_if_unmoved(*_random_state(self.device))
+
+    def _forget_if_unmoved(self, cpu_rng: Tensor | None, device_rng: Tensor | None) -> None:
+        """Forget the random state if it still is ``(cpu_rng, device_rng)``: the piece drew no random numbers."""
+        if self.cpu_rng is not None and _equal(self.cpu_rng, cpu_rng) and _equal(self.device_rng, device_rng):
+            self.cpu_rng = self.device_rng = None
 
     def recording(self, module: nn.Module, tree: ModuleTree | None = None) -> AbstractContextManager[None]:
         """Run the piece's forward inside this block: notes which of ``module``'s submodules update buffers,
@@ -340,9 +362,17 @@ def _parameters_of(modules: list[nn.Module]) -> list[Tensor]:
     return list(found.values())
 
 
-def _shared(kept: Tensor | None, now: Tensor | None) -> Tensor | None:
-    """``kept`` when it equals ``now`` (one tensor for both), else ``now``."""
-    return kept if kept is not None and now is not None and torch.equal(kept, now) else now
+def _random_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """The CPU generator's state, and the accelerator's for a ``device`` whose generator was already used (like
+    ``torch.utils.checkpoint``: only then does it hold a state worth keeping)."""
+    module = _accelerator_module(device)
+    device_rng = module.get_rng_state(device) if module is not None and _generator_initialised(module) else None
+    return torch.get_rng_state(), device_rng
+
+
+def _equal(a: Tensor | None, b: Tensor | None) -> bool:
+    """Whether two generator states (or their absence) are equal."""
+    return a is b or (a is not None and b is not None and torch.equal(a, b))
 
 
 def needs_graph(inputs: Iterable[Tensor], parameters: Iterable[Tensor]) -> bool:

@@ -312,6 +312,8 @@ class _AdjointFunction(torch.autograd.Function):
                     correction = run_checked(stage.corrector, x + h * velocity, f"residual function {stage.corrector_index}")
                 x = x + (h / 2) * (velocity + correction)
                 ctx.states.append((state_f, state_g))
+            if state is not None:
+                state.finish()
         # the only activation kept is x_N; the parameters are saved so that autograd's version check catches an
         # in-place change to one of them before backward
         ctx.save_for_backward(x, *parameters)

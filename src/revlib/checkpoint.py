@@ -668,6 +668,8 @@ class _CheckpointFunction(torch.autograd.Function):
             with state.recording(blocks[index]):
                 x = _run(blocks[index], x, index, record=action == "record", recorded=ctx.recorded)
             ctx.states.append(state)
+        if state is not None:
+            state.finish()
         # x_0 (the caller's tensor: kept, not copied; a second backward pass rebuilds the checkpoints from it);
         # the parameters, so that autograd's version check catches an in-place change before backward
         ctx.save_for_backward(x_0, *parameters)

@@ -69,6 +69,8 @@ class _MomentumFunction(torch.autograd.Function):
                     v = gamma * v + (1 - gamma) * run_checked(function, x, f"residual function {index}")
                 x = x + v
                 ctx.states.append(state)
+            if state is not None:
+                state.finish()
         # the output and its velocity are all that is kept; the parameters are saved so that autograd's
         # version check catches an in-place change before backward
         ctx.save_for_backward(x, v, *parameters)

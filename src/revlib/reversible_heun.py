@@ -147,6 +147,7 @@ class _ReversibleHeunFunction(torch.autograd.Function):
                 with state.recording(residuals[index]):
                     y, z, velocity = _step(y, z, velocity, residuals[index], index, h)
                 ctx.states.append(state)
+            state.finish()
         # y_N and z_N are all that is kept (f_N(z_N) is not: backward evaluates f_N at z_N with its graph anyway);
         # the parameters are saved so that autograd's version check catches an in-place change before backward
         ctx.save_for_backward(y, z, *parameters)
