@@ -1,3 +1,5 @@
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -143,13 +145,22 @@ def test_fit_line_recovers_lines_and_power_laws() -> None:
         fit_line([1, 2], [0, 1], loglog=True)
 
 
-def test_compare_times_interleaves_the_calls() -> None:
+def test_compare_times_interleaves_the_calls_in_a_new_order_each_round() -> None:
     from revlib.measure import compare_times
 
-    order: list[str] = []
-    timings = compare_times({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, warmup=1, repeats=3, device="cpu")
-    assert order == ["a", "b"] + ["a", "b"] * 3
-    assert set(timings) == {"a", "b"} and all(len(t.times) == 3 for t in timings.values())
+    def run() -> tuple[list[str], dict]:
+        order: list[str] = []
+        calls = {name: functools.partial(order.append, name) for name in "abcd"}
+        return order, compare_times(calls, warmup=1, repeats=12, device="cpu")
+
+    order, timings = run()
+    assert order[:4] == list("abcd"), "the warm-up round in the given order"
+    rounds = [order[i:i + 4] for i in range(4, len(order), 4)]
+    assert len(rounds) == 12 and all(sorted(r) == list("abcd") for r in rounds), "each call once per round"
+    after_a = {r[r.index("a") + 1] for r in rounds if r[-1] != "a"}
+    assert len(after_a) >= 2 and len({"".join(r) for r in rounds}) >= 4, "no call always follows the same one"
+    assert run()[0] == order, "the same order in every run"
+    assert set(timings) == set("abcd") and all(len(t.times) == 12 for t in timings.values())
     with pytest.raises(ValueError, match="at least one"):
         compare_times({})
     with pytest.raises(ValueError, match="repeats must be a positive integer, got 0"):

@@ -488,6 +488,14 @@ def check_parameters_unchanged(saved: Sequence[Tensor], current: Sequence[Tensor
         )
 
 
+# autograd's engine, entered by vector_jacobian_products as torch.autograd.grad enters it but without grad's
+# argument checks and its hooks for debug logging and compiled autograd: some 45 µs a call on a CPU (the VJP of a
+# three-layer piece of width 1 took 155 µs through grad, 111 µs here), and the recomputing Functions make a call
+# per piece, with outputs and gradients they made themselves, of one shape and dtype, inside a backward pass that
+# autograd's engine is running already
+_ENGINE = getattr(Variable, "_execution_engine", None)
+
+
 def vector_jacobian_products(output: Tensor, point: Tensor | None, parameters: Sequence[Tensor], grad_output: Tensor) -> tuple[Tensor | None, list[Tensor | None]]:
     """Vector-Jacobian products of ``output`` with respect to ``point`` and to ``parameters``.
 
@@ -501,37 +509,21 @@ def vector_jacobian_products(output: Tensor, point: Tensor | None, parameters: S
         return (None if point is None else torch.zeros_like(point)), [None] * len(parameters)
     if grad_output.dtype != output.dtype:  # autocast: the piece computed in lower precision
         grad_output = grad_output.to(output.dtype)
-    found = _gradients(output, inputs, grad_output)
-    if point is not None:
-        point_gradient, found = _point_gradient(found[0], point), found[1:]
+    if _ENGINE is not None and output.shape == grad_output.shape:
+        found = _ENGINE.run_backward((output,), (grad_output,), False, False, inputs, True, accumulate_grad=False)
     else:
-        point_gradient = None
+        found = torch.autograd.grad(output, inputs, grad_output, allow_unused=True)
+    point_gradient = None
+    if point is not None:
+        point_gradient, found = found[0], found[1:]
+        if point_gradient is None:  # the output does not depend on the point
+            point_gradient = torch.zeros_like(point)
+        elif point_gradient.dtype != point.dtype:
+            point_gradient = point_gradient.to(point.dtype)
     if len(wanted) == len(parameters):
         return point_gradient, list(found)
     of_wanted = iter(found)
     return point_gradient, [next(of_wanted) if p.requires_grad else None for p in parameters]
-
-
-# autograd's engine, entered as torch.autograd.grad enters it but without grad's argument checks and its
-# hooks for debug logging and compiled autograd: some 45 µs a call on a CPU (the VJP of a three-layer piece
-# of width 1 took 155 µs through grad, 111 µs here), and the recomputing Functions make a call per piece, with
-# outputs and gradients they made themselves, of one shape and dtype, inside a backward pass that autograd's
-# engine is running already
-_ENGINE = getattr(Variable, "_execution_engine", None)
-
-
-def _gradients(output: Tensor, inputs: tuple[Tensor, ...], grad_output: Tensor) -> tuple[Tensor | None, ...]:
-    """``torch.autograd.grad(output, inputs, grad_output, allow_unused=True)``."""
-    if _ENGINE is None or output.shape != grad_output.shape:
-        return torch.autograd.grad(output, inputs, grad_output, allow_unused=True)
-    return _ENGINE.run_backward((output,), (grad_output,), False, False, inputs, True, accumulate_grad=False)
-
-
-def _point_gradient(gradient: Tensor | None, point: Tensor) -> Tensor:
-    """The gradient found for ``point``, in its dtype; zeros when the output did not depend on it."""
-    if gradient is None:
-        return torch.zeros_like(point)
-    return gradient if gradient.dtype == point.dtype else gradient.to(point.dtype)
 
 
 def accumulate(gradients: dict[int, Tensor], parameters: Sequence[Tensor], found: Sequence[Tensor | None]) -> None:

@@ -30,6 +30,7 @@ import io
 import json
 import os
 import pickle
+import random
 import re
 import statistics
 import subprocess
@@ -436,10 +437,13 @@ def time_call(
 def compare_times(
     calls: Mapping[str, Callable[[], Any]], *, warmup: int = 2, repeats: int = 7, device: torch.device | str | None = None
 ) -> dict[str, Timing]:
-    """Time several calls in turns (round-robin), so that a change of machine load hits them all alike.
+    """Time several calls in turns, so that a change of machine load hits them all alike.
 
     Ratios of the returned medians are far more stable on a noisy machine than those of separate
-    :func:`time_call` runs, which measure each call in a different stretch of time.
+    :func:`time_call` runs, which measure each call in a different stretch of time. Each timed round runs the
+    calls in a new order (shuffled from a fixed seed, so the order is the same from run to run): a call runs
+    slower after one that filled the caches with its own data, and in a fixed order one call would always
+    follow the same one (a 1 % penalty for the call after plain autograd in ``benchmarks/reversible.py``).
 
     Args:
         calls: zero-argument calls by name.
@@ -461,8 +465,10 @@ def compare_times(
         for call in calls.values():
             call()
     samples: dict[str, list[float]] = {name: [] for name in calls}
+    order, shuffle = list(calls.items()), random.Random(0).shuffle
     for _ in range(repeats):
-        for name, call in calls.items():
+        shuffle(order)
+        for name, call in order:
             samples[name].extend(time_call(call, warmup=0, repeats=1, device=device).times)
     return {name: Timing(tuple(values)) for name, values in samples.items()}
 

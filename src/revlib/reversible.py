@@ -206,10 +206,9 @@ def _block_backward(ctx: Any, *output_grads: Tensor) -> tuple[Tensor | None, ...
     x2, f_out, dx2, f_parameters, f_parameter_grads = _half_backward(block.f, state_f, y2 - g_out, dz1)
     del g_out
     dx2 = dy2 + dx2  # dx2 = dy2 + F'(x2)ᵀ dz1
-    x1 = z1 - f_out  # x1 = z1 − F(x2)
+    if index:  # this block's input, x1 = z1 − F(x2), is the block below's output (the first block's is not needed)
+        chain.rebuilt = (z1 - f_out, x2.detach())
     del f_out
-    if index:
-        chain.rebuilt = (x1, x2.detach())  # this block's input is the block below's output
     # this block's parameter gradients in the order of its parameters (f's, then g's that are not f's)
     if len(parameters) == len(f_parameters) + len(g_parameters):  # f and g share none
         parameter_gradients = [*f_parameter_grads, *g_parameter_grads]
