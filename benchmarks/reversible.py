@@ -17,8 +17,10 @@ Two tables, each for the *same* blocks with the *same* weights under several mem
   * revtorch — RevTorch's ``ReversibleSequence`` of ``ReversibleBlock``, when ``revtorch`` is importable.
 
   The stack's input comes from a leaf through one copy, as if a layer came before it (see ``_stem``). Each
-  depth is timed in ``--runs`` fresh processes, the variants in turns (round-robin, median of ``--repeats``
-  rounds), and the table gives the median ms and the ratio to plain (median of the runs, and their range).
+  depth is timed in ``--runs`` fresh processes, the variants in turns (each round runs every variant once,
+  in a new order: :func:`revlib.measure.compare_times` with ``shuffle=True``; median of ``--repeats``
+  rounds), and the table gives the median ms and the ratio to plain and to the best peer (median of the
+  runs, and their range).
   The processes run with glibc's heap kept (``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_`` and
   ``MALLOC_MMAP_THRESHOLD_`` raised; ``--default-malloc`` to leave them): otherwise the memory one variant
   frees decides how many pages the next one faults in, and plain's time moved by 7 % with the other variants
@@ -153,7 +155,7 @@ def coupling_run(arguments: argparse.Namespace, depth: int) -> dict[str, Any]:
     reference = _gradients(*variants["plain"], inputs, weight)
     errors = {name: relative_error(_gradients(model, pairs, inputs, weight), reference) for name, (model, pairs) in variants.items()}
     calls = {name: functools.partial(_step, model, inputs) for name, (model, _) in variants.items()}
-    timings = compare_times(calls, warmup=2, repeats=arguments.repeats, device=device)
+    timings = compare_times(calls, warmup=2, repeats=arguments.repeats, device=device, shuffle=True)
     return {"ms": {name: timing.median * 1e3 for name, timing in timings.items()}, "errors": errors}
 
 

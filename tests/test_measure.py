@@ -145,13 +145,26 @@ def test_fit_line_recovers_lines_and_power_laws() -> None:
         fit_line([1, 2], [0, 1], loglog=True)
 
 
-def test_compare_times_interleaves_the_calls_in_a_new_order_each_round() -> None:
+def test_compare_times_interleaves_the_calls() -> None:
+    from revlib.measure import compare_times
+
+    order: list[str] = []
+    timings = compare_times({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, warmup=1, repeats=3, device="cpu")
+    assert order == ["a", "b"] + ["a", "b"] * 3
+    assert set(timings) == {"a", "b"} and all(len(t.times) == 3 for t in timings.values())
+    with pytest.raises(ValueError, match="at least one"):
+        compare_times({})
+    with pytest.raises(ValueError, match="repeats must be a positive integer, got 0"):
+        compare_times({"a": lambda: None}, repeats=0)
+
+
+def test_compare_times_can_run_each_round_in_a_new_order() -> None:
     from revlib.measure import compare_times
 
     def run() -> tuple[list[str], dict]:
         order: list[str] = []
         calls = {name: functools.partial(order.append, name) for name in "abcd"}
-        return order, compare_times(calls, warmup=1, repeats=12, device="cpu")
+        return order, compare_times(calls, warmup=1, repeats=12, device="cpu", shuffle=True)
 
     order, timings = run()
     assert order[:4] == list("abcd"), "the warm-up round in the given order"
@@ -161,10 +174,6 @@ def test_compare_times_interleaves_the_calls_in_a_new_order_each_round() -> None
     assert len(after_a) >= 2 and len({"".join(r) for r in rounds}) >= 4, "no call always follows the same one"
     assert run()[0] == order, "the same order in every run"
     assert set(timings) == set("abcd") and all(len(t.times) == 12 for t in timings.values())
-    with pytest.raises(ValueError, match="at least one"):
-        compare_times({})
-    with pytest.raises(ValueError, match="repeats must be a positive integer, got 0"):
-        compare_times({"a": lambda: None}, repeats=0)
 
 
 def test_import_revlib_needs_no_posix_only_module() -> None:

@@ -9,7 +9,8 @@ recomputes a piece inside both and back-propagates through it), in the manner of
 
 * the CPU random state, and the accelerator's (CUDA, MPS, XPU, … through ``torch.get_device_module``) only
   if that device's generator had already been initialised, restored inside ``torch.random.fork_rng`` so
-  that the caller's random stream is untouched;
+  that the caller's random stream is untouched; a piece that drew no random numbers keeps no state and
+  replays none;
 * the autocast state of the device type (enabled or not, and the dtype), re-entered;
 * the buffers that the piece updated in forward — detected per module by their version counters (BatchNorm
   in training mode counts its batches in place) — copied before the recomputation and put back after it.
@@ -58,9 +59,9 @@ def _generator_initialised(module: ModuleType) -> bool:
 class ModuleTree:
     """A module's submodules and parameters as one walk found them (``modules()`` and ``parameters()``, each once,
     in ``nn.Module``'s order, at a third of their cost: no generators or name prefixes), and whether a walk now
-    would find the same. A recomputing sequence walks every piece in a forward pass (or checks that the walk of
-    an earlier pass still holds), and checks in the backward pass that the piece it recomputes is the one that
-    ran; :meth:`unchanged` answers in one look at each module, without walking again.
+    would find the same. A recomputing sequence walks every piece in every forward pass, and checks in the
+    backward pass that the piece it recomputes is the one that ran; :meth:`unchanged` answers in one look at
+    each module's members, without walking again.
 
     Attributes:
         root: the module walked.
@@ -115,8 +116,8 @@ class ForwardState:
 
     Attributes:
         device: where the piece ran.
-        cpu_rng: the CPU generator's state before it ran (``None``: not replayed, for the piece drew no random
-            numbers or ``preserve_rng`` was off).
+        cpu_rng: the CPU generator's state before it ran (``None``: nothing to replay, because the piece drew no
+            random numbers or ``preserve_rng`` was off).
         device_rng: the accelerator's generator state, when there is an accelerator whose generator was used.
         autocast_enabled: whether autocast was on for the device type.
         autocast_dtype: autocast's dtype for the device type.

@@ -435,15 +435,21 @@ def time_call(
 
 
 def compare_times(
-    calls: Mapping[str, Callable[[], Any]], *, warmup: int = 2, repeats: int = 7, device: torch.device | str | None = None
+    calls: Mapping[str, Callable[[], Any]],
+    *,
+    warmup: int = 2,
+    repeats: int = 7,
+    device: torch.device | str | None = None,
+    shuffle: bool = False,
 ) -> dict[str, Timing]:
-    """Time several calls in turns, so that a change of machine load hits them all alike.
+    """Time several calls in turns (round-robin), so that a change of machine load hits them all alike.
 
     Ratios of the returned medians are far more stable on a noisy machine than those of separate
-    :func:`time_call` runs, which measure each call in a different stretch of time. Each timed round runs the
-    calls in a new order (shuffled from a fixed seed, so the order is the same from run to run): a call runs
-    slower after one that filled the caches with its own data, and in a fixed order one call would always
-    follow the same one (a 1 % penalty for the call after plain autograd in ``benchmarks/reversible.py``).
+    :func:`time_call` runs, which measure each call in a different stretch of time. In the fixed order each
+    call always follows the same one, and a call runs slower after one that filled the caches with its own
+    data: the variant timed right after plain autograd in ``benchmarks/reversible.py`` took some 1 % longer.
+    ``shuffle=True`` runs each timed round in a new order instead (shuffled from a fixed seed, so the order
+    is the same from run to run), for comparisons of three or more calls that this could decide.
 
     Args:
         calls: zero-argument calls by name.
@@ -451,6 +457,7 @@ def compare_times(
         repeats: timed rounds.
         device: the device to synchronise (``None``: :func:`revlib.runtime.default_device`, since the calls'
             tensors are not visible here).
+        shuffle: run each timed round in a new order (the warm-up rounds run in the given order).
 
     Raises:
         ValueError: ``calls`` is empty, ``warmup`` is negative or ``repeats`` is not positive.
@@ -465,9 +472,10 @@ def compare_times(
         for call in calls.values():
             call()
     samples: dict[str, list[float]] = {name: [] for name in calls}
-    order, shuffle = list(calls.items()), random.Random(0).shuffle
+    order, generator = list(calls.items()), random.Random(0)
     for _ in range(repeats):
-        shuffle(order)
+        if shuffle:
+            generator.shuffle(order)
         for name, call in order:
             samples[name].extend(time_call(call, warmup=0, repeats=1, device=device).times)
     return {name: Timing(tuple(values)) for name, values in samples.items()}

@@ -302,8 +302,8 @@ class ReversibleSequence(BlockSequence):
         *blocks: the reversible blocks, all splitting the same dimension.
         memory_saving: rebuild the activations in the backward pass (the default); ``False`` runs the
             same blocks with ordinary autograd, storing every activation.
-        preserve_rng_state: replay the random state for ``f`` and ``g`` (needed for dropout; costs two
-            copies of the generator state per block, a few KiB).
+        preserve_rng_state: replay the random state for ``f`` and ``g`` (needed for dropout; one copy of the
+            generator state, a few KiB, for each ``f`` or ``g`` that drew random numbers in the forward pass).
 
     Raises:
         TypeError: a block is not a :class:`ReversibleBlock`.
