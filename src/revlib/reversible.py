@@ -127,7 +127,7 @@ class _Chain:
 
     def __init__(self, blocks: Sequence[ReversibleBlock]) -> None:
         self.blocks = blocks
-        self.trees: list[tuple[ModuleTree, ModuleTree, list[Tensor]]] = []  # per block, f's and g's as the forward pass ran them, and the block's parameters
+        self.trees: list[tuple[ModuleTree, ModuleTree]] = []  # per block, f's and g's as the forward pass ran them
         self.states: list[tuple[ForwardState, ForwardState]] = []  # per block, the (f, g) random, autocast and buffer states
         self.rebuilt: tuple[Tensor, Tensor] | None = None  # the halves of the next block's input, rebuilt in backward
 
@@ -152,7 +152,7 @@ class _ReversibleFunction(torch.autograd.Function):
         else:  # the halves of the block below's output, then the parameters
             x1, x2, *parameters = tensors
         previous = chain.states[-1][1] if chain.states else None
-        tree_f, tree_g, _ = chain.trees[index]
+        tree_f, tree_g = chain.trees[index]
         # (autograd runs a Function's forward without recording a graph)
         state_f = ForwardState.capture(x1.device, preserve_rng, previous=previous)
         with state_f.recording(block.f, tree_f):
@@ -257,8 +257,8 @@ def _reversible(x: Tensor, blocks: Sequence[ReversibleBlock], preserve_rng: bool
     halves: tuple[Tensor, ...] = (x,)
     for index, block in enumerate(blocks):
         tree_f, tree_g = ModuleTree(block.f), ModuleTree(block.g)
+        chain.trees.append((tree_f, tree_g))
         parameters = list(dict.fromkeys((*tree_f.parameters, *tree_g.parameters)))  # the block's, each once
-        chain.trees.append((tree_f, tree_g, parameters))
         out = apply(chain, index, preserve_rng, *halves, *parameters)
         halves = out if isinstance(out, tuple) else (out,)
     return halves[0]
